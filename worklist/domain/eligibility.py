@@ -119,13 +119,14 @@ class ReportingAgreement:
     """Permission to report for one trust, from `starts_on` to `ends_on` inclusive."""
 
     trust_id: int
-    starts_on: date
-    ends_on: date | None = None
+    starts_on: date | None = None  # None = since ever
+    ends_on: date | None = None  # None = open-ended
     trust_code: str | None = None  # for messages only
     user_id: int | None = None  # for manager warnings only
 
     def in_force(self, today: date) -> bool:
-        return self.starts_on <= today and (self.ends_on is None or today <= self.ends_on)
+        started = self.starts_on is None or self.starts_on <= today
+        return started and (self.ends_on is None or today <= self.ends_on)
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ class DutySlot:
 
     starts_at: datetime
     ends_at: datetime
-    capacity: float | None = None  # effort units per session; None = no cap
+    capacity: float | None = None  # effort units held at once; None = no cap
     free_choice: bool = False  # a manager allowed picking from the list this session
     location: str | None = None
     session_id: int | None = None
@@ -159,7 +160,7 @@ class Radiologist:
     agreements: tuple[ReportingAgreement, ...] = ()
     credentials: tuple[HeldCredential, ...] = ()
     sessions: tuple[DutySlot, ...] = ()
-    session_load: float = 0.0  # effort already claimed or reported in the current session
+    session_load: float = 0.0  # effort of the studies they hold (claimed) now
     active: bool = True
 
 
@@ -227,8 +228,9 @@ def may_report(
     if not agreements:
         reasons.append(Refusal(RefusalCode.NO_AGREEMENT, f"no reporting agreement for {trust}"))
     elif not any(a.in_force(today) for a in agreements):
-        if all(a.starts_on > today for a in agreements):
-            first = min(a.starts_on for a in agreements)
+        future = [a.starts_on for a in agreements if a.starts_on and a.starts_on > today]
+        if len(future) == len(agreements):
+            first = min(future)
             reasons.append(
                 Refusal(
                     RefusalCode.AGREEMENT_NOT_STARTED,
