@@ -1,0 +1,73 @@
+"""The model's constraints, on whichever database the suite runs against."""
+
+import pytest
+import sqlalchemy as sa
+
+from tests.factories import make_patient, make_study, make_trust
+from worklist.db.models import Patient, Study
+from worklist.services.patients import regional_records
+
+
+def test_the_same_accession_number_in_two_trusts_is_two_studies(runtime, clock) -> None:
+    with runtime.session() as session:
+        bolton = make_trust(session, now=clock.now(), code="RMC")
+        stockport = make_trust(session, now=clock.now(), code="RWJ")
+        make_study(session, trust=bolton, now=clock.now(), accession_number="A1000")
+        make_study(session, trust=stockport, now=clock.now(), accession_number="A1000")
+    with runtime.session() as session:
+        assert session.scalar(sa.select(sa.func.count()).where(Study.accession_number == "A1000")) == 2
+
+
+def test_the_same_accession_number_twice_in_one_trust_is_refused_by_name(runtime, clock) -> None:
+    with runtime.session() as session:
+        trust = make_trust(session, now=clock.now(), code="RMC")
+        make_study(session, trust=trust, now=clock.now(), accession_number="A1000")
+    with pytest.raises(sa.exc.IntegrityError, match="uq_study_trust_id|UNIQUE constraint failed: study"):
+        with runtime.session() as session:
+            trust = session.scalar(sa.select(sa.orm.aliased(type(trust))).limit(1))
+            make_study(session, trust=trust, now=clock.now(), accession_number="A1000")
+    with runtime.session() as session:  # nothing already stored was lost
+        assert session.scalar(sa.select(sa.func.count()).select_from(Study)) == 1
+
+
+def test_an_invalid_nhs_number_is_stored_but_never_links_patients(runtime, clock) -> None:
+    with runtime.session() as session:
+        bolton = make_trust(session, now=clock.now(), code="RMC")
+        stockport = make_trust(session, now=clock.now(), code="RWJ")
+        a = make_patient(session, trust=bolton, now=clock.now(), nhs_number="9219068409")
+        b = make_patient(session, trust=stockport, now=clock.now(), nhs_number="921 906 8409")
+        assert a.nhs_number == b.nhs_number == "9219068409"
+        assert not a.nhs_number_valid and a.link_nhs_number is None
+        assert regional_records(session, patient=a) == [a]
+        assert regional_records(session, patient=b) == [b]
+
+
+def test_a_valid_nhs_number_links_the_same_person_across_trusts(runtime, clock) -> None:
+    with runtime.session() as session:
+        bolton = make_trust(session, now=clock.now(), code="RMC")
+        stockport = make_trust(session, now=clock.now(), code="RWJ")
+        a = make_patient(session, trust=bolton, now=clock.now(), nhs_number="9434765919")
+        b = make_patient(session, trust=stockport, now=clock.now(), nhs_number="943 476 5919")
+        assert {p.id for p in regional_records(session, patient=a)} == {a.id, b.id}
+
+
+def test_the_database_refuses_a_link_through_an_invalid_nhs_number(runtime, clock) -> None:
+    with runtime.session() as session:
+        trust = make_trust(session, now=clock.now(), code="RMC")
+        patient = make_patient(session, trust=trust, now=clock.now(), nhs_number="9219068409")
+        patient_id = patient.id
+    with pytest.raises(sa.exc.IntegrityError, match="link_only_valid_nhs_number|CHECK constraint"):
+        with runtime.session() as session:
+            session.execute(
+                sa.update(Patient).where(Patient.id == patient_id).values(link_nhs_number="9219068409")
+            )
+
+
+def test_times_come_back_timezone_aware_in_utc(runtime, clock) -> None:
+    with runtime.session() as session:
+        trust = make_trust(session, now=clock.now(), code="RMC")
+        study_id = make_study(session, trust=trust, now=clock.now()).id
+    with runtime.session() as session:
+        study = session.get(Study, study_id)
+        assert study.created_at == clock.now()
+        assert study.created_at.utcoffset().total_seconds() == 0

@@ -1,0 +1,88 @@
+"""The composition root: builds the engine, sessions and clock for every process and for tests.
+
+Nothing is wired at import time; each entry point (gunicorn worker, HL7 listener,
+scheduler, CLI, test) calls `build_runtime` once and passes the result down.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from worklist.clock import Clock, SystemClock
+from worklist.config import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def create_db_engine(url: str, *, pool_size: int = 5) -> sa.Engine:
+    """An engine tuned per database: SQLite in WAL mode with a busy timeout, PostgreSQL pooled."""
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(
+            url,
+            connect_args={"timeout": 30, "check_same_thread": False},
+            pool_size=pool_size + 10,
+            max_overflow=40,
+        )
+
+        @sa.event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+            # Take over transaction control from pysqlite so BEGIN is issued when SQLAlchemy
+            # begins; foreign keys are off by default in SQLite.
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        @sa.event.listens_for(engine, "begin")
+        def _sqlite_begin(conn):  # type: ignore[no-untyped-def]
+            # IMMEDIATE takes the write lock at BEGIN, so two writers queue on the busy
+            # timeout instead of failing with "database is locked" when upgrading a read lock.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return sa.create_engine(
+        url, pool_size=pool_size, max_overflow=pool_size * 2, pool_pre_ping=True
+    )
+
+
+@dataclass
+class Runtime:
+    """What every process needs: settings, the database, and the clock."""
+
+    settings: Settings
+    engine: sa.Engine
+    session_factory: sessionmaker[Session]
+    clock: Clock
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One unit of work: commits on success, rolls back on any exception."""
+        with self.session_factory.begin() as session:
+            yield session
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def build_runtime(settings: Settings, *, clock: Clock | None = None) -> Runtime:
+    url = settings.resolved_database_url
+    if url.startswith("sqlite:///"):
+        from pathlib import Path
+
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_db_engine(url, pool_size=settings.db_pool_size)
+    factory = sessionmaker(engine, expire_on_commit=False)
+    return Runtime(settings=settings, engine=engine, session_factory=factory, clock=clock or SystemClock())

@@ -1,0 +1,1 @@
+"""Typed SQLAlchemy models and the queries that need more than one line."""

@@ -1,0 +1,1 @@
+"""Pure domain rules: no I/O, no framework, no database. Everything here takes data (and a `now`) and returns data."""

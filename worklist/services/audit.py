@@ -1,0 +1,39 @@
+"""The audit log: who did what to which record, when and from where.
+
+Rows are only ever inserted; nothing in the application updates or deletes them
+(on PostgreSQL a trigger refuses it, see the migrations).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from worklist.db.models import AuditEvent, User
+
+
+def record(
+    session: Session,
+    *,
+    at: datetime,
+    action: str,
+    user: User | None = None,
+    object_type: str | None = None,
+    object_id: object | None = None,
+    detail: dict[str, Any] | None = None,
+    remote_addr: str | None = None,
+) -> AuditEvent:
+    event = AuditEvent(
+        at=at,
+        user_id=user.id if user else None,
+        username=user.username if user else None,
+        action=action,
+        object_type=object_type,
+        object_id=None if object_id is None else str(object_id),
+        detail=detail or {},
+        remote_addr=remote_addr,
+    )
+    session.add(event)
+    return event

@@ -1,0 +1,5 @@
+"""The gunicorn target: `gunicorn wsgi:app`. Builds the app only; starts no listener or scheduler."""
+
+from worklist import create_app
+
+app = create_app()
