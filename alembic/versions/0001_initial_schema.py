@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-23 09:27:18.431765
+Create Date: 2026-11-23
 """
 
 from collections.abc import Sequence
