@@ -262,7 +262,12 @@ class Study(Base):
     accession_number: Mapped[str] = mapped_column(sa.String(64))
     placer_order_number: Mapped[str | None] = mapped_column(sa.String(100))
     filler_order_number: Mapped[str | None] = mapped_column(sa.String(100))
+    # EI.2 of ORC-2/ORC-3 as the trust sent them, so the ORU echoes the trust's numbers exactly.
+    placer_order_namespace: Mapped[str | None] = mapped_column(sa.String(100))
+    filler_order_namespace: Mapped[str | None] = mapped_column(sa.String(100))
     procedure_code: Mapped[str | None] = mapped_column(sa.String(64))
+    # OBR-4.3 as sent (local RIS code table, NICIP, SNOMED CT).
+    procedure_coding_system: Mapped[str | None] = mapped_column(sa.String(64))
     procedure_name: Mapped[str | None] = mapped_column(sa.String(200))
     modality: Mapped[str | None] = mapped_column(sa.String(16))
     body_area: Mapped[str | None] = mapped_column(sa.String(32))
@@ -287,6 +292,11 @@ class Study(Base):
     # Ordering of RIS messages: the MSH-7 and MSH-10 of the last applied message.
     last_message_at: Mapped[datetime | None]
     last_control_id: Mapped[str | None] = mapped_column(sa.String(64))
+    # MSH-7 of the NW that placed the order; NULL while the study exists only because a later
+    # message (e.g. SC/CM) arrived before its NW. A second NW for a placed order is a duplicate.
+    order_placed_at: Mapped[datetime | None]
+    # Messages older than last_message_at that were recorded but not allowed to overwrite.
+    ignored_stale_messages: Mapped[int] = mapped_column(default=0, server_default="0")
     # Prioritisation, recomputed as time passes.
     priority_class: Mapped[str | None] = mapped_column(sa.String(32))
     due_at: Mapped[datetime | None]
