@@ -321,6 +321,16 @@ class Study(Base):
         sa.Index("ix_study_trust_filler", "trust_id", "filler_order_number"),
         sa.Index("ix_study_status_urgency", "status", "urgency"),
         sa.Index("ix_study_claimed_by", "claimed_by_id"),
+        # The shared pool: ready, unclaimed studies in worklist order (next case and the
+        # worklist page read it top-down with ORDER BY urgency DESC, id DESC; a backward
+        # scan of this small partial index instead of the whole study history).
+        sa.Index(
+            "ix_study_ready_pool",
+            "urgency",
+            "id",
+            postgresql_where=sa.text("status = 'ready' AND claimed_by_id IS NULL"),
+            sqlite_where=sa.text("status = 'ready' AND claimed_by_id IS NULL"),
+        ),
     )
 
 
