@@ -291,7 +291,7 @@ def cmd_web(args: argparse.Namespace, runtime: Runtime) -> int:
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    argv = ["gunicorn", "--config", str(root / "gunicorn.conf.py"), "--bind", f"{args.host}:{args.port}"]
+    argv = [sys.executable, "-m", "gunicorn", "--config", str(root / "gunicorn.conf.py"), "--bind", f"{args.host}:{args.port}"]
     if args.workers:
         argv += ["--workers", str(args.workers)]
     argv.append("wsgi:app")

@@ -51,6 +51,7 @@ def login():  # type: ignore[no-untyped-def]
             db(), at=now, action="login_failed", detail={"username": username[:64]},
             remote_addr=remote_addr(),
         )
+        db().commit()  # the 401 response would roll back; a failed sign-in must stay audited
         error = "Unknown user or wrong password."
     return render_template("login.html", error=error), 401 if error else 200
 

@@ -1,0 +1,87 @@
+"""Every /api/v1 endpoint needs a valid bearer token; tokens are stored hashed."""
+
+import sqlalchemy as sa
+
+from tests.factories import make_study, make_token, make_trust, make_user
+from worklist.db.models import ApiToken
+from worklist.services import accounts
+
+
+def _auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_a_request_without_a_token_gets_401_with_a_json_error(client) -> None:
+    response = client.get("/api/v1/studies")
+    assert response.status_code == 401
+    assert response.json["error"] == "Unauthorized"
+    assert "Bearer" in response.headers["WWW-Authenticate"]
+
+
+def test_an_unknown_token_gets_401(client) -> None:
+    response = client.get("/api/v1/me", headers=_auth("wl_not-a-real-token"))
+    assert response.status_code == 401
+    assert "unknown or revoked" in response.json["message"]
+
+
+def test_a_valid_token_identifies_its_user_and_role(runtime, client, clock) -> None:
+    with runtime.session() as session:
+        make_trust(session, now=clock.now(), code="RMC")
+        user = make_user(session, now=clock.now(), username="asingh", trusts=("RMC",), credentials=("CT",))
+        token = make_token(session, user=user, now=clock.now())
+    response = client.get("/api/v1/me", headers=_auth(token))
+    assert response.status_code == 200
+    assert response.json == {
+        "username": "asingh", "full_name": None, "role": "radiologist",
+        "trusts": ["RMC"], "credentials": ["CT"],
+    }
+
+
+def test_tokens_are_stored_only_as_their_hash(runtime, clock) -> None:
+    with runtime.session() as session:
+        user = make_user(session, now=clock.now(), role="admin")
+        token = make_token(session, user=user, now=clock.now())
+    with runtime.session() as session:
+        stored = session.scalars(sa.select(ApiToken.token_hash)).all()
+    assert token not in stored and accounts.hash_token(token) in stored
+
+
+def test_a_revoked_token_stops_working(runtime, client, clock) -> None:
+    with runtime.session() as session:
+        user = make_user(session, now=clock.now(), role="admin")
+        token = make_token(session, user=user, now=clock.now())
+    assert client.get("/api/v1/me", headers=_auth(token)).status_code == 200
+    with runtime.session() as session:
+        accounts.revoke_token(session, token=token, now=clock.now())
+    assert client.get("/api/v1/me", headers=_auth(token)).status_code == 401
+
+
+def test_a_radiologist_may_not_add_a_trust_but_an_admin_may(runtime, client, clock) -> None:
+    with runtime.session() as session:
+        radiologist = make_token(session, user=make_user(session, now=clock.now()), now=clock.now())
+        admin = make_token(session, user=make_user(session, now=clock.now(), role="admin"), now=clock.now())
+    body = {"code": "RWJ", "name": "Stockport", "sending_facility": "RWJ"}
+    refused = client.post("/api/v1/trusts", json=body, headers=_auth(radiologist))
+    assert refused.status_code == 403 and "admin" in refused.json["message"]
+    created = client.post("/api/v1/trusts", json=body, headers=_auth(admin))
+    assert created.status_code == 201 and created.json["code"] == "RWJ"
+    again = client.post("/api/v1/trusts", json=body, headers=_auth(admin))
+    assert again.status_code == 409 and "already exists" in again.json["message"]
+    bad = client.post("/api/v1/trusts", json={"code": "RWJ"}, headers=_auth(admin))
+    assert bad.status_code == 400 and "name" in bad.json["message"]
+
+
+def test_a_radiologist_sees_only_studies_of_trusts_they_may_report_for(runtime, client, clock) -> None:
+    with runtime.session() as session:
+        bolton = make_trust(session, now=clock.now(), code="RMC")
+        christie = make_trust(session, now=clock.now(), code="RBV")
+        make_study(session, trust=bolton, now=clock.now(), accession_number="B1")
+        make_study(session, trust=christie, now=clock.now(), accession_number="C1")
+        user = make_user(session, now=clock.now(), trusts=("RMC",))
+        token = make_token(session, user=user, now=clock.now())
+        manager = make_token(session, user=make_user(session, now=clock.now(), role="manager"), now=clock.now())
+    mine = client.get("/api/v1/studies", headers=_auth(token)).json
+    assert [s["accession_number"] for s in mine["studies"]] == ["B1"]
+    everything = client.get("/api/v1/studies", headers=_auth(manager)).json
+    assert sorted(s["accession_number"] for s in everything["studies"]) == ["B1", "C1"]
+    assert client.get("/api/v1/studies?limit=0", headers=_auth(manager)).status_code == 400
