@@ -1,7 +1,7 @@
 """The audit log: who did what to which record, when and from where.
 
-Rows are only ever inserted; nothing in the application updates or deletes them
-(on PostgreSQL a trigger refuses it, see the migrations).
+Rows are only ever inserted: the application has no code path that updates or
+deletes them, and no API or page that could.
 """
 
 from __future__ import annotations
