@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +45,9 @@ __all__ = [
     "parse_duration",
     "parse_rules_json",
     "prioritise",
+    "tier_from_urgency",
     "time_left",
+    "urgency_floor",
     "urgency_score",
 ]
 
@@ -634,6 +637,18 @@ def _rule(
 def urgency_score(tier: int, due_at: datetime) -> float:
     """One sortable number: higher = more urgent; tier first, then earlier due."""
     return float((MAX_TIER + 1 - tier) * _TIER_SPAN - int(due_at.timestamp()))
+
+
+def tier_from_urgency(urgency: float) -> int:
+    """The effective tier encoded in an urgency score (MAX_TIER for an unscored study)."""
+    if urgency <= 0:
+        return MAX_TIER
+    return max(1, min(MAX_TIER, MAX_TIER + 1 - math.ceil(urgency / _TIER_SPAN)))
+
+
+def urgency_floor(tier: int) -> float:
+    """Every study of `tier` or a more urgent tier has an urgency above this."""
+    return float((MAX_TIER - tier) * _TIER_SPAN)
 
 
 def prioritise(facts: OrderFacts, rules: RuleSet | TrustRules, now: datetime) -> Priority:

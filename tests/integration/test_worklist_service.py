@@ -1,0 +1,428 @@
+"""The worklist engine through its service functions, on a real (migrated) database."""
+
+from __future__ import annotations
+
+import random
+from datetime import date, timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from tests.factories import make_patient, make_study, make_trust, make_user
+from worklist.db.models import Assignment, AuditEvent, DutySession, Report, ReportVersion, Study
+from worklist.domain.priority import tier_from_urgency
+from worklist.errors import Conflict, Forbidden, NotFound
+from worklist.services import worklist as wl
+
+
+@pytest.fixture
+def region(session, clock):
+    now = clock.now()
+    rw6 = make_trust(session, now=now, code="RW6")
+    rm3 = make_trust(session, now=now, code="RM3")
+    return rw6, rm3
+
+
+def radiologist(session, clock, *, trusts=("RW6",), credentials=("CT:NEURO",), **kw):
+    return make_user(
+        session, now=clock.now(), trusts=trusts, credentials=credentials, on_duty=True, **kw
+    )
+
+
+def ready(session, clock, trust, **kw):
+    study = make_study(session, trust=trust, now=clock.now(), **kw)
+    wl.prioritise_study(session, study=study, now=clock.now())
+    return study
+
+
+def test_reprioritise_gives_every_ready_study_its_class_due_time_and_explanation(
+    session, clock, region
+):
+    rw6, _ = region
+    ed = make_study(session, trust=rw6, now=clock.now(), patient_class="E",
+                    body_area="HEAD", performed_ago=timedelta(minutes=10))  # fmt: skip
+    routine = make_study(session, trust=rw6, now=clock.now(), performed_ago=timedelta(days=1))
+    scheduled = make_study(session, trust=rw6, now=clock.now(), status="scheduled")
+    assert wl.reprioritise(session, now=clock.now()) == 2
+    assert (ed.priority_class, routine.priority_class, scheduled.priority_class) == (
+        "stat", "outpatient_routine", None,
+    )  # fmt: skip
+    assert ed.due_at == ed.performed_at + timedelta(hours=1)
+    assert ed.priority_explanation["rule"] == "ED head CT"
+    assert ed.urgency > routine.urgency
+    assert ed.effort == 1.5  # CT, from the rules' effort table
+    assert wl.reprioritise(session, now=clock.now()) == 0  # nothing moved
+
+
+def test_next_case_claims_the_most_urgent_eligible_study_and_records_why(session, clock, region):
+    rw6, _ = region
+    reader = radiologist(session, clock)
+    old = ready(session, clock, rw6, performed_ago=timedelta(days=3))
+    ready(session, clock, rw6, performed_ago=timedelta(hours=1))
+    stat = ready(session, clock, rw6, order_priority="S")
+    result = wl.next_case(session, user=reader, now=clock.now())
+    assert result.study is stat
+    assert stat.claimed_by_id == reader.id
+    assert stat.claim_expires_at == clock.now() + wl.DEFAULT_LEASE
+    assert result.assignment.kind == "pull"
+    assert result.assignment.explanation["why"] == "the most urgent waiting study you may report"
+    assert result.assignment.explanation["priority"]["tier"] == 1
+    assert wl.next_case(session, user=reader, now=clock.now()).study is old
+    audit = session.scalars(sa.select(AuditEvent).where(AuditEvent.action == "claim")).all()
+    assert [a.object_id for a in audit] == [str(stat.id), str(old.id)]
+
+
+def test_next_case_skips_a_study_claimed_by_another_radiologist(session, clock, region):
+    rw6, _ = region
+    first, second = radiologist(session, clock), radiologist(session, clock)
+    top = ready(session, clock, rw6, order_priority="S")
+    other = ready(session, clock, rw6)
+    assert wl.next_case(session, user=first, now=clock.now()).study is top
+    assert wl.next_case(session, user=second, now=clock.now()).study is other
+    nothing = wl.next_case(session, user=second, now=clock.now())
+    assert nothing.study is None and nothing.reason == "no eligible study is waiting"
+
+
+def test_next_case_passes_over_studies_it_may_not_give_and_records_the_reasons(
+    session, clock, region
+):
+    rw6, rm3 = region
+    reader = radiologist(session, clock)  # CT neuro, RW6 only
+    ready(session, clock, rw6, order_priority="S", body_area="CHEST")
+    ready(session, clock, rm3, order_priority="S")  # no agreement: filtered in SQL
+    head = ready(session, clock, rw6)
+    result = wl.next_case(session, user=reader, now=clock.now())
+    assert result.study is head
+    skipped = result.assignment.explanation["skipped"]
+    assert [s["reasons"] for s in skipped] == [["no credential for CT CHEST"]]
+
+
+def test_next_case_gives_nothing_off_duty_and_only_stat_work_over_capacity(session, clock, region):
+    rw6, _ = region
+    reader = make_user(session, now=clock.now(), trusts=("RW6",), credentials=("CT",))
+    ready(session, clock, rw6)
+    off = wl.next_case(session, user=reader, now=clock.now())
+    assert off.study is None and off.reason == "not on a duty session now"
+
+    session.add(DutySession(user_id=reader.id, starts_at=clock.now(), capacity=1.0,
+                            ends_at=clock.now() + timedelta(hours=4)))  # fmt: skip
+    session.flush()
+    first = wl.next_case(session, user=reader, now=clock.now())
+    assert first.study is not None  # 1.5 effort now held, capacity 1
+    refused = wl.next_case(session, user=reader, now=clock.now())
+    assert refused.study is None
+    assert refused.reason == "session capacity reached; no stat study is waiting"
+    stat = ready(session, clock, rw6, order_priority="S")
+    assert wl.next_case(session, user=reader, now=clock.now()).study is stat
+
+
+def test_the_worklist_lists_eligible_studies_in_order_with_filters_and_paging(
+    session, clock, region
+):
+    rw6, rm3 = region
+    reader = radiologist(session, clock, trusts=("RW6", "RM3"), credentials=("CT", "MR"))
+    studies = [
+        ready(session, clock, rw6 if i % 2 else rm3, modality="MR" if i % 3 == 0 else "CT",
+              performed_ago=timedelta(hours=i + 1))
+        for i in range(12)
+    ]  # fmt: skip
+    ready(session, clock, rw6, modality="US")  # no credential: never listed
+    mine = wl.next_case(session, user=reader, now=clock.now()).study
+    page = wl.worklist(session, user=reader, now=clock.now(), limit=5)
+    expected = sorted((s for s in studies if s is not mine), key=lambda s: -s.urgency)
+    assert page.studies == expected[:5] and page.has_more
+    assert page.mine == [mine]
+    assert page.eligibility.allowed
+    second = wl.worklist(session, user=reader, now=clock.now(), limit=5, offset=10)
+    assert second.studies == expected[10:] and not second.has_more
+    only_mr_rw6 = wl.worklist(
+        session, user=reader, now=clock.now(),
+        filters=wl.WorklistFilters(trusts=("rw6",), modalities=("mr",)),
+    )  # fmt: skip
+    assert {(s.trust_id, s.modality) for s in only_mr_rw6.studies} == {(rw6.id, "MR")}
+
+
+def test_the_worklist_shows_an_off_duty_radiologist_what_they_could_report_and_why_not_now(
+    session, clock, region
+):
+    rw6, _ = region
+    reader = make_user(session, now=clock.now(), trusts=("RW6",), credentials=("CT",))
+    study = ready(session, clock, rw6)
+    page = wl.worklist(session, user=reader, now=clock.now())
+    assert page.studies == [study]
+    assert page.eligibility.explain() == "not on a duty session now"
+
+
+def test_claiming_a_chosen_study_needs_a_free_choice_session_or_a_manager(session, clock, region):
+    rw6, _ = region
+    reader = radiologist(session, clock)
+    routine = ready(session, clock, rw6, performed_ago=timedelta(hours=1))
+    with pytest.raises(Forbidden, match="free-choice session"):
+        wl.claim_study(session, study_id=routine.id, user=reader, now=clock.now())
+    session.scalars(sa.select(DutySession).where(DutySession.user_id == reader.id)).one()
+    for duty in session.scalars(sa.select(DutySession).where(DutySession.user_id == reader.id)):
+        duty.free_choice = True
+    session.flush()
+    assignment = wl.claim_study(session, study_id=routine.id, user=reader, now=clock.now())
+    assert routine.claimed_by_id == reader.id
+    assert assignment.explanation["why"] == "chosen from the worklist (free-choice session)"
+    other = radiologist(session, clock)
+    for duty in session.scalars(sa.select(DutySession).where(DutySession.user_id == other.id)):
+        duty.free_choice = True
+    with pytest.raises(Conflict, match="already claimed by another radiologist"):
+        wl.claim_study(session, study_id=routine.id, user=other, now=clock.now())
+
+
+def test_a_study_of_a_trust_the_user_may_not_see_is_not_found(session, clock, region):
+    _, rm3 = region
+    reader = radiologist(session, clock)
+    hidden = ready(session, clock, rm3)
+    with pytest.raises(NotFound):
+        wl.get_study(session, study_id=hidden.id, user=reader, now=clock.now())
+    with pytest.raises(NotFound):
+        wl.priors(session, study_id=hidden.id, user=reader, now=clock.now())
+
+
+def test_release_returns_the_study_to_the_pool_with_the_reason(session, clock, region):
+    rw6, _ = region
+    reader, other = radiologist(session, clock), radiologist(session, clock)
+    study = ready(session, clock, rw6)
+    wl.next_case(session, user=reader, now=clock.now())
+    with pytest.raises(Conflict):
+        wl.release_claim(session, study_id=study.id, user=other, reason="x", now=clock.now())
+    wl.release_claim(session, study_id=study.id, user=reader, reason="needs a neuro opinion",
+                     now=clock.now())  # fmt: skip
+    assert study.claimed_by_id is None
+    (assignment,) = wl.assignment_history(session, study_id=study.id)
+    assert assignment.end_reason == "released: needs a neuro opinion"
+    assert wl.next_case(session, user=other, now=clock.now()).study is study
+
+
+def test_an_expired_lease_returns_the_study_to_the_pool_and_a_renewed_one_stays(
+    session, clock, region
+):
+    rw6, _ = region
+    reader = radiologist(session, clock)
+    idle = ready(session, clock, rw6, order_priority="S")
+    busy = ready(session, clock, rw6)
+    wl.next_case(session, user=reader, now=clock.now())
+    wl.next_case(session, user=reader, now=clock.now())
+    clock.advance(timedelta(minutes=20))
+    wl.renew_claim(session, study_id=busy.id, user=reader, now=clock.now())
+    clock.advance(timedelta(minutes=15))
+    assert wl.expire_claims(session, now=clock.now()) == 1
+    assert idle.claimed_by_id is None and busy.claimed_by_id == reader.id
+    history = wl.assignment_history(session, study_id=idle.id)
+    assert history[-1].end_reason.startswith("expired")
+    page = wl.worklist(session, user=reader, now=clock.now())
+    assert [a.study_id for a in page.removed] == [idle.id]
+
+
+def test_a_study_cancelled_by_the_ris_while_claimed_leaves_the_list_and_says_why(
+    session, clock, region
+):
+    rw6, _ = region
+    reader = radiologist(session, clock)
+    study = ready(session, clock, rw6)
+    wl.next_case(session, user=reader, now=clock.now())
+    study.status = "cancelled"
+    session.flush()
+    assert wl.expire_claims(session, now=clock.now()) == 1
+    page = wl.worklist(session, user=reader, now=clock.now())
+    assert page.mine == []
+    assert page.removed[0].end_reason == "cancelled: the RIS cancelled the order"
+
+
+def test_a_manager_reassigns_and_returns_studies_and_the_history_says_why(session, clock, region):
+    rw6, _ = region
+    first, second = radiologist(session, clock), radiologist(session, clock)
+    unqualified = radiologist(session, clock, credentials=("MR",))
+    manager = make_user(session, now=clock.now(), role="manager")
+    study = ready(session, clock, rw6)
+    wl.next_case(session, user=first, now=clock.now())
+    with pytest.raises(Forbidden):
+        wl.assign_study(session, study_id=study.id, to_user=second, by=first, now=clock.now())
+    with pytest.raises(Conflict, match="no credential for CT NEURO"):
+        wl.assign_study(session, study_id=study.id, to_user=unqualified, by=manager,
+                        now=clock.now())  # fmt: skip
+    wl.assign_study(session, study_id=study.id, to_user=second, by=manager, now=clock.now(),
+                    note="first is in theatre")  # fmt: skip
+    assert study.claimed_by_id == second.id
+    wl.return_to_pool(session, study_id=study.id, by=manager, reason="rebalancing",
+                      now=clock.now())  # fmt: skip
+    assert study.claimed_by_id is None
+    history = wl.assignment_history(session, study_id=study.id)
+    assert [(h.user_id, h.kind, h.end_reason) for h in history] == [
+        (first.id, "pull", f"reassigned to {second.username} by {manager.username}"),
+        (second.id, "manual", f"returned to the pool by {manager.username}: rebalancing"),
+    ]
+    assert history[1].explanation["why"] == (
+        f"reassigned from {first.username} by {manager.username}: first is in theatre"
+    )
+
+
+def test_double_reading_needs_two_different_readers_then_arbitration_by_a_consultant(
+    session, clock, region
+):
+    rw6, _ = region
+    creds = ("MG:BREAST",)
+    one, two = (
+        radiologist(session, clock, credentials=creds),
+        radiologist(session, clock, credentials=creds),
+    )
+    trainee = radiologist(session, clock, credentials=creds, can_finalise=False)
+    consultant = radiologist(session, clock, credentials=creds)
+    study = ready(session, clock, rw6, modality="MG", body_area="BREAST", pathway="bsp")
+    assert wl.next_case(session, user=one, now=clock.now()).study is study
+    stage = wl.record_reading(session, study_id=study.id, user=one, outcome="normal",
+                              now=clock.now())  # fmt: skip
+    assert stage == "second" and study.claimed_by_id is None
+    refused = wl.next_case(session, user=one, now=clock.now())
+    assert refused.study is None
+    assert "gave reading 1" in refused.reason or refused.reason == "no eligible study is waiting"
+    assert wl.eligibility_for(session, study=study, user=one, now=clock.now()).explain() == (
+        "gave reading 1 of this double read"
+    )
+    assert wl.next_case(session, user=two, now=clock.now()).study is study
+    assert wl.record_reading(session, study_id=study.id, user=two, outcome="recall",
+                             now=clock.now()) == "arbitration"  # fmt: skip
+    assert wl.next_case(session, user=trainee, now=clock.now()).study is None
+    assert wl.next_case(session, user=consultant, now=clock.now()).study is study
+    assert wl.record_reading(session, study_id=study.id, user=consultant, outcome="recall",
+                             now=clock.now()) == "arbitrated"  # fmt: skip
+    assert study.claimed_by_id == consultant.id  # keeps it to sign the report
+
+
+def test_two_agreeing_readings_leave_the_second_reader_holding_the_study(session, clock, region):
+    rw6, _ = region
+    one = radiologist(session, clock, credentials=("MG",))
+    two = radiologist(session, clock, credentials=("MG",))
+    study = ready(session, clock, rw6, modality="MG", body_area="BREAST", pathway="double_read")
+    wl.next_case(session, user=one, now=clock.now())
+    wl.record_reading(session, study_id=study.id, user=one, outcome="normal", now=clock.now())
+    wl.next_case(session, user=two, now=clock.now())
+    assert wl.record_reading(session, study_id=study.id, user=two, outcome="Normal",
+                             now=clock.now()) == "agreed"  # fmt: skip
+    assert study.claimed_by_id == two.id
+
+
+def test_a_patients_unread_studies_stay_with_one_reader(session, clock, region):
+    rw6, _ = region
+    reader = radiologist(session, clock, credentials=("CT",))
+    other = radiologist(session, clock, credentials=("CT",))
+    patient = make_patient(session, trust=rw6, now=clock.now())
+    chest = ready(session, clock, rw6, patient=patient, body_area="CHEST", order_priority="A")
+    abdomen = ready(session, clock, rw6, patient=patient, body_area="ABDOMEN")
+    stranger = ready(session, clock, rw6, performed_ago=timedelta(days=2))
+    result = wl.next_case(session, user=reader, now=clock.now())
+    assert result.study is chest and result.together == [abdomen]
+    assert abdomen.claimed_by_id == reader.id
+    why = wl.assignment_history(session, study_id=abdomen.id)[0].explanation["why"]
+    assert why == f"same patient as {chest.accession_number}, kept with one reader"
+    assert wl.next_case(session, user=other, now=clock.now()).study is stranger
+
+
+def test_priors_come_from_every_trust_by_valid_nhs_number_newest_first_with_reports(
+    session, clock, region
+):
+    rw6, rm3 = region
+    reader = radiologist(session, clock, credentials=("CT",))
+    here = make_patient(session, trust=rw6, now=clock.now(), nhs_number="943 476 5919")
+    there = make_patient(session, trust=rm3, now=clock.now(), nhs_number="9434765919")
+    namesake = make_patient(session, trust=rm3, now=clock.now(), nhs_number="9434765918")  # invalid
+    current = ready(session, clock, rw6, patient=here, body_area="CHEST")
+    old_ct = make_study(session, trust=rm3, now=clock.now(), patient=there, status="final",
+                        body_area="CHEST", performed_ago=timedelta(days=400))  # fmt: skip
+    recent_xr = make_study(
+        session, trust=rw6, now=clock.now(), patient=here, status="final",
+        modality="XR", body_area="CHEST", performed_ago=timedelta(days=30),
+    )  # fmt: skip
+    make_study(session, trust=rm3, now=clock.now(), patient=namesake, status="final",
+               performed_ago=timedelta(days=10))  # fmt: skip
+    make_study(session, trust=rw6, now=clock.now(), patient=here, status="ready",
+               performed_ago=timedelta(minutes=5))  # later than the current study  # fmt: skip
+    report = Report(study_id=old_ct.id, status="final")
+    report.versions = [ReportVersion(sequence=1, kind="final", text="No nodule.",
+                                     author_id=reader.id, signed_at=clock.now())]  # fmt: skip
+    session.add(report)
+    session.flush()
+    found = wl.priors(session, study_id=current.id, user=reader, now=clock.now())
+    assert [p.study for p in found] == [recent_xr, old_ct]
+    assert [p.trust_code for p in found] == ["RW6", "RM3"]
+    assert [p.relevant for p in found] == [False, True]
+    assert found[1].report_text == "No nodule." and found[0].report_text is None
+    assert session.scalar(sa.select(sa.func.count()).where(AuditEvent.action == "view_priors")) == 1
+
+
+def test_auto_assignment_balances_effort_over_a_simulated_day_and_serves_every_trust(
+    session, clock, runtime
+):
+    rng = random.Random(4)
+    now = clock.now()
+    codes = ["RW6", "RM3", "RBV", "R0A", "RRF", "RMC", "RVY", "RT2"]
+    trusts = [make_trust(session, now=now, code=c) for c in codes]
+    readers = [
+        make_user(session, now=now, trusts=tuple(codes), credentials=("CT", "MR", "XR"))
+        for _ in range(4)
+    ]
+    for r in readers:
+        session.add(DutySession(user_id=r.id, starts_at=now, ends_at=now + timedelta(hours=10),
+                                capacity=4.0))  # fmt: skip
+    session.flush()
+    # A busy trust sends half the work; the quiet ones the rest.
+    weights = [8, 1, 1, 1, 1, 1, 1, 1]
+    waited: dict[str, list[float]] = {c: [] for c in codes}
+    for _tick in range(48):  # every 10 minutes for 8 hours
+        now = clock.advance(timedelta(minutes=10))
+        for _ in range(rng.randint(4, 8)):
+            trust = rng.choices(trusts, weights)[0]
+            ready(session, clock, trust, modality=rng.choice(["CT", "MR", "XR"]),
+                  order_priority=rng.choice(["R", "R", "R", "A", "S"]),
+                  performed_ago=timedelta(minutes=rng.randint(1, 60)))  # fmt: skip
+        wl.auto_assign(session, now=now)
+        for reader in readers:  # each reports what they hold, up to 3 effort units a tick
+            done = 0.0
+            for study in session.scalars(
+                sa.select(Study).where(Study.claimed_by_id == reader.id).order_by(Study.id)
+            ):
+                if done + study.effort > 3.0:
+                    break
+                done += study.effort
+                wl.end_claim(session, study=study, now=now, end_reason="signed")
+                study.status = "final"
+                waited[
+                    codes[trusts.index(next(t for t in trusts if t.id == study.trust_id))]
+                ].append((now - study.ready_at).total_seconds() / 3600)
+        session.flush()
+    given = {
+        r.username: session.scalar(
+            sa.select(sa.func.sum(Study.effort))
+            .join(Assignment, Assignment.study_id == Study.id)
+            .where(Assignment.user_id == r.id)
+        )
+        for r in readers
+    }
+    mean = sum(given.values()) / len(given)
+    assert all(abs(v - mean) / mean < 0.15 for v in given.values()), given
+    assert all(waited[c] for c in codes), "a trust was starved"
+    every = [w for c in codes for w in waited[c]]
+    assert max(every) < 10  # nothing waits the day out
+    pushed = session.scalars(sa.select(Assignment).where(Assignment.kind == "push")).first()
+    assert pushed.explanation["why"].startswith("auto-assigned: tier")
+
+
+def test_a_priority_tier_is_recoverable_from_the_stored_urgency(session, clock, region):
+    rw6, _ = region
+    stat = ready(session, clock, rw6, order_priority="S")
+    routine = ready(session, clock, rw6)
+    assert tier_from_urgency(stat.urgency) == 1 and tier_from_urgency(routine.urgency) == 3
+
+
+def test_agreements_end_on_the_date_given(session, clock, region):
+    rw6, _ = region
+    reader = radiologist(session, clock)
+    reader.permissions[0].ends_on = date(2026, 11, 22)
+    session.flush()
+    study = ready(session, clock, rw6)
+    verdict = wl.eligibility_for(session, study=study, user=reader, now=clock.now())
+    assert verdict.explain() == "reporting agreement for RW6 ended on 2026-11-22"

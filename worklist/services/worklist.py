@@ -1,0 +1,1331 @@
+"""The regional worklist: prioritising ready studies and deciding who reports what.
+
+Use cases that own their transaction's work (the caller commits):
+  * prioritise one study / every ready study (scheduler job `reprioritise_job`);
+  * a radiologist's worklist (eligible studies in order, filters, paging);
+  * next case (pull): ONE atomic claim of the most urgent eligible study;
+  * claim a chosen study (free-choice sessions and managers), release with a reason,
+    manager assign / reassign / return to the pool;
+  * leases: renew, expire (job `expire_claims_job`); claims on studies the RIS
+    cancelled or held end and say why;
+  * auto-assignment (push, job `auto_assign_job`) balancing effort across
+    on-duty radiologists and keeping every trust served;
+  * double reading; keeping a patient's unread studies with one reader;
+  * priors from every trust, linked by a valid NHS number.
+
+Claiming is one conditional statement (`UPDATE study ... WHERE id = :id AND
+claimed_by_id IS NULL AND status = 'ready'`, checking the row count). On
+PostgreSQL the candidate is chosen with `FOR UPDATE SKIP LOCKED` in the same
+transaction so concurrent claimers never queue on one row; SQLite has no row
+locks, but every transaction starts with BEGIN IMMEDIATE (see bootstrap), which
+serialises writers, and the conditional update is the portable guarantee.
+Every assignment, with why it was made and which studies or people were
+skipped and why, is an `Assignment` row ("why me").
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, selectinload
+
+from worklist.db.models import (
+    Assignment,
+    DutySession,
+    Patient,
+    Report,
+    ReportingPermission,
+    ReportVersion,
+    Study,
+    Trust,
+    User,
+)
+from worklist.domain.eligibility import (
+    LONDON,
+    DutySlot,
+    Eligibility,
+    HeldCredential,
+    Radiologist,
+    RefusalCode,
+    ReportingAgreement,
+    StudyToRead,
+    current_session,
+    may_report,
+)
+from worklist.domain.priority import (
+    OrderFacts,
+    Priority,
+    RuleSet,
+    default_rules,
+    describe,
+    effort_for,
+    parse_rules_json,
+    prioritise,
+    tier_from_urgency,
+    urgency_floor,
+)
+from worklist.domain.study import StudyStatus
+from worklist.errors import Conflict, Forbidden, InvalidInput, NotFound
+from worklist.services import audit
+
+logger = logging.getLogger(__name__)
+
+READY = StudyStatus.READY.value
+DEFAULT_LEASE = timedelta(minutes=30)
+#: Pathway flags whose studies need two independent readings (NHS Breast Screening).
+DOUBLE_READ_PATHWAYS = frozenset({"double_read", "breast_screening", "bsp"})
+#: Effort a pushed-to session holds at once when its rota row sets no capacity.
+DEFAULT_PUSH_CAPACITY = 4.0
+#: Refusals the worklist page ignores: it shows what you could report, on duty or not.
+_LIST_IGNORES = frozenset({RefusalCode.OFF_DUTY, RefusalCode.OVER_CAPACITY})
+_STOPPED_CLAIM_REASONS = {
+    StudyStatus.CANCELLED.value: "cancelled: the RIS cancelled the order",
+    StudyStatus.DISCONTINUED.value: "cancelled: the RIS discontinued the order",
+    StudyStatus.ON_HOLD.value: "held: the RIS put the order on hold",
+}
+_MAX_EXPLAINED_SKIPS = 10
+#: Worklist order: most urgent first. Ties (same tier, same due second) are broken
+#: newest-id first so that PostgreSQL and SQLite read ix_study_ready_pool backwards.
+WORKLIST_ORDER = (Study.urgency.desc(), Study.id.desc())
+# Rendered as a literal so that the planner can match the partial index's predicate
+# even for a prepared statement.
+_READY_LITERAL: sa.BindParameter[str] = sa.bindparam("ready_status", READY, literal_execute=True)
+
+
+# --- rules ---------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _default_rules() -> RuleSet:
+    return default_rules()
+
+
+@functools.lru_cache(maxsize=4)
+def _rules_file(path: str, mtime: float) -> RuleSet:
+    with open(path, encoding="utf-8") as handle:
+        return parse_rules_json(handle.read())
+
+
+def rules_for(settings: Any = None) -> RuleSet:
+    """The rules in force: `settings.priority_rules_path` (a JSON document) or the UK defaults.
+
+    Re-read when the file changes, so a region edits its rules without a release.
+    """
+    path = getattr(settings, "priority_rules_path", None) if settings is not None else None
+    if path:
+        return _rules_file(str(path), os.stat(path).st_mtime)
+    return _default_rules()
+
+
+# --- prioritising -------------------------------------------------------------------
+
+
+def order_facts(study: Study, trust_code: str | None) -> OrderFacts:
+    return OrderFacts(
+        trust_code=trust_code,
+        order_priority=study.order_priority,
+        patient_class=study.patient_class,
+        modality=study.modality,
+        body_area=study.body_area,
+        procedure_code=study.procedure_code,
+        pathway=study.pathway,
+        referral_at=study.referral_at,
+        requested_at=study.requested_at,
+        performed_at=study.performed_at,
+        images_available_at=study.images_available_at,
+        ready_at=study.ready_at,
+    )
+
+
+def _apply_priority(study: Study, priority: Priority, effort: float) -> bool:
+    explanation = priority.explanation()
+    changed = (
+        study.urgency != priority.urgency
+        or study.due_at != priority.due_at
+        or study.priority_class != priority.class_code
+        or study.effort != effort
+        or (study.priority_explanation or {}).get("rule") != explanation["rule"]
+    )
+    if changed:
+        study.priority_class = priority.class_code
+        study.due_at = priority.due_at
+        study.urgency = priority.urgency
+        study.priority_explanation = explanation
+        study.effort = effort
+    return changed
+
+
+def prioritise_study(
+    session: Session, *, study: Study, now: datetime, rules: RuleSet | None = None
+) -> Priority:
+    """(Re)compute one study's class, due time, urgency, effort and explanation.
+
+    Call when an order arrives or changes; the scheduler also sweeps every ready study.
+    """
+    rules = rules or _default_rules()
+    code = session.scalar(sa.select(Trust.code).where(Trust.id == study.trust_id))
+    facts = order_facts(study, code)
+    priority = prioritise(facts, rules, now)
+    _apply_priority(study, priority, effort_for(facts, rules))
+    return priority
+
+
+def reprioritise(
+    session: Session,
+    *,
+    now: datetime,
+    rules: RuleSet | None = None,
+    batch_size: int = 2000,
+) -> int:
+    """Recompute every ready study; returns how many changed.
+
+    Urgency only moves when an ageing step is crossed (or the order or rules
+    changed), so most rows are read and left alone.
+    """
+    rules = rules or _default_rules()
+    codes = dict(session.execute(sa.select(Trust.id, Trust.code)).all())
+    changed, last_id = 0, 0
+    while True:
+        studies = session.scalars(
+            sa.select(Study)
+            .where(Study.status == READY, Study.id > last_id)
+            .order_by(Study.id)
+            .limit(batch_size)
+        ).all()
+        if not studies:
+            return changed
+        for study in studies:
+            facts = order_facts(study, codes.get(study.trust_id))
+            if _apply_priority(study, prioritise(facts, rules, now), effort_for(facts, rules)):
+                changed += 1
+        last_id = studies[-1].id
+        session.flush()
+
+
+def reprioritise_job(runtime: Any) -> None:
+    with runtime.session() as session:
+        changed = reprioritise(session, now=runtime.clock.now(), rules=rules_for(runtime.settings))
+    if changed:
+        logger.info("reprioritised %d ready studies", changed)
+
+
+# --- eligibility inputs from rows -------------------------------------------------
+
+
+def radiologist_facts(session: Session, *, user: User, now: datetime) -> Radiologist:
+    """Everything eligibility needs about `user`, read in a few small queries."""
+    permissions = session.execute(
+        sa.select(ReportingPermission, Trust.code)
+        .join(Trust, Trust.id == ReportingPermission.trust_id)
+        .where(ReportingPermission.user_id == user.id)
+    ).all()
+    sessions = session.scalars(
+        sa.select(DutySession).where(
+            DutySession.user_id == user.id,
+            DutySession.starts_at <= now,
+            DutySession.ends_at > now,
+        )
+    ).all()
+    return Radiologist(
+        user_id=user.id,
+        agreements=tuple(
+            ReportingAgreement(p.trust_id, p.starts_on, p.ends_on, code, user.id)
+            for p, code in permissions
+        ),
+        credentials=tuple(HeldCredential(c.modality, c.body_area) for c in user.credentials),
+        sessions=tuple(
+            DutySlot(s.starts_at, s.ends_at, s.capacity, s.free_choice, s.location, s.id)
+            for s in sessions
+        ),
+        session_load=held_effort(session, user_id=user.id),
+        active=user.active and user.role != "integration",
+    )
+
+
+def held_effort(session: Session, *, user_id: int) -> float:
+    """Effort of the ready studies `user_id` holds now (what session capacity counts)."""
+    total = session.scalar(
+        sa.select(sa.func.coalesce(sa.func.sum(Study.effort), 0.0)).where(
+            Study.claimed_by_id == user_id, Study.status == READY
+        )
+    )
+    return float(total or 0.0)
+
+
+def needs_double_reading(study: Study) -> bool:
+    return (study.pathway or "").strip().lower() in DOUBLE_READ_PATHWAYS
+
+
+def readings_of(session: Session, study_ids: Iterable[int]) -> dict[int, list[Assignment]]:
+    """Double-read readings recorded so far, per study, in order."""
+    ids = list(study_ids)
+    found: dict[int, list[Assignment]] = defaultdict(list)
+    if not ids:
+        return found
+    rows = session.scalars(
+        sa.select(Assignment).where(Assignment.study_id.in_(ids)).order_by(Assignment.id)
+    )
+    for row in rows:
+        if "reading" in (row.explanation or {}):
+            found[row.study_id].append(row)
+    return found
+
+
+def _exclusions(readings: Sequence[Assignment], user: User) -> dict[int, str]:
+    excluded = {
+        r.user_id: f"gave reading {r.explanation['reading']['number']} of this double read"
+        for r in readings
+    }
+    if _double_read_stage(readings) == "arbitration" and not user.can_finalise:
+        excluded.setdefault(user.id, "arbitration of a double read needs a consultant")
+    return excluded
+
+
+def study_to_read(
+    study: Study, *, user: User, trust_code: str | None, readings: Sequence[Assignment] = ()
+) -> StudyToRead:
+    return StudyToRead(
+        study_id=study.id,
+        trust_id=study.trust_id,
+        trust_code=trust_code,
+        modality=study.modality,
+        body_area=study.body_area,
+        tier=tier_from_urgency(study.urgency),
+        effort=study.effort,
+        claimed_by_id=study.claimed_by_id,
+        exclusions=_exclusions(readings, user) if readings else {},
+    )
+
+
+def _trust_codes(session: Session) -> dict[int, str]:
+    return dict(session.execute(sa.select(Trust.id, Trust.code)).all())
+
+
+def _pool_query(radiologist: Radiologist, now: datetime) -> sa.Select[Study]:
+    """Ready, unclaimed studies the radiologist could possibly read, most urgent first.
+
+    A superset filter in SQL (trusts with an agreement in force, modalities held);
+    `may_report` decides each row exactly.
+    """
+    today = now.astimezone(LONDON).date()
+    trusts = sorted({a.trust_id for a in radiologist.agreements if a.in_force(today)} | {-1})
+    query = (
+        sa.select(Study)
+        .where(
+            Study.status == _READY_LITERAL,
+            Study.claimed_by_id.is_(None),
+            Study.trust_id.in_(trusts),
+        )
+        .order_by(*WORKLIST_ORDER)
+    )
+    modalities = {c.modality.strip().upper() for c in radiologist.credentials}
+    if "*" not in modalities:
+        query = query.where(Study.modality.in_(sorted(modalities | {"-"})))
+    return query
+
+
+# --- the radiologist's worklist -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorklistFilters:
+    trusts: tuple[str, ...] = ()
+    modalities: tuple[str, ...] = ()
+    body_areas: tuple[str, ...] = ()
+    priority_classes: tuple[str, ...] = ()
+    max_tier: int | None = None
+    breached: bool | None = None
+
+
+@dataclass
+class WorklistPage:
+    studies: list[Study]
+    mine: list[Study]
+    has_more: bool
+    eligibility: Eligibility  # of the radiologist for next case right now (duty, capacity)
+    free_choice: bool
+    removed: list[Assignment] = field(default_factory=list)
+
+
+def worklist(
+    session: Session,
+    *,
+    user: User,
+    now: datetime,
+    filters: WorklistFilters | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> WorklistPage:
+    """The studies `user` may report, in the system's order, with their own claims first."""
+    filters = filters or WorklistFilters()
+    radiologist = radiologist_facts(session, user=user, now=now)
+    codes = _trust_codes(session)
+    query = _filtered(_pool_query(radiologist, now), filters, codes, now)
+    wanted = offset + limit + 1
+    accepted: list[Study] = []
+    chunk = max(wanted * 2, 100)
+    position = 0
+    while len(accepted) < wanted:
+        rows = session.scalars(query.limit(chunk).offset(position)).all()
+        position += len(rows)
+        readings = readings_of(session, [s.id for s in rows if needs_double_reading(s)])
+        for study in rows:
+            facts = study_to_read(
+                study, user=user, trust_code=codes.get(study.trust_id),
+                readings=readings.get(study.id, ()),
+            )  # fmt: skip
+            verdict = may_report(radiologist, facts, now)
+            if not (verdict.codes - _LIST_IGNORES):
+                accepted.append(study)
+        if len(rows) < chunk:
+            break
+        chunk *= 2
+    mine = session.scalars(
+        sa.select(Study)
+        .where(Study.claimed_by_id == user.id, Study.status == READY)
+        .order_by(*WORKLIST_ORDER)
+    ).all()
+    slot = current_session(radiologist.sessions, now)
+    removed = session.scalars(
+        sa.select(Assignment)
+        .where(
+            Assignment.user_id == user.id,
+            Assignment.ended_at >= now - timedelta(hours=12),
+            sa.or_(
+                Assignment.end_reason.like("cancelled%"),
+                Assignment.end_reason.like("held%"),
+                Assignment.end_reason.like("reassigned%"),
+                Assignment.end_reason.like("returned%"),
+                Assignment.end_reason.like("expired%"),
+            ),
+        )
+        .order_by(Assignment.ended_at.desc())
+        .limit(20)
+    ).all()
+    probe = StudyToRead(study_id=0, trust_id=-1, modality=None)
+    duty = may_report(radiologist, probe, now)
+    duty = Eligibility(
+        reasons=tuple(
+            r for r in duty.reasons
+            if r.code in (RefusalCode.OFF_DUTY, RefusalCode.OVER_CAPACITY, RefusalCode.INACTIVE)
+        ),
+        session=duty.session,
+    )  # fmt: skip
+    return WorklistPage(
+        studies=accepted[offset : offset + limit],
+        mine=list(mine),
+        has_more=len(accepted) > offset + limit,
+        eligibility=duty,
+        free_choice=bool(slot and slot.free_choice),
+        removed=list(removed),
+    )
+
+
+def _filtered(
+    query: sa.Select[Study], filters: WorklistFilters, codes: dict[int, str], now: datetime
+) -> sa.Select[Study]:
+    if filters.trusts:
+        wanted = {c.upper() for c in filters.trusts}
+        query = query.where(
+            Study.trust_id.in_([i for i, c in codes.items() if c in wanted] or [-1])
+        )
+    if filters.modalities:
+        query = query.where(Study.modality.in_([m.upper() for m in filters.modalities]))
+    if filters.body_areas:
+        query = query.where(
+            sa.func.upper(Study.body_area).in_([b.upper() for b in filters.body_areas])
+        )
+    if filters.priority_classes:
+        query = query.where(Study.priority_class.in_(filters.priority_classes))
+    if filters.max_tier is not None:
+        query = query.where(Study.urgency > urgency_floor(filters.max_tier))
+    if filters.breached is True:
+        query = query.where(Study.due_at <= now)
+    elif filters.breached is False:
+        query = query.where(Study.due_at > now)
+    return query
+
+
+# --- claiming ----------------------------------------------------------------------------
+
+
+@dataclass
+class ClaimResult:
+    """The outcome of next case / auto-assignment: the study claimed, or why nothing was."""
+
+    study: Study | None
+    assignment: Assignment | None = None
+    reason: str = ""
+    together: list[Study] = field(default_factory=list)  # same patient, claimed with it
+
+
+def _lock_candidates(session: Session, query: sa.Select[Study], limit: int) -> list[Study]:
+    """Candidate rows; on PostgreSQL locked FOR UPDATE SKIP LOCKED (SQLite ignores it)."""
+    locked = query.limit(limit).with_for_update(skip_locked=True, of=Study)
+    return list(session.scalars(locked).all())
+
+
+def _conditional_claim(
+    session: Session, *, study: Study, user_id: int, now: datetime, lease: timedelta,
+    expected_holder: int | None = None,
+) -> bool:  # fmt: skip
+    """The one claim statement: succeeds only if the study is still ready and free."""
+    holder = (
+        Study.claimed_by_id.is_(None)
+        if expected_holder is None
+        else Study.claimed_by_id == expected_holder
+    )
+    result = session.execute(
+        sa.update(Study)
+        .where(Study.id == study.id, Study.status == READY, holder)
+        .values(claimed_by_id=user_id, claimed_at=now, claim_expires_at=now + lease, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    session.refresh(study)
+    return True
+
+
+def _open_assignment(session: Session, study_id: int) -> Assignment | None:
+    return session.scalar(
+        sa.select(Assignment)
+        .where(Assignment.study_id == study_id, Assignment.ended_at.is_(None))
+        .order_by(Assignment.id.desc())
+        .limit(1)
+    )
+
+
+def _priority_summary(study: Study, now: datetime) -> dict[str, Any]:
+    explanation = study.priority_explanation or {}
+    summary: dict[str, Any] = {
+        "accession_number": study.accession_number,
+        "tier": tier_from_urgency(study.urgency),
+        "class": study.priority_class,
+        "due_at": study.due_at.isoformat() if study.due_at else None,
+    }
+    if explanation.get("due_at"):
+        summary["text"] = describe(explanation, now)
+    return summary
+
+
+def _record_assignment(
+    session: Session,
+    *,
+    study: Study,
+    user: User,
+    kind: str,
+    now: datetime,
+    lease: timedelta,
+    why: str,
+    by: User | None = None,
+    extra: dict[str, Any] | None = None,
+    remote_addr: str | None = None,
+) -> Assignment:
+    explanation = {"why": why, "priority": _priority_summary(study, now), **(extra or {})}
+    row = Assignment(
+        study_id=study.id,
+        user_id=user.id,
+        kind=kind,
+        assigned_by_id=by.id if by else None,
+        started_at=now,
+        expires_at=now + lease,
+        explanation=explanation,
+    )
+    session.add(row)
+    audit.record(
+        session, at=now, action="claim" if kind == "pull" else "assign", user=by or user,
+        object_type="study", object_id=study.id,
+        detail={"kind": kind, "to": user.username, "accession_number": study.accession_number,
+                "why": why},
+        remote_addr=remote_addr,
+    )  # fmt: skip
+    return row
+
+
+def next_case(
+    session: Session,
+    *,
+    user: User,
+    now: datetime,
+    lease: timedelta = DEFAULT_LEASE,
+    remote_addr: str | None = None,
+) -> ClaimResult:
+    """Pull: atomically claim the most urgent study `user` may report, or say why none.
+
+    No cherry-picking: the order is the system's. Studies passed over on the way
+    (e.g. no credential for that body area) are recorded with their reasons.
+    """
+    radiologist = radiologist_facts(session, user=user, now=now)
+    slot = current_session(radiologist.sessions, now)
+    if not radiologist.active:
+        return ClaimResult(None, reason="account is not an active reporter")
+    if slot is None:
+        return ClaimResult(None, reason="not on a duty session now")
+    query = _pool_query(radiologist, now)
+    over_capacity = slot.capacity is not None and radiologist.session_load >= slot.capacity
+    if over_capacity:
+        # Only stat work bypasses the cap.
+        query = query.where(Study.urgency > urgency_floor(1))
+    codes = _trust_codes(session)
+    skipped: list[dict[str, Any]] = []
+    skipped_ids: list[int] = []
+    batch = 1
+    while True:
+        candidates_query = query.where(Study.id.not_in(skipped_ids)) if skipped_ids else query
+        candidates = _lock_candidates(session, candidates_query, batch)
+        if not candidates:
+            reason = "no eligible study is waiting"
+            if over_capacity:
+                reason = "session capacity reached; no stat study is waiting"
+            return ClaimResult(None, reason=reason)
+        readings = readings_of(session, [s.id for s in candidates if needs_double_reading(s)])
+        for study in candidates:
+            facts = study_to_read(
+                study, user=user, trust_code=codes.get(study.trust_id),
+                readings=readings.get(study.id, ()),
+            )  # fmt: skip
+            verdict = may_report(radiologist, facts, now)
+            if verdict and _conditional_claim(
+                session, study=study, user_id=user.id, now=now, lease=lease
+            ):
+                why = "the most urgent waiting study you may report"
+                if skipped:
+                    why += f" ({len(skipped)} more urgent passed over: see skipped)"
+                assignment = _record_assignment(
+                    session, study=study, user=user, kind="pull", now=now, lease=lease, why=why,
+                    extra={"skipped": skipped[:_MAX_EXPLAINED_SKIPS]}, remote_addr=remote_addr,
+                )  # fmt: skip
+                together = _claim_patient_studies(
+                    session, anchor=study, user=user, radiologist=radiologist, now=now,
+                    lease=lease, kind="pull", codes=codes,
+                )  # fmt: skip
+                return ClaimResult(study, assignment, why, together)
+            skipped_ids.append(study.id)
+            skipped.append(
+                {
+                    "study_id": study.id,
+                    "accession_number": study.accession_number,
+                    "reasons": [r.message for r in verdict.reasons] or ["claimed meanwhile"],
+                }
+            )
+        batch = min(batch * 4, 64)
+
+
+def _linked_patient_ids(session: Session, patient_id: int) -> list[int]:
+    """This patient's records in every trust: the valid NHS number link, and merged records."""
+    patient = session.get(Patient, patient_id)
+    if patient is None:
+        return [patient_id]
+    ids = {patient.id}
+    if patient.link_nhs_number:
+        ids.update(
+            session.scalars(
+                sa.select(Patient.id).where(Patient.link_nhs_number == patient.link_nhs_number)
+            )
+        )
+    ids.update(session.scalars(sa.select(Patient.id).where(Patient.merged_into_id.in_(ids))))
+    return sorted(ids)
+
+
+def _claim_patient_studies(
+    session: Session,
+    *,
+    anchor: Study,
+    user: User,
+    radiologist: Radiologist,
+    now: datetime,
+    lease: timedelta,
+    kind: str,
+    codes: dict[int, str],
+    by: User | None = None,
+) -> list[Study]:
+    """Keep a patient's unread studies with one reader, where the rules allow."""
+    others_query = (
+        sa.select(Study)
+        .where(
+            Study.patient_id.in_(_linked_patient_ids(session, anchor.patient_id)),
+            Study.id != anchor.id,
+            Study.status == READY,
+            Study.claimed_by_id.is_(None),
+        )
+        .order_by(*WORKLIST_ORDER)
+    )
+    candidates = _lock_candidates(session, others_query, 20)
+    if not candidates:
+        return []
+    load = radiologist.session_load + anchor.effort
+    readings = readings_of(session, [s.id for s in candidates if needs_double_reading(s)])
+    taken = []
+    for study in candidates:
+        facts = study_to_read(
+            study, user=user, trust_code=codes.get(study.trust_id),
+            readings=readings.get(study.id, ()),
+        )  # fmt: skip
+        if needs_double_reading(study) or needs_double_reading(anchor):
+            continue  # independent readings are never bundled
+        if not may_report(replace(radiologist, session_load=load), facts, now):
+            continue
+        if _conditional_claim(session, study=study, user_id=user.id, now=now, lease=lease):
+            load += study.effort
+            _record_assignment(
+                session, study=study, user=user, kind=kind, now=now, lease=lease, by=by,
+                why=f"same patient as {anchor.accession_number}, kept with one reader",
+                extra={"with_study_id": anchor.id},
+            )  # fmt: skip
+            taken.append(study)
+    return taken
+
+
+def _visible_study(session: Session, *, study_id: int, user: User, now: datetime) -> Study:
+    """The study, or NotFound if it does not exist or is of a trust `user` may not see."""
+    study = session.get(Study, study_id)
+    if study is None or not may_see_trust(session, user=user, trust_id=study.trust_id, now=now):
+        raise NotFound(f"no study {study_id}")
+    return study
+
+
+def may_see_trust(session: Session, *, user: User, trust_id: int, now: datetime) -> bool:
+    if user.role in ("manager", "admin"):
+        return True
+    today = now.astimezone(LONDON).date()
+    return (
+        session.scalar(
+            sa.select(ReportingPermission.id).where(
+                ReportingPermission.user_id == user.id,
+                ReportingPermission.trust_id == trust_id,
+                sa.or_(
+                    ReportingPermission.starts_on.is_(None), ReportingPermission.starts_on <= today
+                ),
+                sa.or_(ReportingPermission.ends_on.is_(None), ReportingPermission.ends_on >= today),
+            )
+        )
+        is not None
+    )
+
+
+def get_study(
+    session: Session, *, study_id: int, user: User, now: datetime, remote_addr: str | None = None
+) -> Study:
+    """A study the user may see; the view of the patient record is audited."""
+    study = _visible_study(session, study_id=study_id, user=user, now=now)
+    audit.record(
+        session, at=now, action="view_study", user=user, object_type="study", object_id=study.id,
+        detail={"accession_number": study.accession_number, "patient_id": study.patient_id},
+        remote_addr=remote_addr,
+    )  # fmt: skip
+    return study
+
+
+def assignment_history(session: Session, *, study_id: int) -> list[Assignment]:
+    """Every claim of a study with how and why it was made and how it ended."""
+    return list(
+        session.scalars(
+            sa.select(Assignment).where(Assignment.study_id == study_id).order_by(Assignment.id)
+        )
+    )
+
+
+def claim_study(
+    session: Session,
+    *,
+    study_id: int,
+    user: User,
+    now: datetime,
+    lease: timedelta = DEFAULT_LEASE,
+    remote_addr: str | None = None,
+) -> Assignment:
+    """Claim a chosen study: allowed in a free-choice session, or for managers.
+
+    Claiming a study one already holds renews its lease.
+    """
+    study = _visible_study(session, study_id=study_id, user=user, now=now)
+    if study.claimed_by_id == user.id:
+        renew_claim(session, study_id=study.id, user=user, now=now, lease=lease)
+        current = _open_assignment(session, study.id)
+        assert current is not None
+        return current
+    radiologist = radiologist_facts(session, user=user, now=now)
+    slot = current_session(radiologist.sessions, now)
+    if user.role not in ("manager", "admin") and not (slot and slot.free_choice):
+        raise Forbidden(
+            "choosing a study needs a free-choice session; "
+            "use next case (the order is the system's)"
+        )
+    verdict = _eligibility(session, study=study, user=user, radiologist=radiologist, now=now)
+    if not verdict:
+        raise Conflict(f"you may not report this study: {verdict.explain()}")
+    if not _conditional_claim(session, study=study, user_id=user.id, now=now, lease=lease):
+        raise Conflict("the study was claimed by someone else or is no longer ready")
+    assignment = _record_assignment(
+        session, study=study, user=user, kind="pull", now=now, lease=lease,
+        why="chosen from the worklist" + (" (free-choice session)" if slot and slot.free_choice
+                                          else " by a manager"),
+        remote_addr=remote_addr,
+    )  # fmt: skip
+    _claim_patient_studies(
+        session, anchor=study, user=user, radiologist=radiologist, now=now, lease=lease,
+        kind="pull", codes=_trust_codes(session),
+    )  # fmt: skip
+    return assignment
+
+
+def _eligibility(
+    session: Session, *, study: Study, user: User, radiologist: Radiologist, now: datetime,
+    ignore_claim: bool = False,
+) -> Eligibility:  # fmt: skip
+    readings = readings_of(session, [study.id]) if needs_double_reading(study) else {}
+    code = session.scalar(sa.select(Trust.code).where(Trust.id == study.trust_id))
+    facts = study_to_read(study, user=user, trust_code=code, readings=readings.get(study.id, ()))
+    if ignore_claim:
+        facts = replace(facts, claimed_by_id=None)
+    return may_report(radiologist, facts, now)
+
+
+def eligibility_for(session: Session, *, study: Study, user: User, now: datetime) -> Eligibility:
+    """Whether `user` may be given `study` now, and every reason why not."""
+    radiologist = radiologist_facts(session, user=user, now=now)
+    return _eligibility(session, study=study, user=user, radiologist=radiologist, now=now)
+
+
+def renew_claim(
+    session: Session, *, study_id: int, user: User, now: datetime, lease: timedelta = DEFAULT_LEASE
+) -> Study:
+    """Extend the lease while the radiologist works on the report (the editor calls this)."""
+    result = session.execute(
+        sa.update(Study)
+        .where(Study.id == study_id, Study.claimed_by_id == user.id, Study.status == READY)
+        .values(claim_expires_at=now + lease, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise Conflict("you do not hold a claim on this study (it may have expired)")
+    current = _open_assignment(session, study_id)
+    if current is not None:
+        current.expires_at = now + lease
+    study = session.get(Study, study_id)
+    assert study is not None
+    session.refresh(study)
+    return study
+
+
+def end_claim(
+    session: Session,
+    *,
+    study: Study,
+    now: datetime,
+    end_reason: str,
+    expected_holder: int | None = None,
+) -> bool:
+    """Take a study off its holder's list and record why (released, expired, signed, ...).
+
+    The one place a claim ends: reports call it with "signed", orders with
+    "cancelled: ..." / "held: ...". Returns False when nobody held it.
+    """
+    holder_clause = (
+        Study.claimed_by_id.is_not(None)
+        if expected_holder is None
+        else Study.claimed_by_id == expected_holder
+    )
+    result = session.execute(
+        sa.update(Study)
+        .where(Study.id == study.id, holder_clause)
+        .values(claimed_by_id=None, claimed_at=None, claim_expires_at=None, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    for row in session.scalars(
+        sa.select(Assignment).where(Assignment.study_id == study.id, Assignment.ended_at.is_(None))
+    ):
+        row.ended_at = now
+        row.end_reason = end_reason[:200]
+    session.refresh(study)
+    return True
+
+
+def release_claim(
+    session: Session,
+    *,
+    study_id: int,
+    user: User,
+    reason: str,
+    now: datetime,
+    remote_addr: str | None = None,
+) -> Study:
+    """A radiologist hands a study back to the pool, saying why."""
+    if not reason or not reason.strip():
+        raise InvalidInput("say why you are releasing the study")
+    study = _visible_study(session, study_id=study_id, user=user, now=now)
+    if not end_claim(
+        session, study=study, now=now, end_reason=f"released: {reason.strip()}",
+        expected_holder=user.id,
+    ):  # fmt: skip
+        raise Conflict("you do not hold a claim on this study")
+    audit.record(
+        session, at=now, action="release", user=user, object_type="study", object_id=study.id,
+        detail={"reason": reason.strip()}, remote_addr=remote_addr,
+    )  # fmt: skip
+    return study
+
+
+def _require_manager(user: User) -> None:
+    if user.role not in ("manager", "admin"):
+        raise Forbidden("assigning work is for managers")
+
+
+def assign_study(
+    session: Session,
+    *,
+    study_id: int,
+    to_user: User,
+    by: User,
+    now: datetime,
+    lease: timedelta = DEFAULT_LEASE,
+    note: str | None = None,
+    remote_addr: str | None = None,
+) -> Assignment:
+    """Manager assigns (or reassigns) a study; every eligibility rule must still say yes."""
+    _require_manager(by)
+    study = session.get(Study, study_id)
+    if study is None:
+        raise NotFound(f"no study {study_id}")
+    if study.status != READY:
+        raise Conflict(f"a study that is {study.status} cannot be assigned")
+    if study.claimed_by_id == to_user.id:
+        raise Conflict(f"{to_user.username} already holds this study")
+    verdict = eligibility_for(session, study=study, user=to_user, now=now)
+    blocking = [r for r in verdict.reasons if r.code != RefusalCode.CLAIMED_BY_OTHER]
+    if blocking:
+        raise Conflict(
+            f"{to_user.username} may not report this study: "
+            + "; ".join(r.message for r in blocking)
+        )
+    previous = study.claimed_by_id
+    previous_name = None
+    if previous is not None:
+        previous_user = session.get(User, previous)
+        previous_name = previous_user.username if previous_user else str(previous)
+        if not end_claim(
+            session, study=study, now=now, expected_holder=previous,
+            end_reason=f"reassigned to {to_user.username} by {by.username}",
+        ):  # fmt: skip
+            raise Conflict("the claim changed meanwhile; try again")
+    if not _conditional_claim(session, study=study, user_id=to_user.id, now=now, lease=lease):
+        raise Conflict("the study was claimed meanwhile; try again")
+    why = f"assigned by {by.username}"
+    if previous_name:
+        why = f"reassigned from {previous_name} by {by.username}"
+    if note:
+        why += f": {note}"
+    return _record_assignment(
+        session, study=study, user=to_user, kind="manual", now=now, lease=lease, why=why, by=by,
+        remote_addr=remote_addr,
+    )  # fmt: skip
+
+
+def return_to_pool(
+    session: Session,
+    *,
+    study_id: int,
+    by: User,
+    reason: str,
+    now: datetime,
+    remote_addr: str | None = None,
+) -> Study:
+    """Manager takes a study off whoever holds it and puts it back in the shared pool."""
+    _require_manager(by)
+    if not reason or not reason.strip():
+        raise InvalidInput("say why the study goes back to the pool")
+    study = session.get(Study, study_id)
+    if study is None:
+        raise NotFound(f"no study {study_id}")
+    if not end_claim(
+        session, study=study, now=now,
+        end_reason=f"returned to the pool by {by.username}: {reason.strip()}",
+    ):  # fmt: skip
+        raise Conflict("nobody holds this study")
+    audit.record(
+        session, at=now, action="return_to_pool", user=by, object_type="study",
+        object_id=study.id, detail={"reason": reason.strip()}, remote_addr=remote_addr,
+    )  # fmt: skip
+    return study
+
+
+# --- leases and claims the RIS overtook ----------------------------------------------
+
+
+def expire_claims(session: Session, *, now: datetime) -> int:
+    """Return expired leases to the pool, and end claims on studies the RIS cancelled or held.
+
+    Each claim ends with a conditional update, so a lease renewed meanwhile stays.
+    """
+    ended = 0
+    expired = session.scalars(
+        sa.select(Study).where(Study.claimed_by_id.is_not(None), Study.claim_expires_at <= now)
+    ).all()
+    for study in expired:
+        result = session.execute(
+            sa.update(Study)
+            .where(
+                Study.id == study.id,
+                Study.claim_expires_at <= now,
+                Study.claimed_by_id == study.claimed_by_id,
+            )  # fmt: skip
+            .values(claimed_by_id=None, claimed_at=None, claim_expires_at=None, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            for row in session.scalars(
+                sa.select(Assignment).where(
+                    Assignment.study_id == study.id, Assignment.ended_at.is_(None)
+                )
+            ):
+                row.ended_at = now
+                row.end_reason = "expired: nobody worked on it within the lease"
+            session.refresh(study)
+            ended += 1
+    overtaken = session.scalars(
+        sa.select(Study).where(
+            Study.claimed_by_id.is_not(None), Study.status.in_(list(_STOPPED_CLAIM_REASONS))
+        )
+    ).all()
+    for study in overtaken:
+        if end_claim(
+            session, study=study, now=now, end_reason=_STOPPED_CLAIM_REASONS[study.status]
+        ):
+            ended += 1
+    return ended
+
+
+def expire_claims_job(runtime: Any) -> None:
+    with runtime.session() as session:
+        ended = expire_claims(session, now=runtime.clock.now())
+    if ended:
+        logger.info("ended %d claims (expired leases, cancelled or held studies)", ended)
+
+
+def end_claim_for_status(session: Session, *, study: Study, now: datetime) -> bool:
+    """The orders service calls this when the RIS cancels, discontinues or holds a claimed study."""
+    reason = _STOPPED_CLAIM_REASONS.get(study.status)
+    if reason is None or study.claimed_by_id is None:
+        return False
+    return end_claim(session, study=study, now=now, end_reason=reason)
+
+
+# --- double reading -----------------------------------------------------------------------
+
+
+def _double_read_stage(readings: Sequence[Assignment]) -> str:
+    """first | second | agreed | arbitration | arbitrated"""
+    opinions = [r.explanation["reading"] for r in readings]
+    if not opinions:
+        return "first"
+    if len(opinions) == 1:
+        return "second"
+    if any(o.get("arbitration") for o in opinions):
+        return "arbitrated"
+    first, second = opinions[0]["outcome"], opinions[1]["outcome"]
+    return "agreed" if first == second else "arbitration"
+
+
+def record_reading(
+    session: Session,
+    *,
+    study_id: int,
+    user: User,
+    outcome: str,
+    now: datetime,
+    remote_addr: str | None = None,
+) -> str:
+    """Record one independent reading of a double-read study; returns the next stage.
+
+    Reading 1 returns the study to the pool for a different reader. If reading 2
+    agrees, its reader keeps the study to sign the report; if not, it goes to
+    arbitration by a third radiologist (a consultant), who keeps it to sign.
+    """
+    outcome = (outcome or "").strip().lower()
+    if not outcome:
+        raise InvalidInput("a reading needs an outcome (e.g. normal, recall)")
+    study = _visible_study(session, study_id=study_id, user=user, now=now)
+    if not needs_double_reading(study):
+        raise Conflict("this study is not on a double-reading pathway")
+    if study.claimed_by_id != user.id:
+        raise Conflict("claim the study before recording a reading")
+    readings = readings_of(session, [study.id]).get(study.id, [])
+    stage = _double_read_stage(readings)
+    if stage in ("agreed", "arbitrated"):
+        raise Conflict("both readings are in; sign the report")
+    current = _open_assignment(session, study.id)
+    assert current is not None
+    reading = {"number": len(readings) + 1, "outcome": outcome, "at": now.isoformat()}
+    if stage == "arbitration":
+        reading["arbitration"] = True
+    current.explanation = {**(current.explanation or {}), "reading": reading}
+    session.flush()
+    next_stage = _double_read_stage([*readings, current])
+    if next_stage in ("second", "arbitration"):
+        end_claim(
+            session, study=study, now=now, expected_holder=user.id,
+            end_reason=f"read: reading {reading['number']} recorded",
+        )  # fmt: skip
+    audit.record(
+        session, at=now, action="double_read", user=user, object_type="study",
+        object_id=study.id, detail={"reading": reading, "next": next_stage},
+        remote_addr=remote_addr,
+    )  # fmt: skip
+    return next_stage
+
+
+# --- auto-assignment (push) -------------------------------------------------------------
+
+
+@dataclass
+class _Reader:
+    user: User
+    facts: Radiologist
+    slot: DutySlot
+    held: float
+    assigned: float  # effort given to them in this session so far (balance)
+
+
+def _session_assigned_effort(session: Session, *, user_id: int, since: datetime) -> float:
+    total = session.scalar(
+        sa.select(sa.func.coalesce(sa.func.sum(Study.effort), 0.0))
+        .join(Assignment, Assignment.study_id == Study.id)
+        .where(Assignment.user_id == user_id, Assignment.started_at >= since)
+    )
+    return float(total or 0.0)
+
+
+def auto_assign(
+    session: Session,
+    *,
+    now: datetime,
+    lease: timedelta = DEFAULT_LEASE,
+    max_assignments: int = 200,
+    pool_size: int = 500,
+    default_capacity: float = DEFAULT_PUSH_CAPACITY,
+) -> list[Assignment]:
+    """Push waiting studies to on-duty radiologists, balancing effort, serving every trust.
+
+    Order of work: tier first; within a tier, trusts take turns (each trust's most
+    urgent study, then each one's next...), so a busy trust cannot starve a quiet
+    one. Each study goes to the eligible reader with the least effort given this
+    session (then the least held now), up to their session capacity.
+    """
+    on_duty = session.scalars(
+        sa.select(User)
+        .join(DutySession, DutySession.user_id == User.id)
+        .where(
+            DutySession.starts_at <= now,
+            DutySession.ends_at > now,
+            User.active.is_(True),
+            User.role != "integration",
+        )
+        .options(selectinload(User.credentials))
+        .distinct()
+        .order_by(User.id)
+    ).all()
+    readers: list[_Reader] = []
+    for user in on_duty:
+        facts = radiologist_facts(session, user=user, now=now)
+        slot = current_session(facts.sessions, now)
+        if slot is None:
+            continue
+        if slot.capacity is None:
+            slot = replace(slot, capacity=default_capacity)
+        facts = replace(facts, sessions=(slot,))
+        readers.append(
+            _Reader(
+                user, facts, slot, facts.session_load,
+                _session_assigned_effort(session, user_id=user.id, since=slot.starts_at),
+            )
+        )  # fmt: skip
+    if not readers:
+        return []
+    pool = session.scalars(
+        sa.select(Study)
+        .where(Study.status == _READY_LITERAL, Study.claimed_by_id.is_(None))
+        .order_by(*WORKLIST_ORDER)
+        .limit(pool_size)
+    ).all()
+    codes = _trust_codes(session)
+    readings = readings_of(session, [s.id for s in pool if needs_double_reading(s)])
+    made: list[Assignment] = []
+    for turn, study in _trust_turns(pool):
+        if len(made) >= max_assignments:
+            break
+        if study.claimed_by_id is not None:
+            continue  # bundled with a same-patient study earlier in this run
+        choices: list[tuple[float, float, int, _Reader]] = []
+        refused: list[dict[str, Any]] = []
+        for reader in readers:
+            candidate = study_to_read(
+                study, user=reader.user, trust_code=codes.get(study.trust_id),
+                readings=readings.get(study.id, ()),
+            )  # fmt: skip
+            verdict = may_report(replace(reader.facts, session_load=reader.held), candidate, now)
+            if verdict:
+                choices.append((reader.assigned, reader.held, reader.user.id, reader))
+            else:
+                refused.append(
+                    {"user": reader.user.username, "reasons": [r.message for r in verdict.reasons]}
+                )
+        if not choices:
+            continue
+        choices.sort(key=lambda c: c[:3])
+        chosen = choices[0][3]
+        if not _conditional_claim(
+            session, study=study, user_id=chosen.user.id, now=now, lease=lease
+        ):
+            continue
+        trust = codes.get(study.trust_id, "?")
+        why = (
+            f"auto-assigned: tier {tier_from_urgency(study.urgency)}, turn {turn + 1} for trust "
+            f"{trust}; you had the least work this session ({chosen.assigned:g} effort given, "
+            f"{chosen.held:g} of {chosen.slot.capacity:g} held)"
+        )
+        others = [
+            {"user": c[3].user.username, "assigned": c[0], "held": c[1]} for c in choices[1:6]
+        ]
+        made.append(
+            _record_assignment(
+                session, study=study, user=chosen.user, kind="push", now=now, lease=lease,
+                why=why, extra={"other_candidates": others,
+                                "skipped": refused[:_MAX_EXPLAINED_SKIPS]},
+            )
+        )  # fmt: skip
+        chosen.held += study.effort
+        chosen.assigned += study.effort
+        together = _claim_patient_studies(
+            session, anchor=study, user=chosen.user,
+            radiologist=replace(chosen.facts, session_load=chosen.held - study.effort),
+            now=now, lease=lease, kind="push", codes=codes,
+        )  # fmt: skip
+        for extra in together:
+            chosen.held += extra.effort
+            chosen.assigned += extra.effort
+    return made
+
+
+def _trust_turns(pool: Sequence[Study]) -> list[tuple[int, Study]]:
+    """Tier first; within a tier, trusts take turns in order of their most urgent study."""
+    turn_of: dict[tuple[int, int], int] = defaultdict(int)
+    keyed = []
+    for position, study in enumerate(pool):
+        tier = tier_from_urgency(study.urgency)
+        turn = turn_of[(tier, study.trust_id)]
+        turn_of[(tier, study.trust_id)] += 1
+        keyed.append(((tier, turn, position), turn, study))
+    keyed.sort(key=lambda k: k[0])
+    return [(turn, study) for _, turn, study in keyed]
+
+
+def auto_assign_job(runtime: Any) -> None:
+    lease = timedelta(minutes=runtime.settings.claim_lease_minutes)
+    with runtime.session() as session:
+        made = auto_assign(session, now=runtime.clock.now(), lease=lease)
+    if made:
+        logger.info("auto-assigned %d studies", len(made))
+
+
+# --- priors --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prior:
+    study: Study
+    trust_code: str
+    relevance: str  # "same modality and body area" | "same body area" | "same modality" | ""
+    report_kind: str | None
+    report_text: str | None
+    report_signed_at: datetime | None
+
+    @property
+    def relevant(self) -> bool:
+        return self.relevance == "same modality and body area"
+
+
+def priors(
+    session: Session,
+    *,
+    study_id: int,
+    user: User,
+    now: datetime,
+    limit: int = 100,
+    remote_addr: str | None = None,
+) -> list[Prior]:
+    """Earlier studies of the same person from every trust, newest first, with reports.
+
+    Linked by the valid NHS number (and the local record within a trust); the
+    view is audited because it opens other trusts' records.
+    """
+    study = _visible_study(session, study_id=study_id, user=user, now=now)
+    patient_ids = _linked_patient_ids(session, study.patient_id)
+    exam_time = sa.func.coalesce(Study.performed_at, Study.requested_at, Study.created_at)
+    this_time = study.performed_at or study.requested_at or study.created_at
+    rows = session.execute(
+        sa.select(Study, Trust.code)
+        .join(Trust, Trust.id == Study.trust_id)
+        .where(
+            Study.patient_id.in_(patient_ids),
+            Study.id != study.id,
+            Study.status.not_in([StudyStatus.CANCELLED.value, StudyStatus.DISCONTINUED.value]),
+            exam_time < this_time,
+        )
+        .order_by(exam_time.desc(), Study.id.desc())
+        .limit(limit)
+    ).all()
+    latest = _latest_reports(session, [s.id for s, _ in rows])
+    result = []
+    for prior, code in rows:
+        same_modality = (prior.modality or "").upper() == (study.modality or "").upper()
+        same_area = (prior.body_area or "").upper() == (study.body_area or "").upper() and bool(
+            study.body_area
+        )
+        relevance = (
+            "same modality and body area"
+            if same_modality and same_area
+            else "same body area"
+            if same_area
+            else "same modality"
+            if same_modality
+            else ""
+        )
+        version = latest.get(prior.id)
+        result.append(
+            Prior(
+                study=prior,
+                trust_code=code,
+                relevance=relevance,
+                report_kind=version.kind if version else None,
+                report_text=version.text if version else None,
+                report_signed_at=version.signed_at if version else None,
+            )
+        )
+    audit.record(
+        session, at=now, action="view_priors", user=user, object_type="study", object_id=study.id,
+        detail={"patient_ids": patient_ids, "priors": len(result)}, remote_addr=remote_addr,
+    )  # fmt: skip
+    return result
+
+
+def _latest_reports(session: Session, study_ids: list[int]) -> dict[int, ReportVersion]:
+    if not study_ids:
+        return {}
+    rows = session.execute(
+        sa.select(Report.study_id, ReportVersion)
+        .join(ReportVersion, ReportVersion.report_id == Report.id)
+        .where(Report.study_id.in_(study_ids))
+        .order_by(ReportVersion.sequence)
+    ).all()
+    return {study_id: version for study_id, version in rows}
