@@ -183,23 +183,25 @@ def reprioritise(
     *,
     now: datetime,
     rules: RuleSet | None = None,
+    study_ids: Sequence[int] | None = None,
     batch_size: int = 2000,
 ) -> int:
-    """Recompute every ready study; returns how many changed.
+    """Recompute every ready study (or just `study_ids`, any status); returns how many changed.
 
-    Urgency only moves when an ageing step is crossed (or the order or rules
-    changed), so most rows are read and left alone.
+    The orders service calls it with the studies an HL7 message touched; the
+    scheduler sweeps every ready study. Urgency only moves when an ageing step
+    is crossed (or the order or rules changed), so most rows are left alone.
     """
     rules = rules or _default_rules()
     codes = dict(session.execute(sa.select(Trust.id, Trust.code)).all())
     changed, last_id = 0, 0
     while True:
-        studies = session.scalars(
-            sa.select(Study)
-            .where(Study.status == READY, Study.id > last_id)
-            .order_by(Study.id)
-            .limit(batch_size)
-        ).all()
+        query = sa.select(Study).where(Study.id > last_id).order_by(Study.id).limit(batch_size)
+        if study_ids is None:
+            query = query.where(Study.status == READY)
+        else:
+            query = query.where(Study.id.in_(list(study_ids)))
+        studies = session.scalars(query).all()
         if not studies:
             return changed
         for study in studies:
@@ -402,6 +404,7 @@ def worklist(
             sa.or_(
                 Assignment.end_reason.like("cancelled%"),
                 Assignment.end_reason.like("held%"),
+                Assignment.end_reason.like("discontinued%"),
                 Assignment.end_reason.like("reassigned%"),
                 Assignment.end_reason.like("returned%"),
                 Assignment.end_reason.like("expired%"),
