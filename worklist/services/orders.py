@@ -1,0 +1,1015 @@
+"""Applying what a trust's RIS says (domain events from inbound HL7) to studies and patients.
+
+This module owns the order lifecycle on the database side: it finds or creates
+the study an event is about, keeps the trust's patient record up to date, moves
+the study through `worklist.domain.study`'s transition table, and takes a
+cancelled or held study away from the radiologist who had claimed it.
+
+Rules (DESIGN.md "Identity", "Order lifecycle"):
+
+* A study's key is (trust, accession number). An event is matched to a study by
+  its accession number when it carries one, otherwise by the trust's placer and
+  then filler order number (order numbers are only unique within a trust). A
+  placer number shared by several accession numbers is one order with several
+  examinations, so a NW with a new accession number is a new study.
+* A patient is found within the trust by the local hospital number (PID-3 MR);
+  a record merged into another (ADT A40) is followed to its survivor.
+* Messages can arrive late, twice or out of order:
+  - the same message applied twice changes nothing (recognised by MSH-10/MSH-7
+    of the last message applied to the study; the HL7 layer's MSH-10 log is the
+    first line of defence);
+  - a message older (MSH-7) than the last one applied to the study is *stale*:
+    it is recorded (`Study.ignored_stale_messages`, outcome "stale") and may fill
+    order fields that are still empty, but never overwrites a value or moves
+    the status;
+  - an exam status change (ORC-1 SC) for an order we have not seen creates the
+    study when it carries the accession number and the patient, because the
+    exam may need reporting and the NW may never come (or come later: it is
+    then stale and only fills blanks). Changes, cancels, holds and releases for
+    an unknown order are refused (`OrderNotFound`, AE 204): there is nothing to
+    change, and the RIS or the error queue can resend once the order exists;
+  - a status move the table forbids that only goes backwards along
+    ordered -> scheduled -> in progress -> ready -> preliminary -> final
+    (e.g. SC/IP after CM in the same second) is superseded and ignored; any
+    other forbidden move (cancel a final study, CM for a cancelled one) raises
+    `StatusConflict` so a person looks at it.
+* While a study is on hold, exam status changes update the state it returns to
+  on release, not its current state.
+
+Exceptions (all `worklist.errors.WorklistError`; each carries `hl7_error_code`,
+the HL7 table 0357 code its negative ACK should carry, with ACK code AE):
+`DuplicateOrder` (Conflict, 205), `OrderNotFound` (NotFound, 204),
+`IncompleteOrder` (InvalidInput, 101), `UnsupportedOrderStatus` (InvalidInput,
+103), `StatusConflict` (Conflict, 207), `AmbiguousOrder` (Conflict, 205).
+When `apply_events` raises, nothing of that call is left in the session (it runs
+inside a savepoint), so the caller can still record the failure in the same
+transaction.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from worklist.db.models import (
+    Alert,
+    Assignment,
+    Patient,
+    PatientIdentifier,
+    Study,
+    StudyStatusChange,
+    Trust,
+    User,
+)
+from worklist.domain.events import (
+    DomainEvent,
+    ExamStatusChanged,
+    Identifier,
+    OrderCancelled,
+    OrderDiscontinued,
+    OrderEvent,
+    OrderFields,
+    OrderHeld,
+    OrderPlaced,
+    OrderReleased,
+    PatientIdentity,
+    PatientsMerged,
+    PatientUpdated,
+)
+from worklist.domain.nhs import is_valid_nhs_number, normalise_nhs_number
+from worklist.domain.study import TERMINAL, StudyStatus, can_move
+from worklist.errors import Conflict, InvalidInput, NotFound
+from worklist.services import audit
+
+logger = logging.getLogger(__name__)
+
+# --- Errors -------------------------------------------------------------------------------
+
+
+class DuplicateOrder(Conflict):
+    """A NW for an order that was already placed by another message (HL7 0357 code 205)."""
+
+    hl7_error_code = "205"
+
+
+class AmbiguousOrder(Conflict):
+    """An event without accession number whose order number matches several studies (205)."""
+
+    hl7_error_code = "205"
+
+
+class OrderNotFound(NotFound):
+    """A change, cancel, hold or release for an order this trust never placed (code 204)."""
+
+    hl7_error_code = "204"
+
+
+class IncompleteOrder(InvalidInput):
+    """A study or patient cannot be created without this value (101, required field missing)."""
+
+    hl7_error_code = "101"
+
+
+class UnsupportedOrderStatus(InvalidInput):
+    """ORC-5 is not an exam status the worklist understands (code 103, table value not found)."""
+
+    hl7_error_code = "103"
+
+
+class StatusConflict(Conflict):
+    """The RIS asks for a move the transition table forbids, e.g. cancel a final study (207)."""
+
+    hl7_error_code = "207"
+
+
+# --- Results ------------------------------------------------------------------------------
+
+# What happened to each event.
+CREATED = "created"  # a new study
+UPDATED = "updated"  # the study changed (fields and/or status)
+UNCHANGED = "unchanged"  # applied, but it said nothing new
+DUPLICATE = "duplicate"  # this very message was already applied to the study
+STALE = "stale"  # older than the study's last message: recorded, not allowed to overwrite
+PATIENT_CREATED = "patient_created"
+PATIENT_UPDATED = "patient_updated"
+PATIENT_UNCHANGED = "patient_unchanged"
+MERGED = "merged"
+
+
+@dataclass(frozen=True)
+class EventOutcome:
+    """What applying one event did, for the message log and the ACK."""
+
+    event: str
+    action: str
+    study_id: int | None = None
+    accession_number: str | None = None
+    patient_id: int | None = None
+    patient_local_id: str | None = None
+    status: str | None = None  # the study's status afterwards
+    notes: tuple[str, ...] = ()
+
+
+@dataclass
+class AppliedResult:
+    """Outcomes in event order, plus whether the worklist engine re-prioritised the studies.
+
+    `reprioritised` is None when no study needed it, False when
+    `worklist.services.worklist.reprioritise` is not available (or failed: see the log;
+    the scheduler's periodic job catches up), True when it ran.
+    """
+
+    outcomes: list[EventOutcome] = field(default_factory=list)
+    reprioritised: bool | None = None
+
+    @property
+    def study_ids(self) -> list[int]:
+        return list(dict.fromkeys(o.study_id for o in self.outcomes if o.study_id is not None))
+
+    @property
+    def accession_numbers(self) -> list[str]:
+        return list(
+            dict.fromkeys(
+                o.accession_number for o in self.outcomes if o.accession_number is not None
+            )
+        )
+
+    @property
+    def patient_local_ids(self) -> list[str]:
+        return list(
+            dict.fromkeys(
+                o.patient_local_id for o in self.outcomes if o.patient_local_id is not None
+            )
+        )
+
+    @property
+    def stale(self) -> list[EventOutcome]:
+        return [o for o in self.outcomes if o.action == STALE]
+
+    @property
+    def changed(self) -> bool:
+        return any(
+            o.action not in {UNCHANGED, DUPLICATE, STALE, PATIENT_UNCHANGED} for o in self.outcomes
+        )
+
+    @property
+    def notes(self) -> list[str]:
+        return [note for o in self.outcomes for note in o.notes]
+
+
+# --- Entry point --------------------------------------------------------------------------
+
+
+def apply_events(
+    session: Session,
+    *,
+    trust: Trust,
+    events: Sequence[DomainEvent],
+    source: str,
+    now: datetime,
+    control_id: str | None = None,
+) -> AppliedResult:
+    """Apply the events of one inbound message, in order, for `trust`; all or nothing.
+
+    `source` is written on every status change ("hl7:<MSH-10>"); `control_id` (MSH-10)
+    defaults to what follows "hl7:" in `source` and is how a repeated message is
+    recognised. Runs in a savepoint: on any exception nothing of this call remains.
+    """
+    if control_id is None and source.startswith("hl7:"):
+        control_id = source.removeprefix("hl7:") or None
+    run = _Run(session=session, trust=trust, source=source, now=now, control_id=control_id)
+    with session.begin_nested():
+        for event in events:
+            run.result.outcomes.append(run.apply(event))
+        session.flush()
+    _reprioritise(session, now=now, study_ids=sorted(run.to_reprioritise), result=run.result)
+    return run.result
+
+
+def mark_images_available(
+    session: Session, *, study: Study, at: datetime, now: datetime, source: str
+) -> bool:
+    """Record that the study's images reached PACS.
+
+    For a trust whose worklist entry rule is "images_available", an exam that is not yet
+    ready becomes ready. True when the status moved.
+    """
+    if study.images_available_at is None or at < study.images_available_at:
+        study.images_available_at = at
+    if study.trust.ready_on != "images_available":
+        return False
+    current = StudyStatus(study.status)
+    if current == StudyStatus.ON_HOLD:
+        before = StudyStatus(study.status_before_hold or StudyStatus.ORDERED)
+        if before in _PROGRESSION and _PROGRESSION[before] < _PROGRESSION[StudyStatus.READY]:
+            study.status_before_hold = StudyStatus.READY.value
+        return False
+    if current not in {StudyStatus.ORDERED, StudyStatus.SCHEDULED, StudyStatus.IN_PROGRESS}:
+        return False
+    _record_move(
+        session, study, StudyStatus.READY, reason="images available in PACS", source=source, now=now
+    )
+    study.updated_at = now
+    _reprioritise(session, now=now, study_ids=[study.id], result=AppliedResult())
+    return True
+
+
+# --- Internals ----------------------------------------------------------------------------
+
+# Forward order of the exam and report; used only to recognise superseded (backward) moves.
+_PROGRESSION: dict[StudyStatus, int] = {
+    StudyStatus.ORDERED: 0,
+    StudyStatus.SCHEDULED: 1,
+    StudyStatus.IN_PROGRESS: 2,
+    StudyStatus.READY: 3,
+    StudyStatus.PRELIMINARY: 4,
+    StudyStatus.FINAL: 5,
+}
+
+# ORC-5 order status (HL7 table 0038) values that describe the examination itself.
+_EXAM_STATUSES = {
+    "SC": StudyStatus.SCHEDULED,
+    "IP": StudyStatus.IN_PROGRESS,
+    "CM": StudyStatus.READY,
+}
+
+# OrderFields attribute -> Study column; the accession number is the key and is not copied.
+_COPIED_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in fields(OrderFields) if f.name != "accession_number"
+)
+
+
+@dataclass
+class _Run:
+    """The state of one `apply_events` call."""
+
+    session: Session
+    trust: Trust
+    source: str
+    now: datetime
+    control_id: str | None
+    result: AppliedResult = field(default_factory=AppliedResult)
+    touched: set[int] = field(default_factory=set)
+    to_reprioritise: set[int] = field(default_factory=set)
+
+    def apply(self, event: DomainEvent) -> EventOutcome:
+        if isinstance(event, PatientUpdated):
+            return self._patient_updated(event)
+        if isinstance(event, PatientsMerged):
+            return self._patients_merged(event)
+        if isinstance(event, OrderEvent):
+            return self._order_event(event)
+        raise InvalidInput(f"{type(event).__name__} is not an event the order service applies")
+
+    # --- orders ---
+
+    def _order_event(self, event: OrderEvent) -> EventOutcome:
+        name = type(event).__name__
+        study = _find_study(self.session, trust=self.trust, order=event.order)
+        if study is None:
+            if isinstance(event, OrderPlaced | ExamStatusChanged):
+                return self._create_study(event)
+            raise OrderNotFound(
+                f"{_describe_order(event.order)} is not known for trust {self.trust.code};"
+                f" ORC-1 {event.order_control or name} needs an order placed first"
+            )
+        if study.id not in self.touched and self._is_last_message(study, event):
+            return self._outcome(name, DUPLICATE, study, notes=("message already applied",))
+        self.touched.add(study.id)
+        if study.last_message_at is not None and event.message_time < study.last_message_at:
+            return self._stale(event, study)
+        if isinstance(event, OrderPlaced) and study.order_placed_at is not None:
+            raise DuplicateOrder(
+                f"{_describe_order(event.order)} was already placed (accession"
+                f" {study.accession_number}, NW of {study.order_placed_at.isoformat()})"
+            )
+
+        notes: list[str] = []
+        changed = False
+        if event.patient is not None:
+            patient, patient_changed = self._patient_for(event.patient)
+            changed |= patient_changed
+            if patient.id != study.patient_id:
+                notes.append(f"study moved to patient {patient.local_id}")
+                study.patient_id = patient.id
+                changed = True
+        changed_fields = _copy_order_fields(study, event.order, only_blanks=False)
+        if changed_fields:
+            notes.append("changed " + ", ".join(changed_fields))
+            changed = True
+        if isinstance(event, OrderPlaced):
+            study.order_placed_at = event.message_time
+            changed = True
+
+        moved, status_notes = self._status_for(event, study)
+        notes.extend(status_notes)
+        study.last_message_at = event.message_time
+        study.last_control_id = self._control_id_column()
+        if moved or changed:
+            study.updated_at = self.now
+        if changed_fields or (moved and study.status == StudyStatus.READY):
+            self.to_reprioritise.add(study.id)
+        action = UPDATED if (moved or changed) else UNCHANGED
+        return self._outcome(name, action, study, notes=tuple(notes))
+
+    def _create_study(self, event: OrderPlaced | ExamStatusChanged) -> EventOutcome:
+        order = event.order
+        if not order.accession_number:
+            raise IncompleteOrder(
+                f"{_describe_order(order)} is new to trust {self.trust.code}"
+                " but has no accession number"
+            )
+        if event.patient is None:
+            raise IncompleteOrder(
+                f"accession {order.accession_number} is new to trust {self.trust.code};"
+                " the message"
+                " has no patient (PID)"
+            )
+        if isinstance(event, ExamStatusChanged):
+            target = self._exam_target(event, study=None)
+            reason = (
+                f"created from ORC-1 {event.order_control or 'SC'} ORC-5 {event.order_status}"
+                " arriving before the order (NW)"
+            )
+        else:
+            target = StudyStatus.ORDERED
+            if event.order_status in _EXAM_STATUSES:
+                target = self._exam_target(event, study=None)
+            reason = f"order placed (ORC-1 {event.order_control or 'NW'})"
+        patient, _ = self._patient_for(event.patient)
+        study = Study(
+            trust_id=self.trust.id,
+            patient_id=patient.id,
+            accession_number=order.accession_number,
+            status=target.value,
+            status_changed_at=self.now,
+            last_message_at=event.message_time,
+            last_control_id=self._control_id_column(),
+            order_placed_at=event.message_time if isinstance(event, OrderPlaced) else None,
+            ignored_stale_messages=0,
+            created_at=self.now,
+            updated_at=self.now,
+        )
+        _copy_order_fields(study, order, only_blanks=False)
+        self._exam_times(study, event)
+        if target == StudyStatus.READY:
+            study.ready_at = min(event.message_time, self.now)
+        try:
+            with self.session.begin_nested():
+                self.session.add(study)
+                self.session.flush()
+        except sa.exc.IntegrityError:
+            # Another connection created the same (trust, accession) since we looked: apply to it.
+            if _find_study(self.session, trust=self.trust, order=order) is None:
+                raise
+            logger.info("accession %s created concurrently; applying to it", order.accession_number)
+            return self._order_event(event)
+        self.session.add(
+            StudyStatusChange(
+                study_id=study.id,
+                from_status=None,
+                to_status=target.value,
+                at=self.now,
+                reason=reason,
+                source=self.source,
+            )
+        )
+        self.touched.add(study.id)
+        self.to_reprioritise.add(study.id)
+        return self._outcome(type(event).__name__, CREATED, study)
+
+    def _stale(self, event: OrderEvent, study: Study) -> EventOutcome:
+        filled = _copy_order_fields(study, event.order, only_blanks=True)
+        notes = [
+            f"older than the last message applied ({_iso(study.last_message_at)}):"
+            " status and values kept"
+        ]
+        if isinstance(event, OrderPlaced) and study.order_placed_at is None:
+            study.order_placed_at = event.message_time
+        if filled:
+            notes.append("filled empty " + ", ".join(filled))
+            self.to_reprioritise.add(study.id)
+        study.ignored_stale_messages = (study.ignored_stale_messages or 0) + 1
+        study.updated_at = self.now
+        logger.info(
+            "stale %s for trust %s accession %s ignored",
+            type(event).__name__,
+            self.trust.code,
+            study.accession_number,
+        )
+        return self._outcome(type(event).__name__, STALE, study, notes=tuple(notes))
+
+    def _status_for(self, event: OrderEvent, study: Study) -> tuple[bool, list[str]]:
+        """Move the study as the event says; (moved, notes)."""
+        current = StudyStatus(study.status)
+        if isinstance(event, OrderCancelled):
+            reason = f"cancelled by RIS: {event.reason}" if event.reason else "cancelled by RIS"
+            return self._stop(study, StudyStatus.CANCELLED, reason), []
+        if isinstance(event, OrderDiscontinued):
+            reason = (
+                f"discontinued by RIS: {event.reason}" if event.reason else "discontinued by RIS"
+            )
+            return self._stop(study, StudyStatus.DISCONTINUED, reason), []
+        if isinstance(event, OrderHeld):
+            if current == StudyStatus.ON_HOLD:
+                return False, ["already on hold"]
+            self._check(current, StudyStatus.ON_HOLD)
+            reason = f"held by RIS: {event.reason}" if event.reason else "held by RIS"
+            _withdraw_claim(self.session, study, end_reason="held by RIS", now=self.now)
+            study.status_before_hold = current.value
+            _record_move(
+                self.session,
+                study,
+                StudyStatus.ON_HOLD,
+                reason=reason,
+                source=self.source,
+                now=self.now,
+            )
+            return True, []
+        if isinstance(event, OrderReleased):
+            if current != StudyStatus.ON_HOLD:
+                return False, [f"released but not on hold ({current.value})"]
+            back = StudyStatus(study.status_before_hold or StudyStatus.ORDERED)
+            study.status_before_hold = None
+            _record_move(
+                self.session,
+                study,
+                back,
+                reason="released by RIS",
+                source=self.source,
+                now=self.now,
+            )
+            return True, []
+        # ORC-1 SC, or a NW/XO whose ORC-5 already says where the exam is.
+        if not (isinstance(event, ExamStatusChanged) or event.order_status in _EXAM_STATUSES):
+            return False, []
+        target = self._exam_target(event, study=study)
+        self._exam_times(study, event)
+        reason = f"ORC-1 {event.order_control or 'SC'} ORC-5 {event.order_status}"
+        if current == StudyStatus.ON_HOLD:
+            before = StudyStatus(study.status_before_hold or StudyStatus.ORDERED)
+            if before != target and can_move(before, target):
+                study.status_before_hold = target.value
+                return False, [f"on hold: will return to {target.value}"]
+            return False, []
+        if current == target:
+            return False, []
+        if can_move(current, target):
+            if target == StudyStatus.READY and study.ready_at is None:
+                study.ready_at = min(event.message_time, self.now)
+            _record_move(
+                self.session, study, target, reason=reason, source=self.source, now=self.now
+            )
+            return True, []
+        if current not in TERMINAL and _PROGRESSION.get(target, 99) < _PROGRESSION.get(current, -1):
+            return False, [f"{reason} superseded: study is already {current.value}"]
+        self._check(current, target)
+        return False, []
+
+    def _stop(self, study: Study, target: StudyStatus, reason: str) -> bool:
+        current = StudyStatus(study.status)
+        if current == target:
+            return False
+        self._check(current, target)
+        _withdraw_claim(self.session, study, end_reason=reason, now=self.now)
+        study.status_before_hold = None
+        return _record_move(
+            self.session, study, target, reason=reason, source=self.source, now=self.now
+        )
+
+    def _check(self, current: StudyStatus, target: StudyStatus) -> None:
+        if not can_move(current, target):
+            raise StatusConflict(f"a study that is {current.value} cannot become {target.value}")
+
+    def _exam_target(self, event: OrderEvent, *, study: Study | None) -> StudyStatus:
+        """SC -> scheduled, IP -> in progress, CM -> ready (or in progress until the images are
+        available, for a trust whose worklist entry rule is "images_available")."""
+        target = _EXAM_STATUSES.get(event.order_status or "")
+        if target is None:
+            raise UnsupportedOrderStatus(
+                f"ORC-5 order status {event.order_status!r} is not an exam status (SC, IP, CM)"
+            )
+        if (
+            target == StudyStatus.READY
+            and self.trust.ready_on == "images_available"
+            and (study is None or study.images_available_at is None)
+        ):
+            return StudyStatus.IN_PROGRESS
+        return target
+
+    def _exam_times(self, study: Study, event: OrderEvent) -> None:
+        """Exam complete without OBR-7: the message time is the best word on when it was done."""
+        if event.order_status == "CM" and study.performed_at is None:
+            study.performed_at = event.order.performed_at or min(event.message_time, self.now)
+
+    def _is_last_message(self, study: Study, event: OrderEvent) -> bool:
+        return (
+            self.control_id is not None
+            and study.last_control_id == self._control_id_column()
+            and study.last_message_at == event.message_time
+        )
+
+    def _control_id_column(self) -> str | None:
+        return self.control_id[:64] if self.control_id else None
+
+    def _outcome(
+        self, event: str, action: str, study: Study, notes: tuple[str, ...] = ()
+    ) -> EventOutcome:
+        patient = self.session.get(Patient, study.patient_id)
+        return EventOutcome(
+            event=event,
+            action=action,
+            study_id=study.id,
+            accession_number=study.accession_number,
+            patient_id=study.patient_id,
+            patient_local_id=patient.local_id if patient else None,
+            status=study.status,
+            notes=notes,
+        )
+
+    # --- patients ---
+
+    def _patient_for(self, identity: PatientIdentity) -> tuple[Patient, bool]:
+        """The trust's (surviving) record for `identity`, created or brought up to date."""
+        patient = _find_patient(self.session, trust=self.trust, identity=identity)
+        if patient is None:
+            return _create_patient(
+                self.session, trust=self.trust, identity=identity, now=self.now
+            ), True
+        changed = _update_patient(patient, identity, now=self.now)
+        return patient, changed
+
+    def _patient_updated(self, event: PatientUpdated) -> EventOutcome:
+        name = type(event).__name__
+        patient = _find_patient(self.session, trust=self.trust, identity=event.patient)
+        if patient is None:
+            patient = _create_patient(
+                self.session, trust=self.trust, identity=event.patient, now=self.now
+            )
+            action = PATIENT_CREATED
+        else:
+            action = (
+                PATIENT_UPDATED
+                if _update_patient(patient, event.patient, now=self.now)
+                else PATIENT_UNCHANGED
+            )
+        return EventOutcome(
+            event=name, action=action, patient_id=patient.id, patient_local_id=patient.local_id
+        )
+
+    def _patients_merged(self, event: PatientsMerged) -> EventOutcome:
+        notes: list[str] = []
+        survivor = _find_patient(
+            self.session, trust=self.trust, identity=event.surviving, follow_merges=False
+        )
+        if survivor is None:
+            survivor = _create_patient(
+                self.session, trust=self.trust, identity=event.surviving, now=self.now
+            )
+        else:
+            _update_patient(survivor, event.surviving, now=self.now)
+            if survivor.merged_into_id is not None:
+                # The RIS now says this record survives: an earlier merge the other way is reversed.
+                notes.append(f"{survivor.local_id} had been merged away; it survives now")
+                survivor.merged_into_id = None
+        priors = _prior_patients(self.session, trust=self.trust, event=event)
+        moved_studies = 0
+        merged: list[str] = []
+        for prior in priors:
+            if prior.id == survivor.id:
+                continue
+            if prior.merged_into_id != survivor.id:
+                prior.merged_into_id = survivor.id
+                prior.updated_at = self.now
+                merged.append(prior.local_id)
+            # Records merged earlier into the prior now point straight at the survivor.
+            for earlier in self.session.scalars(
+                sa.select(Patient).where(Patient.merged_into_id == prior.id)
+            ):
+                earlier.merged_into_id = survivor.id
+            studies = list(
+                self.session.scalars(sa.select(Study).where(Study.patient_id == prior.id))
+            )
+            for study in studies:
+                study.patient_id = survivor.id
+                study.updated_at = self.now
+            moved_studies += len(studies)
+            _copy_identifiers(survivor, prior)
+            if (
+                survivor.link_nhs_number is None
+                and prior.link_nhs_number is not None
+                and survivor.nhs_number is None
+            ):
+                survivor.nhs_number = prior.nhs_number
+                survivor.nhs_number_valid = prior.nhs_number_valid
+                survivor.nhs_number_status = prior.nhs_number_status
+                survivor.link_nhs_number = prior.link_nhs_number
+        if not priors:
+            notes.append("prior patient not known to this trust; nothing to move")
+        if merged or moved_studies:
+            notes.append(
+                f"merged {', '.join(merged) or '-'} into {survivor.local_id};"
+                f" moved {moved_studies} studies"
+            )
+            audit.record(
+                self.session,
+                at=self.now,
+                action="patients_merged",
+                object_type="patient",
+                object_id=survivor.id,
+                detail={
+                    "trust": self.trust.code,
+                    "prior_local_ids": [p.local_id for p in priors],
+                    "studies_moved": moved_studies,
+                    "source": self.source,
+                },
+            )
+        action = MERGED if (merged or moved_studies) else PATIENT_UNCHANGED
+        return EventOutcome(
+            event=type(event).__name__,
+            action=action,
+            patient_id=survivor.id,
+            patient_local_id=survivor.local_id,
+            notes=tuple(notes),
+        )
+
+
+# --- Studies --------------------------------------------------------------------------------
+
+
+def _find_study(session: Session, *, trust: Trust, order: OrderFields) -> Study | None:
+    """By accession number when the event has one; else by placer, then filler order number.
+
+    The row is locked (PostgreSQL) so two messages for one order apply one after the other.
+    """
+    if order.accession_number:
+        return session.scalar(
+            sa.select(Study)
+            .where(Study.trust_id == trust.id, Study.accession_number == order.accession_number)
+            .with_for_update()
+        )
+    for column, number in (
+        (Study.placer_order_number, order.placer_order_number),
+        (Study.filler_order_number, order.filler_order_number),
+    ):
+        if not number:
+            continue
+        found = list(
+            session.scalars(
+                sa.select(Study)
+                .where(Study.trust_id == trust.id, column == number)
+                .with_for_update()
+            )
+        )
+        if len(found) > 1:
+            raise AmbiguousOrder(
+                f"order number {number} matches {len(found)} studies of trust {trust.code}"
+                " (accession numbers "
+                + ", ".join(s.accession_number for s in found)
+                + "); send the accession number"
+            )
+        if found:
+            return found[0]
+    return None
+
+
+def _copy_order_fields(study: Study, order: OrderFields, *, only_blanks: bool) -> list[str]:
+    """Copy the order's values onto the study; None never erases. Returns the changed names."""
+    changed = []
+    for name in _COPIED_FIELDS:
+        value = getattr(order, name)
+        if value is None:
+            continue
+        current = getattr(study, name)
+        if current == value or (only_blanks and current is not None):
+            continue
+        setattr(study, name, value)
+        changed.append(name)
+    return changed
+
+
+def _record_move(
+    session: Session, study: Study, target: StudyStatus, *, reason: str, source: str, now: datetime
+) -> bool:
+    """Set the status and write its history row; False when it is already there."""
+    if study.status == target.value:
+        return False
+    session.add(
+        StudyStatusChange(
+            study_id=study.id,
+            from_status=study.status,
+            to_status=target.value,
+            at=now,
+            reason=reason[:500],
+            source=source[:120],
+        )
+    )
+    study.status = target.value
+    study.status_changed_at = now
+    if target == StudyStatus.READY and study.ready_at is None:
+        study.ready_at = now
+    return True
+
+
+def _withdraw_claim(session: Session, study: Study, *, end_reason: str, now: datetime) -> None:
+    """Take the study off the radiologist who holds it, end the claim and tell them (an Alert)."""
+    user_id = study.claimed_by_id
+    open_assignments = list(
+        session.scalars(
+            sa.select(Assignment).where(
+                Assignment.study_id == study.id, Assignment.ended_at.is_(None)
+            )
+        )
+    )
+    for assignment in open_assignments:
+        assignment.ended_at = now
+        assignment.end_reason = end_reason[:200]
+    if user_id is None:
+        return
+    study.claimed_by_id = None
+    study.claimed_at = None
+    study.claim_expires_at = None
+    user = session.get(User, user_id)
+    username = user.username if user else f"user {user_id}"
+    session.add(
+        Alert(
+            kind="claim_withdrawn",
+            study_id=study.id,
+            trust_id=study.trust_id,
+            message=(
+                f"Accession {study.accession_number} was taken off {username}'s list: {end_reason}"
+            )[:1000],
+            created_at=now,
+        )
+    )
+    audit.record(
+        session,
+        at=now,
+        action="claim_withdrawn",
+        object_type="study",
+        object_id=study.id,
+        detail={"user_id": user_id, "username": username, "reason": end_reason},
+    )
+    logger.info("claim on study %s withdrawn from user %s: %s", study.id, user_id, end_reason)
+
+
+def _iso(value: datetime | None) -> str:
+    return value.isoformat() if value else "?"
+
+
+def _describe_order(order: OrderFields) -> str:
+    parts = []
+    if order.accession_number:
+        parts.append(f"accession {order.accession_number}")
+    if order.placer_order_number:
+        parts.append(f"placer order {order.placer_order_number}")
+    if order.filler_order_number:
+        parts.append(f"filler order {order.filler_order_number}")
+    return "order (" + ", ".join(parts or ["no numbers"]) + ")"
+
+
+def _reprioritise(
+    session: Session, *, now: datetime, study_ids: list[int], result: AppliedResult
+) -> None:
+    """Ask the worklist engine to re-prioritise these studies, if it exists.
+
+    A failure there must not lose the RIS's message: it is logged, and the scheduler's
+    periodic re-prioritisation catches up.
+    """
+    if not study_ids:
+        return
+    if importlib.util.find_spec("worklist.services.worklist") is None:
+        result.reprioritised = False
+        return
+    engine = importlib.import_module("worklist.services.worklist")
+    reprioritise = getattr(engine, "reprioritise", None)
+    if reprioritise is None:
+        result.reprioritised = False
+        return
+    try:
+        with session.begin_nested():
+            reprioritise(session, now=now, study_ids=study_ids)
+    except Exception:  # noqa: BLE001 - see docstring
+        logger.exception(
+            "re-prioritising studies %s failed; the scheduler will catch up", study_ids
+        )
+        result.reprioritised = False
+        return
+    result.reprioritised = True
+
+
+# --- Patients ------------------------------------------------------------------------------
+
+
+def _find_patient(
+    session: Session, *, trust: Trust, identity: PatientIdentity, follow_merges: bool = True
+) -> Patient | None:
+    """The trust's record by hospital number (else NHS number), followed to its merge survivor."""
+    patient: Patient | None = None
+    if identity.local_id:
+        patient = session.scalar(
+            sa.select(Patient).where(
+                Patient.trust_id == trust.id, Patient.local_id == identity.local_id
+            )
+        )
+    else:
+        number = normalise_nhs_number(identity.nhs_number)
+        if number:
+            patient = session.scalar(
+                sa.select(Patient)
+                .where(Patient.trust_id == trust.id, Patient.nhs_number == number)
+                .order_by(Patient.merged_into_id.is_not(None), Patient.id)
+                .limit(1)
+            )
+    if patient is None or not follow_merges:
+        return patient
+    return _survivor(session, patient)
+
+
+def _survivor(session: Session, patient: Patient) -> Patient:
+    seen = {patient.id}
+    while patient.merged_into_id is not None:
+        nxt = session.get(Patient, patient.merged_into_id)
+        if nxt is None or nxt.id in seen:
+            break
+        seen.add(nxt.id)
+        patient = nxt
+    return patient
+
+
+def _create_patient(
+    session: Session, *, trust: Trust, identity: PatientIdentity, now: datetime
+) -> Patient:
+    if not identity.local_id:
+        raise IncompleteOrder(
+            f"the patient has no hospital number for trust {trust.code} (PID-3 MR),"
+            " so no record can be created"
+        )
+    patient = Patient(
+        trust_id=trust.id, local_id=identity.local_id, nhs_number_valid=False, updated_at=now
+    )
+    _update_patient(patient, identity, now=now)
+    if not any(i.value == identity.local_id for i in patient.identifiers):
+        patient.identifiers.append(
+            PatientIdentifier(
+                value=identity.local_id, authority=identity.local_authority, type_code="MR"
+            )
+        )
+    try:
+        with session.begin_nested():
+            session.add(patient)
+            session.flush()
+    except sa.exc.IntegrityError:
+        # Created by another connection since we looked.
+        existing = _find_patient(session, trust=trust, identity=identity)
+        if existing is None:
+            raise
+        _update_patient(existing, identity, now=now)
+        return existing
+    return patient
+
+
+def _update_patient(patient: Patient, identity: PatientIdentity, *, now: datetime) -> bool:
+    """Bring demographics up to date from what was sent; a value not sent is never erased."""
+    changed = False
+    for name in ("local_authority", "family_name", "given_name", "birth_date", "sex"):
+        value = getattr(identity, name)
+        if value is not None and getattr(patient, name) != value:
+            setattr(patient, name, value)
+            changed = True
+    number = normalise_nhs_number(identity.nhs_number)
+    if number is not None:
+        valid = is_valid_nhs_number(number)
+        for name, value in (
+            ("nhs_number", number),
+            ("nhs_number_valid", valid),
+            ("link_nhs_number", number if valid else None),
+        ):
+            if getattr(patient, name) != value:
+                setattr(patient, name, value)
+                changed = True
+        if not valid:
+            logger.info(
+                "patient %s: NHS number fails Modulus 11; kept, not linked", patient.local_id
+            )
+    if (
+        identity.nhs_number_status is not None
+        and patient.nhs_number_status != identity.nhs_number_status
+    ):
+        patient.nhs_number_status = identity.nhs_number_status
+        changed = True
+    for identifier in identity.identifiers:
+        changed |= _add_identifier(patient, identifier, nhs_number=number)
+    if changed:
+        patient.updated_at = now
+    return changed
+
+
+def _add_identifier(patient: Patient, identifier: Identifier, *, nhs_number: str | None) -> bool:
+    value = identifier.value
+    if nhs_number is not None and normalise_nhs_number(value) == nhs_number:
+        value = nhs_number
+    if not value:
+        return False
+    for existing in patient.identifiers:
+        if (existing.value, existing.authority, existing.type_code) == (
+            value,
+            identifier.authority,
+            identifier.type_code,
+        ):
+            return False
+    patient.identifiers.append(
+        PatientIdentifier(
+            value=value[:64], authority=identifier.authority, type_code=identifier.type_code
+        )
+    )
+    return True
+
+
+def _copy_identifiers(survivor: Patient, prior: Patient) -> None:
+    """The survivor keeps every identifier the prior record had (so old numbers still find it)."""
+    for identifier in list(prior.identifiers):
+        _add_identifier(
+            survivor,
+            Identifier(identifier.value, identifier.authority, identifier.type_code),
+            nhs_number=None,
+        )
+
+
+def _prior_patients(session: Session, *, trust: Trust, event: PatientsMerged) -> list[Patient]:
+    """The trust's records named by MRG-1 (prior hospital number and other prior identifiers)."""
+    local_ids: list[str] = []
+    if event.prior_local_id:
+        local_ids.append(event.prior_local_id)
+    for identifier in event.prior_identifiers:
+        if identifier.value and identifier.value not in local_ids:
+            local_ids.append(identifier.value)
+    if not local_ids:
+        raise IncompleteOrder("the merge names no prior patient identifier (MRG-1)")
+    found: dict[int, Patient] = {}
+    for patient in session.scalars(
+        sa.select(Patient).where(Patient.trust_id == trust.id, Patient.local_id.in_(local_ids))
+    ):
+        found[patient.id] = patient
+    return list(found.values())
+
+
+__all__ = [
+    "AmbiguousOrder",
+    "AppliedResult",
+    "DuplicateOrder",
+    "EventOutcome",
+    "IncompleteOrder",
+    "OrderNotFound",
+    "StatusConflict",
+    "UnsupportedOrderStatus",
+    "apply_events",
+    "mark_images_available",
+]
