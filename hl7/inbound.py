@@ -30,8 +30,6 @@ from hl7.errors import (
     RequiredFieldMissing,
     SegmentSequenceError,
     TableValueNotFound,
-    UnsupportedEvent,
-    UnsupportedMessageType,
     UnsupportedProcessingId,
     UnsupportedVersion,
 )
@@ -55,10 +53,6 @@ from worklist.domain.events import (
 SUPPORTED_VERSIONS = ("2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1")
 """2.3-2.5.1 as the issue asks; 2.2 too, since old UK RIS still send it and its ORM is the same shape."""
 
-ORDER_MESSAGES = {"ORM^O01", "OMI^O23"}
-ADT_UPDATES = {"A01", "A04", "A05", "A08", "A28", "A31"}
-ADT_MERGES = {"A18", "A34", "A40", "A47"}
-"""A47 (change identifier) moves studies exactly as a merge does: MRG-1 old, PID-3 new."""
 
 # ORC-1 (HL7 table 0119) -> event class. SN/NA: filler-originated numbering.
 ORDER_CONTROL_EVENTS: dict[str, type[OrderEvent]] = {
@@ -168,7 +162,8 @@ class InboundProfile:
     * `require_patient_for_new_orders` (default True): NW without PID-3 is AE 101.
     * `ignore_other_adt` (default True): ADT events other than updates and merges
       are acknowledged AA and ignored (HL7-NOTES 6.3); False answers AR 201.
-    * `ack_mode`: auto | original | enhanced (see `hl7.ack.ack_is_enhanced`).
+    * `ack_mode`: auto | original | enhanced (see `hl7.ack.ack_is_enhanced`); None (the
+      default) uses the trust's `ack_mode` column.
     * `timezone` for naive HL7 times (default Europe/London).
     """
 
@@ -192,7 +187,7 @@ class InboundProfile:
     versions: tuple[str, ...] = SUPPORTED_VERSIONS
     require_patient_for_new_orders: bool = True
     ignore_other_adt: bool = True
-    ack_mode: str = "auto"
+    ack_mode: str | None = None
     timezone: str = "Europe/London"
 
     @classmethod
@@ -225,7 +220,7 @@ class InboundProfile:
             values["pathway_markers"] = {
                 str(k): _as_tuple(v, "pathway_markers") for k, v in dict(values["pathway_markers"]).items()
             }
-        if values.get("ack_mode", "auto") not in ("auto", "original", "enhanced"):
+        if values.get("ack_mode") not in (None, "auto", "original", "enhanced"):
             raise ValueError(f"ack_mode must be auto, original or enhanced, not {values['ack_mode']!r}")
         ZoneInfo(values.get("timezone", "Europe/London"))
         return cls(**values)
@@ -243,7 +238,10 @@ DEFAULT_PROFILE = InboundProfile()
 
 
 def check_header(message: Er7Message, profile: InboundProfile = DEFAULT_PROFILE) -> str:
-    """Refuse what we cannot handle at all (AR); return the routing key `code^trigger`."""
+    """Refuse what we cannot handle at all (AR 203/202, AE 101); return the routing key `code^trigger`.
+
+    Which types are accepted is the router's table (`hl7/router.py`), not this function's.
+    """
     version = message.version
     if version not in profile.versions:
         raise UnsupportedVersion(
@@ -259,28 +257,7 @@ def check_header(message: Er7Message, profile: InboundProfile = DEFAULT_PROFILE)
     code, trigger = message.message_code, message.trigger
     if not code:
         raise RequiredFieldMissing("MSH-9 message type is empty", segment="MSH", sequence=1, field=9)
-    key = f"{code}^{trigger}"
-    if code in ("ORM", "OMI"):
-        if key not in ORDER_MESSAGES:
-            raise UnsupportedEvent(
-                f"{code} trigger {trigger or '(empty)'} is not supported; orders are ORM^O01 or OMI^O23",
-                segment="MSH", sequence=1, field=9, component=2,
-            )
-        return key
-    if code == "ADT":
-        if trigger in ADT_UPDATES or trigger in ADT_MERGES or profile.ignore_other_adt:
-            if not trigger:
-                raise UnsupportedEvent(
-                    "ADT message without a trigger event", segment="MSH", sequence=1, field=9, component=2
-                )
-            return key
-        raise UnsupportedEvent(
-            f"ADT^{trigger} is not supported here", segment="MSH", sequence=1, field=9, component=2
-        )
-    raise UnsupportedMessageType(
-        f"message type {code}^{trigger} is not accepted here; send ORM^O01, OMI^O23 or ADT",
-        segment="MSH", sequence=1, field=9,
-    )
+    return f"{code}^{trigger}"
 
 
 def message_time(message: Er7Message, profile: InboundProfile, received_at: datetime | None) -> datetime:
@@ -307,21 +284,25 @@ def message_events(
 ) -> list[DomainEvent]:
     """The domain events one inbound message stands for, or an Hl7Error saying why not.
 
-    An empty list means "acknowledge and ignore" (e.g. an ADT^A03 discharge).
+    An empty list means "acknowledge and ignore" (e.g. an ADT^A03 discharge). The
+    message type decides the handler through the router's table (`hl7.router.ROUTES`).
     """
-    if not isinstance(profile, InboundProfile):
-        profile = InboundProfile.from_dict(profile)
-    key = check_header(message, profile)
-    when = message_time(message, profile, received_at)
-    code, trigger = key.split("^", 1)
-    if code in ("ORM", "OMI"):
-        return order_events(message, profile, when)
-    if trigger in ADT_UPDATES:
-        return [PatientUpdated(message_time=when, patient=_patient(message, profile, required=True),
-                               trigger=trigger)]
-    if trigger in ADT_MERGES:
-        return merge_events(message, profile, when, trigger)
-    return []
+    from hl7.router import route
+
+    return route(message, profile, received_at=received_at)
+
+
+def patient_update_events(
+    message: Er7Message, profile: InboundProfile, when: datetime
+) -> list[DomainEvent]:
+    """ADT A01/A04/A05/A08/A28/A31: the patient's demographics and identifiers."""
+    return [
+        PatientUpdated(
+            message_time=when,
+            patient=_patient(message, profile, required=True),
+            trigger=message.trigger,
+        )
+    ]
 
 
 # ---------------------------------------------------------------------------------------
@@ -421,10 +402,9 @@ def _birth_date(pid: Segment) -> date | None:
     return parse_date(pid.get(7))
 
 
-def merge_events(
-    message: Er7Message, profile: InboundProfile, when: datetime, trigger: str
-) -> list[DomainEvent]:
+def merge_events(message: Er7Message, profile: InboundProfile, when: datetime) -> list[DomainEvent]:
     """ADT A40/A34/A18/A47: each PID/MRG pair says the MRG-1 identifiers now belong to PID."""
+    trigger = message.trigger
     events: list[DomainEvent] = []
     current: PatientIdentity | None = None
     for segment in message.segments:
@@ -773,8 +753,10 @@ __all__ = [
     "Hl7Error",
     "InboundProfile",
     "check_header",
+    "merge_events",
     "message_events",
     "message_time",
     "order_events",
     "patient_identity",
+    "patient_update_events",
 ]
