@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import threading
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -15,6 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from tests.factories import make_trust, make_user
+from worklist.bootstrap import Runtime
 from worklist.clock import FixedClock
 from worklist.db.models import (
     Alert,
@@ -861,3 +863,52 @@ def test_reprioritisation_is_reported_for_studies_that_became_ready(
         importlib.import_module("worklist.services.worklist"), "reprioritise"
     )
     assert result.reprioritised is engine_ready
+
+
+def test_a_new_order_resent_under_a_new_control_id_is_a_duplicate_not_an_error(
+    session: Session, trust: Trust, clock: FixedClock
+) -> None:
+    apply(session, trust, clock, placed(), control="MSG1")
+
+    result = apply(session, trust, clock, placed(), control="MSG1-RESENT")
+
+    assert result.outcomes[0].action == orders.DUPLICATE
+    assert len(history(session, study_of(session, trust))) == 1
+
+
+def test_two_connections_placing_the_same_order_at_once_make_one_study(
+    runtime: Runtime, clock: FixedClock
+) -> None:
+    with runtime.session() as s:
+        trust_id = make_trust(s, now=clock.now(), code="RW6").id
+    barrier = threading.Barrier(2)
+    outcomes: list[str] = []
+
+    def place(minute: int) -> None:
+        barrier.wait()
+        try:
+            with runtime.session() as s:
+                trust = s.get_one(Trust, trust_id)
+                result = apply_events(
+                    s,
+                    trust=trust,
+                    events=[placed(at=T0 + timedelta(minutes=minute))],
+                    source=f"hl7:C{minute}",
+                    now=clock.now(),
+                )
+                outcomes.append(result.outcomes[0].action)
+        except DuplicateOrder:
+            outcomes.append("duplicate order")
+
+    threads = [threading.Thread(target=place, args=(m,)) for m in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+
+    # Whichever commits second sees the first's study: the later NW is a duplicate order,
+    # the earlier one is stale.
+    assert sorted(outcomes) in (["created", "duplicate order"], ["created", "stale"])
+    with runtime.session() as s:
+        assert s.scalar(sa.select(sa.func.count()).select_from(Study)) == 1
+        assert s.scalar(sa.select(sa.func.count()).select_from(Patient)) == 1

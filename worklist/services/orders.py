@@ -325,6 +325,9 @@ class _Run:
         self.touched.add(study.id)
         if study.last_message_at is not None and event.message_time < study.last_message_at:
             return self._stale(event, study)
+        if isinstance(event, OrderPlaced) and study.order_placed_at == event.message_time:
+            # The same NW (same MSH-7) resent under a new MSH-10: a resend, not a second order.
+            return self._outcome(name, DUPLICATE, study, notes=("NW resent with a new control id",))
         if isinstance(event, OrderPlaced) and study.order_placed_at is not None:
             raise DuplicateOrder(
                 f"{_describe_order(event.order)} was already placed (accession"
