@@ -912,3 +912,26 @@ def test_two_connections_placing_the_same_order_at_once_make_one_study(
     with runtime.session() as s:
         assert s.scalar(sa.select(sa.func.count()).select_from(Study)) == 1
         assert s.scalar(sa.select(sa.func.count()).select_from(Patient)) == 1
+
+
+def test_a_merge_the_other_way_round_makes_the_earlier_prior_record_the_survivor(
+    session: Session, trust: Trust, clock: FixedClock
+) -> None:
+    apply(
+        session, trust, clock, placed("ACC1", who=patient("A1")), placed("ACC2", who=patient("B1"))
+    )
+    first = PatientsMerged(
+        message_time=T0 + timedelta(days=1), surviving=patient("A1"), prior_local_id="B1"
+    )
+    apply(session, trust, clock, first, control="ADT1")
+
+    second = PatientsMerged(
+        message_time=T0 + timedelta(days=2), surviving=patient("B1"), prior_local_id="A1"
+    )
+    apply(session, trust, clock, second, control="ADT2")
+
+    a, b = (
+        session.scalars(sa.select(Patient).where(Patient.local_id == x)).one() for x in ("A1", "B1")
+    )
+    assert (a.merged_into_id, b.merged_into_id) == (b.id, None)
+    assert {study_of(session, trust, acc).patient_id for acc in ("ACC1", "ACC2")} == {b.id}
