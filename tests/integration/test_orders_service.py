@@ -5,8 +5,6 @@ Events are built directly as the dataclasses `hl7/inbound.py` produces; no HL7 h
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import threading
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -854,15 +852,17 @@ def test_a_merge_only_touches_the_sending_trusts_records(
     assert study_of(session, other, "B1").patient_id == other_record.id
 
 
-def test_reprioritisation_is_reported_for_studies_that_became_ready(
+def test_a_study_that_becomes_ready_is_prioritised_at_once(
     session: Session, trust: Trust, clock: FixedClock
 ) -> None:
-    result = apply(session, trust, clock, placed(), exam("CM", at=T0 + timedelta(minutes=5)))
+    urgent = placed(order_priority="S", patient_class="E")
 
-    engine_ready = importlib.util.find_spec("worklist.services.worklist") is not None and hasattr(
-        importlib.import_module("worklist.services.worklist"), "reprioritise"
-    )
-    assert result.reprioritised is engine_ready
+    result = apply(session, trust, clock, urgent, exam("CM", at=T0 + timedelta(minutes=5)))
+
+    study = study_of(session, trust)
+    assert result.reprioritised is True
+    assert study.due_at is not None and study.priority_class is not None
+    assert study.urgency > 0
 
 
 def test_a_new_order_resent_under_a_new_control_id_is_a_duplicate_not_an_error(

@@ -84,6 +84,7 @@ from worklist.domain.events import (
     PatientUpdated,
 )
 from worklist.domain.nhs import is_valid_nhs_number, normalise_nhs_number
+from worklist.domain.priority import RuleSet
 from worklist.domain.study import TERMINAL, StudyStatus, can_move
 from worklist.errors import Conflict, InvalidInput, NotFound
 from worklist.services import audit
@@ -215,12 +216,15 @@ def apply_events(
     source: str,
     now: datetime,
     control_id: str | None = None,
+    priority_rules: RuleSet | None = None,
 ) -> AppliedResult:
     """Apply the events of one inbound message, in order, for `trust`; all or nothing.
 
     `source` is written on every status change ("hl7:<MSH-10>"); `control_id` (MSH-10)
     defaults to what follows "hl7:" in `source` and is how a repeated message is
     recognised. Runs in a savepoint: on any exception nothing of this call remains.
+    `priority_rules` (the region's, `worklist.services.worklist.rules_for(settings)`) are
+    passed to the re-prioritisation of the studies touched; None = the engine's defaults.
     """
     if control_id is None and source.startswith("hl7:"):
         control_id = source.removeprefix("hl7:") or None
@@ -229,12 +233,24 @@ def apply_events(
         for event in events:
             run.result.outcomes.append(run.apply(event))
         session.flush()
-    _reprioritise(session, now=now, study_ids=sorted(run.to_reprioritise), result=run.result)
+    _reprioritise(
+        session,
+        now=now,
+        study_ids=sorted(run.to_reprioritise),
+        result=run.result,
+        rules=priority_rules,
+    )
     return run.result
 
 
 def mark_images_available(
-    session: Session, *, study: Study, at: datetime, now: datetime, source: str
+    session: Session,
+    *,
+    study: Study,
+    at: datetime,
+    now: datetime,
+    source: str,
+    priority_rules: RuleSet | None = None,
 ) -> bool:
     """Record that the study's images reached PACS.
 
@@ -257,7 +273,9 @@ def mark_images_available(
         session, study, StudyStatus.READY, reason="images available in PACS", source=source, now=now
     )
     study.updated_at = now
-    _reprioritise(session, now=now, study_ids=[study.id], result=AppliedResult())
+    _reprioritise(
+        session, now=now, study_ids=[study.id], result=AppliedResult(), rules=priority_rules
+    )
     return True
 
 
@@ -819,7 +837,12 @@ def _describe_order(order: OrderFields) -> str:
 
 
 def _reprioritise(
-    session: Session, *, now: datetime, study_ids: list[int], result: AppliedResult
+    session: Session,
+    *,
+    now: datetime,
+    study_ids: list[int],
+    result: AppliedResult,
+    rules: RuleSet | None = None,
 ) -> None:
     """Ask the worklist engine to re-prioritise these studies, if it exists.
 
@@ -838,7 +861,10 @@ def _reprioritise(
         return
     try:
         with session.begin_nested():
-            reprioritise(session, now=now, study_ids=study_ids)
+            if rules is None:
+                reprioritise(session, now=now, study_ids=study_ids)
+            else:
+                reprioritise(session, now=now, study_ids=study_ids, rules=rules)
     except Exception:  # noqa: BLE001 - see docstring
         logger.exception(
             "re-prioritising studies %s failed; the scheduler will catch up", study_ids
