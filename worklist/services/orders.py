@@ -48,8 +48,6 @@ transaction.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -88,6 +86,7 @@ from worklist.domain.priority import RuleSet
 from worklist.domain.study import TERMINAL, StudyStatus, can_move
 from worklist.errors import Conflict, InvalidInput, NotFound
 from worklist.services import audit
+from worklist.services import worklist as worklist_engine
 
 logger = logging.getLogger(__name__)
 
@@ -780,8 +779,10 @@ def _record_move(
 
 
 def _withdraw_claim(session: Session, study: Study, *, end_reason: str, now: datetime) -> None:
-    """Take the study off the radiologist who holds it, end the claim and tell them (an Alert)."""
-    user_id = study.claimed_by_id
+    """Take the study off whoever holds or reads it, end their claim and tell them (an Alert).
+
+    The claim itself ends through the worklist engine's `end_claim`, the one place claims end.
+    """
     open_assignments = list(
         session.scalars(
             sa.select(Assignment).where(
@@ -789,36 +790,38 @@ def _withdraw_claim(session: Session, study: Study, *, end_reason: str, now: dat
             )
         )
     )
+    user_ids = list(dict.fromkeys([study.claimed_by_id] + [a.user_id for a in open_assignments]))
+    user_ids = [u for u in user_ids if u is not None]
+    if study.claimed_by_id is not None:
+        worklist_engine.end_claim(session, study=study, now=now, end_reason=end_reason)
     for assignment in open_assignments:
-        assignment.ended_at = now
-        assignment.end_reason = end_reason[:200]
-    if user_id is None:
-        return
-    study.claimed_by_id = None
-    study.claimed_at = None
-    study.claim_expires_at = None
-    user = session.get(User, user_id)
-    username = user.username if user else f"user {user_id}"
-    session.add(
-        Alert(
-            kind="claim_withdrawn",
-            study_id=study.id,
-            trust_id=study.trust_id,
-            message=(
-                f"Accession {study.accession_number} was taken off {username}'s list: {end_reason}"
-            )[:1000],
-            created_at=now,
+        if assignment.ended_at is None:
+            assignment.ended_at = now
+            assignment.end_reason = end_reason[:200]
+    for user_id in user_ids:
+        user = session.get(User, user_id)
+        username = user.username if user else f"user {user_id}"
+        session.add(
+            Alert(
+                kind="claim_withdrawn",
+                study_id=study.id,
+                trust_id=study.trust_id,
+                message=(
+                    f"Accession {study.accession_number} was taken off {username}'s list:"
+                    f" {end_reason}"
+                )[:1000],
+                created_at=now,
+            )
         )
-    )
-    audit.record(
-        session,
-        at=now,
-        action="claim_withdrawn",
-        object_type="study",
-        object_id=study.id,
-        detail={"user_id": user_id, "username": username, "reason": end_reason},
-    )
-    logger.info("claim on study %s withdrawn from user %s: %s", study.id, user_id, end_reason)
+        audit.record(
+            session,
+            at=now,
+            action="claim_withdrawn",
+            object_type="study",
+            object_id=study.id,
+            detail={"user_id": user_id, "username": username, "reason": end_reason},
+        )
+        logger.info("study %s withdrawn from user %s: %s", study.id, user_id, end_reason)
 
 
 def _iso(value: datetime | None) -> str:
@@ -851,11 +854,7 @@ def _reprioritise(
     """
     if not study_ids:
         return
-    if importlib.util.find_spec("worklist.services.worklist") is None:
-        result.reprioritised = False
-        return
-    engine = importlib.import_module("worklist.services.worklist")
-    reprioritise = getattr(engine, "reprioritise", None)
+    reprioritise = getattr(worklist_engine, "reprioritise", None)
     if reprioritise is None:
         result.reprioritised = False
         return
