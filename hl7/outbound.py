@@ -178,8 +178,10 @@ class OutboundProfile:
     urgent report; "" for none), ``accession_field`` (OBR-18/19/20/21 or "" when the
     accession number already travels in OBR-3), ``responsible_observer_in_obx16``,
     ``timezone`` and ``include_utc_offset`` (times are local wall-clock with
-    +hhmm), ``ack_timeout_seconds``, ``negative_ack_retries`` (AE/AR tries
-    before the message is parked for a person), ``tls``/``tls_verify``/``tls_ca_file``.
+    +hhmm), ``ack_timeout_seconds``, ``negative_ack_retries`` (AE/AR answers
+    before the message is parked for a person), ``retry_base_seconds`` and
+    ``retry_max_seconds`` (exponential backoff with jitter between tries),
+    ``tls``/``tls_verify``/``tls_ca_file``.
     """
 
     version: str = "2.4"
@@ -208,6 +210,8 @@ class OutboundProfile:
     include_utc_offset: bool = True
     ack_timeout_seconds: float = 30.0
     negative_ack_retries: int = 3
+    retry_base_seconds: float = 5.0
+    retry_max_seconds: float = 600.0
     tls: bool = False
     tls_verify: bool = True
     tls_ca_file: str = ""
@@ -550,6 +554,14 @@ def build_oru(inp: OruInput, profile: OutboundProfile, *, validate: bool = True)
     if validate:
         validate_oru(text, v)
     return built
+
+
+def payload_bytes(er7: str) -> bytes:
+    """Encode stored ER7 text in the character set its own MSH-18 declares (the outbox keeps
+    text; the bytes on the wire must match what the header says)."""
+    msh = er7.split("\r", 1)[0].split(FIELD_SEP)
+    charset = msh[17] if len(msh) > 17 else ""
+    return er7.encode(_CHARSETS.get(charset, "utf-8"), errors="replace")
 
 
 def _split_escaped(value: str, width: int) -> list[str]:
