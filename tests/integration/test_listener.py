@@ -1,0 +1,437 @@
+"""The MLLP listener over real sockets (port 0) on a real database: store-then-ACK, framing
+edge cases, duplicates, order, merges, cancellation of a claimed study, recovery, TLS, corpus.
+
+Fixtures are ours (tests/fixtures/hl7, see its README); the corpus test reads
+/work/shared/hl7-corpus in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from hl7.er7 import Er7Message
+from hl7.listener import MllpListener, serve_hl7
+from hl7.mllp import Frame, MllpDecoder, frame
+from tests.factories import make_study, make_trust, make_user
+from worklist.bootstrap import Runtime, build_runtime
+from worklist.db.models import Alert, InboundMessage, Patient, Study, StudyStatusChange, Trust
+
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "hl7"
+CORPUS = Path(__file__).resolve().parents[3] / "shared" / "hl7-corpus"
+
+
+def fixture(name: str) -> bytes:
+    return (FIXTURES / name).read_bytes()
+
+
+class RunningListener:
+    """An MllpListener on its own event loop thread, driven from synchronous tests."""
+
+    def __init__(self, runtime: Runtime, **kwargs: object) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.listener = MllpListener(runtime, "127.0.0.1", 0, **kwargs)  # type: ignore[arg-type]
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.call(self.listener.start())
+        self.port = self.listener.port
+
+    def call(self, coroutine, timeout: float = 30.0):  # type: ignore[no-untyped-def]
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def drain(self) -> None:
+        self.call(self.listener.drain())
+
+    def stop(self) -> None:
+        self.call(self.listener.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@pytest.fixture
+def trust(runtime: Runtime) -> int:
+    with runtime.session() as session:
+        return make_trust(session, now=runtime.clock.now(), code="RW6", sending_application="CRIS",
+                          sending_facility="RW6").id
+
+
+@pytest.fixture
+def listener(runtime: Runtime, trust: int) -> Iterator[RunningListener]:
+    running = RunningListener(runtime)
+    yield running
+    running.stop()
+
+
+class Client:
+    """A RIS-like MLLP client: one connection, waits for each ACK."""
+
+    def __init__(self, port: int, *, context: ssl.SSLContext | None = None) -> None:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock = context.wrap_socket(raw, server_hostname="localhost") if context else raw
+        self.decoder = MllpDecoder()
+        self.pending: list[bytes] = []
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read_ack(self) -> bytes:
+        while not self.pending:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed")
+            self.pending += [e.payload for e in self.decoder.feed(data) if isinstance(e, Frame)]
+        return self.pending.pop(0)
+
+    def send(self, payload: bytes) -> bytes:
+        self.send_raw(frame(payload))
+        return self.read_ack()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def msa(ack: bytes) -> list[str]:
+    return Er7Message.parse(ack).segment("MSA").fields  # type: ignore[union-attr]
+
+
+def rows(runtime: Runtime) -> list[InboundMessage]:
+    with runtime.session() as session:
+        return list(session.scalars(sa.select(InboundMessage).order_by(InboundMessage.id)))
+
+
+def study(runtime: Runtime, accession: str) -> Study | None:
+    with runtime.session() as session:
+        return session.scalar(sa.select(Study).where(Study.accession_number == accession))
+
+
+def test_a_new_order_is_stored_acknowledged_aa_and_applied_as_a_study(runtime: Runtime, listener: RunningListener) -> None:
+    client = Client(listener.port)
+    ack = client.send(fixture("orm-o01-v24-nw-ct-head.hl7"))
+    assert msa(ack)[1:3] == ["AA", "RW6000123"]
+    listener.drain()
+    [row] = rows(runtime)
+    assert (row.state, row.ack_code, row.control_id, row.message_type) == ("applied", "AA", "RW6000123", "ORM^O01")
+    assert row.ack == ack
+    assert row.accession_number == "RW6ACC0001"
+    created = study(runtime, "RW6ACC0001")
+    assert created is not None and created.modality == "CT" and created.order_priority == "S"
+
+
+def test_the_message_is_committed_before_its_ack_is_sent(runtime: Runtime, trust: int) -> None:
+    running = RunningListener(runtime, apply=False)
+    try:
+        ack = Client(running.port).send(fixture("orm-o01-v24-nw-ct-head.hl7"))
+        # A separate connection sees it at once: the ACK followed the commit.
+        engine = sa.create_engine(runtime.settings.resolved_database_url)
+        with engine.connect() as conn:
+            state, stored_ack = conn.execute(sa.select(InboundMessage.state, InboundMessage.ack)).one()
+        engine.dispose()
+        assert (state, stored_ack) == ("received", ack)
+    finally:
+        running.stop()
+
+
+def test_messages_stored_but_not_applied_are_applied_when_a_listener_starts(runtime: Runtime, trust: int) -> None:
+    first = RunningListener(runtime, apply=False)
+    client = Client(first.port)
+    for name in ("orm-o01-v24-nw-ct-head.hl7", "orm-o01-v24-sc-cm.hl7"):
+        assert msa(client.send(fixture(name)))[1] == "AA"
+    client.close()
+    first.stop()
+    assert [r.state for r in rows(runtime)] == ["received", "received"]
+    second = RunningListener(runtime)
+    try:
+        deadline = time.monotonic() + 10
+        while any(r.state == "received" for r in rows(runtime)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [r.state for r in rows(runtime)] == ["applied", "applied"]
+        assert study(runtime, "RW6ACC0001").status == "ready"  # type: ignore[union-attr]
+    finally:
+        second.stop()
+
+
+def test_a_resent_message_is_answered_with_the_same_ack_and_applied_once(runtime: Runtime, listener: RunningListener) -> None:
+    client = Client(listener.port)
+    first = client.send(fixture("orm-o01-v24-nw-ct-head.hl7"))
+    listener.drain()
+    second = client.send(fixture("orm-o01-v24-nw-ct-head.hl7"))
+    listener.drain()
+    assert second == first
+    assert [r.state for r in rows(runtime)] == ["applied", "duplicate"]
+    with runtime.session() as session:
+        changes = session.scalar(sa.select(sa.func.count()).select_from(StudyStatusChange))
+    assert changes == 1
+
+
+def test_frames_split_across_reads_and_several_in_one_read_are_acknowledged_in_order(
+    runtime: Runtime, listener: RunningListener
+) -> None:
+    client = Client(listener.port)
+    names = ["orm-o01-v24-nw-ct-head.hl7", "orm-o01-v24-sc-cm.hl7", "adt-a40-v24-merge.hl7"]
+    stream = b"\r\n junk " + b"".join(frame(fixture(n)) for n in names)
+    for i in range(0, len(stream), 7):
+        client.send_raw(stream[i : i + 7])
+    acks = [client.read_ack() for _ in names]
+    assert [msa(a)[2] for a in acks] == ["RW6000123", "RW6000124", "RW6-M001"]
+    assert listener.listener.stats.junk_bytes >= len(b"\r\n junk ")
+
+
+def test_an_oversize_message_gets_ar_and_the_connection_stays_usable(runtime: Runtime, trust: int) -> None:
+    small = replace(runtime, settings=replace(runtime.settings, hl7_max_message_bytes=2000))
+    running = RunningListener(small)
+    try:
+        client = Client(running.port)
+        big = fixture("orm-o01-v24-nw-ct-head.hl7") + b"NTE|1||" + b"X" * 5000 + b"\r"
+        refused = client.send(big)
+        assert msa(refused)[1:3] == ["AR", "RW6000123"]
+        assert b"exceeds the limit" in refused
+        assert msa(client.send(fixture("orm-o01-v24-sc-cm.hl7")))[1] == "AA"
+        running.drain()
+        assert [r.state for r in rows(runtime)] == ["rejected", "applied"]
+        assert b"NTE|1||XXXX" in rows(runtime)[0].raw  # the first bytes are kept for the error queue
+    finally:
+        running.stop()
+
+
+def test_an_idle_connection_is_closed_after_the_timeout(runtime: Runtime, trust: int) -> None:
+    quick = replace(runtime, settings=replace(runtime.settings, hl7_idle_timeout_seconds=0.3))
+    running = RunningListener(quick)
+    try:
+        client = Client(running.port)
+        started = time.monotonic()
+        assert client.sock.recv(10) == b""
+        assert time.monotonic() - started < 5
+    finally:
+        running.stop()
+
+
+def test_a_connection_closed_mid_message_stores_nothing(runtime: Runtime, listener: RunningListener) -> None:
+    client = Client(listener.port)
+    client.send_raw(b"\x0b" + fixture("orm-o01-v24-nw-ct-head.hl7")[:60])
+    client.close()
+    time.sleep(0.3)
+    assert rows(runtime) == []
+    # The sender's retry on a new connection is stored and applied once.
+    assert msa(Client(listener.port).send(fixture("orm-o01-v24-nw-ct-head.hl7")))[1] == "AA"
+    listener.drain()
+    assert [r.state for r in rows(runtime)] == ["applied"]
+
+
+def test_an_unknown_sender_gets_ar_204_and_is_kept_as_rejected(runtime: Runtime, listener: RunningListener) -> None:
+    payload = fixture("orm-o01-v24-nw-ct-head.hl7").replace(b"|CRIS|RW6|", b"|OTHER|XYZ|")
+    ack = Client(listener.port).send(payload)
+    fields = msa(ack)
+    assert fields[1] == "AR"
+    assert "ERR|MSH^1^4^204&Unknown key identifier&HL70357" in ack.decode()
+    [row] = rows(runtime)
+    assert (row.state, row.trust_id) == ("rejected", None)
+    assert "not a configured trust" in (row.error or "")
+
+
+def test_an_unsupported_message_type_gets_ar_200_in_the_err_layout_of_its_version(
+    runtime: Runtime, listener: RunningListener
+) -> None:
+    ack = Client(listener.port).send(fixture("oru-r01-v24-unsupported.hl7"))
+    assert msa(ack)[1] == "AR"
+    assert "ERR|MSH^1^9^200&Unsupported message type&HL70357" in ack.decode()
+    assert rows(runtime)[0].state == "rejected"
+
+
+def test_a_content_error_gets_ae_naming_the_field_and_goes_to_the_error_queue(
+    runtime: Runtime, listener: RunningListener
+) -> None:
+    ack = Client(listener.port).send(fixture("orm-o01-v231-nw-missing-pid3.hl7"))
+    assert msa(ack)[1] == "AE"
+    assert "PID^1^3^101&Required field missing&HL70357" in ack.decode()
+    assert rows(runtime)[0].state == "failed"
+
+
+def test_an_order_the_service_cannot_apply_is_failed_with_its_reason(runtime: Runtime, listener: RunningListener) -> None:
+    ack = Client(listener.port).send(fixture("orm-o01-v24-ca.hl7"))  # cancel of an order never placed
+    assert msa(ack)[1] == "AA"
+    listener.drain()
+    [row] = rows(runtime)
+    assert row.state == "failed"
+    assert "OrderNotFound" in (row.error or "") and "204" in (row.error or "")
+
+
+def test_exam_complete_before_the_new_order_still_ends_ready(runtime: Runtime, listener: RunningListener) -> None:
+    client = Client(listener.port)
+    client.send(fixture("orm-o01-v24-sc-cm.hl7"))
+    client.send(fixture("orm-o01-v24-nw-ct-head.hl7"))
+    listener.drain()
+    assert study(runtime, "RW6ACC0001").status == "ready"  # type: ignore[union-attr]
+
+
+def test_cancelling_a_claimed_study_takes_it_off_the_radiologists_list(runtime: Runtime, listener: RunningListener) -> None:
+    now = runtime.clock.now()
+    with runtime.session() as session:
+        trust = session.scalar(sa.select(Trust).where(Trust.code == "RW6"))
+        user = make_user(session, now=now, trusts=("RW6",))
+        make_study(session, trust=trust, now=now, accession_number="RW6ACC0001", status="ready",
+                   claimed_by_id=user.id, claimed_at=now, claim_expires_at=now + timedelta(minutes=30))
+    assert msa(Client(listener.port).send(fixture("orm-o01-v24-ca.hl7")))[1] == "AA"
+    listener.drain()
+    cancelled = study(runtime, "RW6ACC0001")
+    assert cancelled is not None
+    assert (cancelled.status, cancelled.claimed_by_id) == ("cancelled", None)
+    with runtime.session() as session:
+        alerts = list(session.scalars(sa.select(Alert)))
+    assert any("RW6ACC0001" in a.message for a in alerts)
+
+
+def test_a_merge_moves_studies_to_the_surviving_patient(runtime: Runtime, listener: RunningListener) -> None:
+    now = runtime.clock.now()
+    with runtime.session() as session:
+        trust = session.scalar(sa.select(Trust).where(Trust.code == "RW6"))
+        from tests.factories import make_patient
+
+        old = make_patient(session, trust=trust, now=now, local_id="RW6999001")
+        make_study(session, trust=trust, now=now, patient=old, accession_number="OLD-1")
+    Client(listener.port).send(fixture("adt-a40-v24-merge.hl7"))
+    listener.drain()
+    assert rows(runtime)[0].state == "applied"
+    with runtime.session() as session:
+        moved = session.scalar(sa.select(Study).where(Study.accession_number == "OLD-1"))
+        survivor = session.get(Patient, moved.patient_id)  # type: ignore[union-attr]
+        assert survivor is not None and survivor.local_id == "RW6123456"
+        assert session.scalar(sa.select(Patient).where(Patient.local_id == "RW6999001")) is not None
+
+
+def test_a_trust_in_enhanced_mode_gets_commit_acks(runtime: Runtime, trust: int) -> None:
+    with runtime.session() as session:
+        session.get(Trust, trust).ack_mode = "enhanced"  # type: ignore[union-attr]
+    running = RunningListener(runtime)
+    try:
+        assert msa(Client(running.port).send(fixture("orm-o01-v24-nw-ct-head.hl7")))[1] == "CA"
+    finally:
+        running.stop()
+
+
+def test_a_source_address_outside_the_trusts_allowlist_is_rejected(runtime: Runtime, trust: int) -> None:
+    with runtime.session() as session:
+        session.get(Trust, trust).allowed_addresses = ["10.20.0.0/16"]  # type: ignore[union-attr]
+    running = RunningListener(runtime)
+    try:
+        ack = Client(running.port).send(fixture("orm-o01-v24-nw-ct-head.hl7"))
+        assert msa(ack)[1] == "AR"
+        assert b"may not send as trust RW6" in ack
+    finally:
+        running.stop()
+
+
+def test_many_connections_are_served_at_once(runtime: Runtime, listener: RunningListener) -> None:
+    template = fixture("orm-o01-v24-nw-ct-head.hl7")
+    results: list[list[str]] = []
+
+    def sender(n: int) -> None:
+        client = Client(listener.port)
+        got = []
+        for i in range(10):
+            payload = template.replace(b"RW6000123", f"C{n}-{i}".encode()).replace(
+                b"RW6ACC0001", f"A{n}-{i}".encode()).replace(b"PL778899", f"P{n}-{i}".encode())
+            got.append(msa(client.send(payload))[2])
+        results.append(got)
+
+    threads = [threading.Thread(target=sender, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(results) == sorted([[f"C{n}-{i}" for i in range(10)] for n in range(6)])
+    listener.drain()
+    assert {r.state for r in rows(runtime)} == {"applied"}
+    assert len(rows(runtime)) == 60
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+def test_tls_connections_are_served_when_configured(runtime: Runtime, trust: int, tmp_path: Path) -> None:
+    try:
+        cert, key = _self_signed(tmp_path)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"openssl not usable: {exc}")
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert, key)
+    running = RunningListener(runtime, ssl_context=server)
+    try:
+        client_context = ssl.create_default_context(cafile=str(cert))
+        ack = Client(running.port, context=client_context).send(fixture("orm-o01-v24-nw-ct-head.hl7"))
+        assert msa(ack)[1] == "AA"
+    finally:
+        running.stop()
+
+
+def test_serve_hl7_runs_until_stopped_and_reports_its_port(runtime: Runtime, trust: int) -> None:
+    stop = threading.Event()
+    ports: list[int] = []
+    thread = threading.Thread(
+        target=serve_hl7, args=(runtime, "127.0.0.1", 0), kwargs={"ready": ports.append, "stop": stop}
+    )
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not ports and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        assert msa(Client(ports[0]).send(fixture("adt-a40-v24-merge.hl7")))[1] == "AA"
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive()
+
+
+@pytest.mark.skipif(not CORPUS.is_dir(), reason=f"HL7 corpus not found at {CORPUS}")
+def test_every_corpus_order_and_adt_gets_an_ack_over_the_socket(runtime: Runtime, capsys: pytest.CaptureFixture[str]) -> None:
+    files = sorted(p for p in CORPUS.rglob("*.hl7"))
+    now = runtime.clock.now()
+    senders = set()
+    for path in files:
+        try:
+            header = Er7Message.parse(path.read_bytes()).header
+        except Exception:  # noqa: BLE001 - batches and unreadable files have no single sender
+            continue
+        app, facility = header.component(header.sending_application), header.component(header.sending_facility)
+        if facility:
+            senders.add((app or None, facility))
+    with runtime.session() as session:
+        for i, (app, facility) in enumerate(sorted(senders, key=str)):
+            session.add(Trust(code=f"T{i:02d}", name=facility, sending_application=app,
+                              sending_facility=facility, created_at=now,
+                              hl7_profile={"inbound": {"processing_ids": ["P", "T", "D"]}}))
+    running = RunningListener(runtime)
+    table = []
+    try:
+        client = Client(running.port)
+        for path in files:
+            ack = client.send(path.read_bytes().replace(b"\x0b", b"").replace(b"\x1c", b""))
+            table.append((str(path.relative_to(CORPUS)), msa(ack)[1]))
+        running.drain()
+    finally:
+        running.stop()
+    states = {r.id: (r.state, r.error) for r in rows(runtime)}
+    assert len(states) == len(files)
+    assert all(code in ("AA", "AE", "AR", "CA", "CE", "CR") for _, code in table)
+    with capsys.disabled():
+        print("\ncorpus over MLLP (ACK, then stored state):")
+        for (name, code), (state, error) in zip(table, states.values(), strict=True):
+            print(f"  {name:<72} {code:<3} {state:<9} {(error or '')[:70]}")

@@ -1,0 +1,679 @@
+"""Inbound HL7 messages: stored before they are acknowledged, applied once, never dropped.
+
+The life of a message (DESIGN.md "Acknowledgements and bad input"):
+
+1. `store_messages` (called by the listener for a batch of frames, one
+   transaction, committed *before* any ACK leaves): reads the header, finds the
+   trust by MSH-3/MSH-4 (and checks the peer against its address allowlist),
+   turns the message into domain events to check its content, answers a
+   resend of an already-stored MSH-10 from the same sender with the very ACK
+   it got the first time, and stores the raw bytes with the ACK it will send.
+   States: ``received`` (to be applied), ``duplicate`` (a resend, answered
+   with the original's ACK), ``failed`` (AE: its content is wrong),
+   ``rejected`` (AR: unknown sender, unsupported type/version, unreadable).
+2. `apply_pending` (the listener's apply worker, and recovery at start-up):
+   takes ``received`` messages in arrival order, in batches, and applies their
+   events with `worklist.services.orders.apply_events`; a message that cannot
+   be applied becomes ``failed`` with its reason (the error queue).
+3. The error queue: `list_messages`, `get_message`, `edit_message` (failed or
+   rejected only; the old bytes go to the audit log) and `replay_message`
+   (applies it exactly once: a conditional state change guards it).
+
+This module reads HL7 through `hl7.er7`, `hl7.router` and `hl7.ack`, which are
+pure (no I/O); the sockets are `hl7/listener.py`'s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from hl7.ack import ack_is_enhanced, build_ack, build_error_ack, minimal_header
+from hl7.er7 import Er7Message, ReceivedHeader, decode_payload, is_batch, read_header
+from hl7.errors import (
+    ApplicationError,
+    Hl7Error,
+    MalformedMessage,
+    MessageTooLarge,
+    UnknownSender,
+)
+from hl7.inbound import InboundProfile
+from hl7.router import route
+from worklist.config import Settings
+from worklist.db.models import InboundMessage, Trust, User
+from worklist.domain.events import DomainEvent, OrderEvent, PatientsMerged, PatientUpdated
+from worklist.errors import Conflict, InvalidInput, NotFound, WorklistError
+from worklist.services import audit, orders
+
+logger = logging.getLogger(__name__)
+
+# InboundMessage.state, one comment each.
+RECEIVED = "received"  # stored and acknowledged; its events are still to be applied
+APPLIED = "applied"  # its events were applied to studies/patients
+DUPLICATE = "duplicate"  # a resend of a stored MSH-10 from the same sender; answered with that ACK
+FAILED = "failed"  # AE, or could not be applied: in the error queue
+REJECTED = "rejected"  # AR: unknown sender, unsupported type/version, unreadable; in the error queue
+STATES = (RECEIVED, APPLIED, DUPLICATE, FAILED, REJECTED)
+ERROR_QUEUE = (FAILED, REJECTED)
+
+APPLY_BATCH = 100
+
+
+# --- Trusts, as the listener sees them -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrustSnapshot:
+    """What the inbound path needs of a trust, detached from any session."""
+
+    id: int
+    code: str
+    sending_application: str | None
+    sending_facility: str
+    ack_mode: str
+    allowed_addresses: tuple[str, ...]
+    profile: InboundProfile | None
+    profile_error: str | None = None
+
+    def allows(self, peer_host: str | None) -> bool:
+        """True when the trust has no allowlist or `peer_host` is in it (addresses or networks)."""
+        if not self.allowed_addresses:
+            return True
+        if not peer_host:
+            return False
+        try:
+            address = ipaddress.ip_address(peer_host)
+        except ValueError:
+            return peer_host in self.allowed_addresses
+        for entry in self.allowed_addresses:
+            try:
+                if address in ipaddress.ip_network(entry, strict=False):
+                    return True
+            except ValueError:
+                if entry == peer_host:
+                    return True
+        return False
+
+
+def _profile_for(trust: Trust, settings: Settings) -> tuple[InboundProfile | None, str | None]:
+    data = dict((trust.hl7_profile or {}).get("inbound") or {})
+    data.setdefault("processing_ids", [settings.hl7_processing_id])
+    data.setdefault("timezone", settings.timezone)
+    try:
+        return InboundProfile.from_dict(data), None
+    except (ValueError, TypeError, KeyError) as exc:
+        return None, f"trust {trust.code} has an invalid inbound HL7 profile: {exc}"
+
+
+def snapshot(trust: Trust, settings: Settings) -> TrustSnapshot:
+    profile, problem = _profile_for(trust, settings)
+    return TrustSnapshot(
+        id=trust.id,
+        code=trust.code,
+        sending_application=trust.sending_application,
+        sending_facility=trust.sending_facility,
+        ack_mode=trust.ack_mode or "original",
+        allowed_addresses=tuple(trust.allowed_addresses or ()),
+        profile=profile,
+        profile_error=problem,
+    )
+
+
+class TrustDirectory:
+    """Finds the trust a message comes from by MSH-3/MSH-4; cached, reloaded on a miss.
+
+    Trusts change rarely; the cache lives `ttl` seconds, and an unknown sender
+    forces a reload (at most once a second) so a trust added a moment ago is found.
+    """
+
+    def __init__(self, settings: Settings, *, ttl: float = 30.0) -> None:
+        self.settings = settings
+        self.ttl = ttl
+        self._trusts: list[TrustSnapshot] = []
+        self._loaded_at = float("-inf")
+        self._lock = threading.Lock()
+
+    def _load(self, session: Session) -> None:
+        rows = session.scalars(sa.select(Trust).where(Trust.active.is_(True)))
+        self._trusts = [snapshot(t, self.settings) for t in rows]
+        self._loaded_at = time.monotonic()
+
+    def find(self, session: Session, application: str, facility: str) -> TrustSnapshot | None:
+        with self._lock:
+            age = time.monotonic() - self._loaded_at
+            if age > self.ttl:
+                self._load(session)
+            found = self._match(application, facility)
+            if found is None and age > 1.0:
+                self._load(session)
+                found = self._match(application, facility)
+            return found
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._loaded_at = float("-inf")
+
+    def _match(self, application: str, facility: str) -> TrustSnapshot | None:
+        fallback = None
+        for trust in self._trusts:
+            if trust.sending_facility != facility:
+                continue
+            if trust.sending_application == application:
+                return trust
+            if trust.sending_application is None:
+                fallback = trust
+        return fallback
+
+
+# --- Storing what arrives --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One MLLP frame as it arrived: payload, peer "host:port", when, and whether it was cut."""
+
+    payload: bytes
+    peer: str | None
+    received_at: datetime
+    oversize_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """What was stored for one arrival and the ACK to send (already committed when returned)."""
+
+    message_id: int | None
+    state: str
+    ack: bytes
+    ack_code: str
+    trust_code: str | None = None
+    control_id: str = ""
+    duplicate_of: int | None = None
+
+
+@dataclass
+class _Verdict:
+    header: ReceivedHeader
+    trust: TrustSnapshot | None = None
+    message: Er7Message | None = None
+    events: list[DomainEvent] = field(default_factory=list)
+    error: Hl7Error | None = None
+
+
+def _peer_host(peer: str | None) -> str | None:
+    if not peer:
+        return None
+    host, sep, _port = peer.rpartition(":")
+    return (host if sep else peer).strip("[]")
+
+
+def _sender(header: ReceivedHeader) -> tuple[str, str]:
+    return header.component(header.sending_application), header.component(header.sending_facility)
+
+
+def interpret(
+    session: Session, arrival: Arrival, *, directory: TrustDirectory
+) -> _Verdict:
+    """Header, trust and events of one arrival, or the Hl7Error it deserves; no writes."""
+    payload = arrival.payload
+    if is_batch(payload):
+        return _Verdict(
+            header=minimal_header(),
+            error=MalformedMessage(
+                "batch envelopes (FHS/BHS) are not accepted over MLLP; send one message per frame",
+                segment=payload.lstrip()[:3].decode("latin-1"), sequence=1,
+            ),
+        )
+    try:
+        header = read_header(payload)
+    except Hl7Error as error:
+        return _Verdict(header=minimal_header(), error=error)
+    application, facility = _sender(header)
+    trust = directory.find(session, application, facility)
+    if arrival.oversize_bytes is not None:
+        limit = directory.settings.hl7_max_message_bytes
+        return _Verdict(
+            header=header,
+            trust=trust,
+            error=MessageTooLarge(
+                f"message of {arrival.oversize_bytes} bytes exceeds the limit of {limit} bytes"
+            ),
+        )
+    if trust is None:
+        return _Verdict(
+            header=header,
+            error=UnknownSender(
+                f"sender {application or '(empty)'}/{facility or '(empty)'} (MSH-3/MSH-4) is not a"
+                " configured trust",
+                segment="MSH", sequence=1, field=4,
+            ),
+        )
+    verdict = _Verdict(header=header, trust=trust)
+    if not trust.allows(_peer_host(arrival.peer)):
+        verdict.error = UnknownSender(
+            f"address {_peer_host(arrival.peer)} may not send as trust {trust.code}",
+            segment="MSH", sequence=1, field=4,
+        )
+        return verdict
+    if trust.profile is None:
+        verdict.error = ApplicationError(trust.profile_error or "invalid trust profile")
+        return verdict
+    try:
+        verdict.message = Er7Message.parse(payload)
+        verdict.header = verdict.message.header
+        verdict.events = route(verdict.message, trust.profile, received_at=arrival.received_at)
+    except Hl7Error as error:
+        verdict.error = error
+    return verdict
+
+
+def _enhanced(verdict: _Verdict) -> bool:
+    trust = verdict.trust
+    # Without a trust we know nothing of the sender's engine: answer in original mode,
+    # which every engine reads (HL7-NOTES 5.1: UK feeds send AL|NE yet expect AA/AE/AR).
+    mode = "original"
+    if trust is not None:
+        mode = (trust.profile.ack_mode if trust.profile and trust.profile.ack_mode else None) or trust.ack_mode
+    return ack_is_enhanced(verdict.header, mode if mode in ("auto", "original", "enhanced") else "original")
+
+
+def _ack_for(verdict: _Verdict, settings: Settings, now: datetime) -> tuple[bytes, str]:
+    enhanced = _enhanced(verdict)
+    common: dict[str, Any] = {
+        "now": now,
+        "enhanced": enhanced,
+        "sending_application": settings.hl7_application,
+        "sending_facility": settings.hl7_facility,
+    }
+    if verdict.error is not None:
+        ack = build_error_ack(verdict.header, verdict.error, **common)
+        code = verdict.error.ack_code
+    else:
+        ack = build_ack(verdict.header, code="AA", **common)
+        code = "AA"
+    if enhanced:
+        code = {"AA": "CA", "AE": "CE", "AR": "CR"}[code]
+    return ack, code
+
+
+def _search_keys(events: Sequence[DomainEvent]) -> tuple[str | None, str | None]:
+    accession = patient = None
+    for event in events:
+        if isinstance(event, OrderEvent):
+            accession = accession or event.order.accession_number or event.order.filler_order_number
+            if event.patient is not None:
+                patient = patient or event.patient.local_id or event.patient.nhs_number
+        elif isinstance(event, PatientUpdated):
+            patient = patient or event.patient.local_id or event.patient.nhs_number
+        elif isinstance(event, PatientsMerged):
+            patient = patient or event.surviving.local_id
+    return (accession[:64] if accession else None), (patient[:64] if patient else None)
+
+
+def _message_time(verdict: _Verdict) -> datetime | None:
+    for event in verdict.events:
+        return event.message_time
+    return None
+
+
+def store_messages(
+    session: Session,
+    arrivals: Sequence[Arrival],
+    *,
+    directory: TrustDirectory,
+    now: datetime,
+) -> list[StoreOutcome]:
+    """Store a batch of arrivals (the caller commits, then sends the ACKs), in order.
+
+    A resend (same sender MSH-3/MSH-4 and MSH-10, non-empty) is stored as
+    ``duplicate`` and answered with the ACK of the first one, byte for byte.
+    """
+    settings = directory.settings
+    outcomes: list[StoreOutcome] = []
+    seen: dict[tuple[str, str, str], InboundMessage] = {}
+    rows: list[tuple[InboundMessage, StoreOutcome | None]] = []
+    for arrival in arrivals:
+        verdict = interpret(session, arrival, directory=directory)
+        header = verdict.header
+        application, facility = _sender(header)
+        control_id = header.control_id
+        key = (application[:100], facility[:100], control_id[:100])
+        original = None
+        if control_id and arrival.oversize_bytes is None:
+            original = seen.get(key) or session.scalar(
+                sa.select(InboundMessage)
+                .where(
+                    InboundMessage.sending_application == key[0],
+                    InboundMessage.sending_facility == key[1],
+                    InboundMessage.control_id == key[2],
+                    InboundMessage.state != DUPLICATE,
+                )
+                .order_by(InboundMessage.id)
+                .limit(1)
+            )
+        accession, patient = _search_keys(verdict.events)
+        row = InboundMessage(
+            trust_id=verdict.trust.id if verdict.trust else None,
+            sending_application=key[0] or None,
+            sending_facility=key[1] or None,
+            control_id=key[2],
+            message_type=f"{header.message_code}^{header.trigger}"[:32] if header.message_code else None,
+            message_time=_message_time(verdict),
+            received_at=arrival.received_at,
+            peer=(arrival.peer or "")[:100] or None,
+            raw=arrival.payload,
+            accession_number=accession,
+            patient_identifier=patient,
+        )
+        if original is not None and original.ack is not None:
+            row.state = DUPLICATE
+            row.ack = original.ack
+            row.ack_code = original.ack_code
+            row.error = f"resend of message {original.id}" if original.id else "resend in the same batch"
+            session.add(row)
+            rows.append((row, None))
+            outcomes.append(
+                StoreOutcome(
+                    message_id=None, state=DUPLICATE, ack=original.ack, ack_code=original.ack_code or "",
+                    trust_code=verdict.trust.code if verdict.trust else None, control_id=control_id,
+                    duplicate_of=original.id,
+                )
+            )
+            continue
+        ack, ack_code = _ack_for(verdict, settings, now)
+        if verdict.error is None:
+            row.state = RECEIVED
+        else:
+            row.state = REJECTED if verdict.error.ack_code == "AR" else FAILED
+            row.error = _describe(verdict.error)
+            logger.warning(
+                "HL7 %s from %s/%s control id %r: %s",
+                ack_code, application, facility, control_id, row.error,
+            )
+        row.ack = ack
+        row.ack_code = ack_code
+        session.add(row)
+        if control_id:
+            seen[key] = row
+        rows.append((row, None))
+        outcomes.append(
+            StoreOutcome(
+                message_id=None, state=row.state, ack=ack, ack_code=ack_code,
+                trust_code=verdict.trust.code if verdict.trust else None, control_id=control_id,
+            )
+        )
+    session.flush()
+    return [
+        StoreOutcome(
+            message_id=row.id, state=o.state, ack=o.ack, ack_code=o.ack_code, trust_code=o.trust_code,
+            control_id=o.control_id, duplicate_of=o.duplicate_of,
+        )
+        for (row, _), o in zip(rows, outcomes, strict=True)
+    ]
+
+
+def _describe(error: Hl7Error | WorklistError | Exception) -> str:
+    if isinstance(error, Hl7Error):
+        where = f" at {error.location}" if error.location else ""
+        return f"{error.ack_code} {error.error_code} {error.error_text}{where}: {error.text}"
+    code = getattr(error, "hl7_error_code", "207")
+    return f"AE {code} {type(error).__name__}: {error}"
+
+
+# --- Applying ------------------------------------------------------------------------------
+
+
+def _apply_one(session: Session, row: InboundMessage, *, directory: TrustDirectory, now: datetime) -> None:
+    """Apply one stored message inside a savepoint; on failure it becomes ``failed`` with why."""
+    try:
+        with session.begin_nested():
+            if row.trust_id is None:
+                raise UnknownSender("the message has no trust")
+            trust = session.get(Trust, row.trust_id)
+            if trust is None:
+                raise UnknownSender(f"trust {row.trust_id} no longer exists")
+            profile, problem = _profile_for(trust, directory.settings)
+            if profile is None:
+                raise ApplicationError(problem or "invalid trust profile")
+            message = Er7Message.parse(row.raw)
+            events = route(message, profile, received_at=row.received_at)
+            control_id = message.control_id
+            result = orders.apply_events(
+                session, trust=trust, events=events, source=f"hl7:{control_id}"[:120],
+                now=now, control_id=control_id or None,
+            )
+            row.state = APPLIED
+            row.applied_at = now
+            row.error = "; ".join(result.notes)[:2000] or None
+            if row.accession_number is None and result.accession_numbers:
+                row.accession_number = result.accession_numbers[0][:64]
+            if row.patient_identifier is None and result.patient_local_ids:
+                row.patient_identifier = result.patient_local_ids[0][:64]
+    except (Hl7Error, WorklistError) as error:
+        row.state = FAILED
+        row.error = _describe(error)
+        logger.warning("inbound message %s failed: %s", row.id, row.error)
+    except sa.exc.OperationalError:
+        raise  # the database itself: leave it received, the worker retries
+    except Exception as error:  # noqa: BLE001 - one bad message must not stop the queue
+        row.state = FAILED
+        row.error = f"AE 207 application internal error: {type(error).__name__}: {error}"
+        logger.exception("inbound message %s failed unexpectedly", row.id)
+
+
+def apply_pending(
+    session: Session, *, directory: TrustDirectory, now: datetime, limit: int = APPLY_BATCH
+) -> int:
+    """Apply up to `limit` received messages in arrival order; returns how many were taken.
+
+    On PostgreSQL the rows are locked with SKIP LOCKED, so several listener
+    processes share the queue without applying a message twice.
+    """
+    query = (
+        sa.select(InboundMessage)
+        .where(InboundMessage.state == RECEIVED)
+        .order_by(InboundMessage.id)
+        .limit(limit)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    rows = list(session.scalars(query))
+    for row in rows:
+        _apply_one(session, row, directory=directory, now=now)
+    return len(rows)
+
+
+def count_pending(session: Session) -> int:
+    return session.scalar(
+        sa.select(sa.func.count()).select_from(InboundMessage).where(InboundMessage.state == RECEIVED)
+    ) or 0
+
+
+# --- Message log and error queue -------------------------------------------------------------
+
+
+def list_messages(
+    session: Session,
+    *,
+    trust_code: str | None = None,
+    accession_number: str | None = None,
+    patient_identifier: str | None = None,
+    control_id: str | None = None,
+    state: str | Sequence[str] | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> list[InboundMessage]:
+    """The message log, newest first, filtered."""
+    query = sa.select(InboundMessage).order_by(InboundMessage.id.desc())
+    if trust_code:
+        trust_id = session.scalar(sa.select(Trust.id).where(Trust.code == trust_code.upper()))
+        if trust_id is None:
+            raise NotFound(f"no trust {trust_code}")
+        query = query.where(InboundMessage.trust_id == trust_id)
+    if accession_number:
+        query = query.where(InboundMessage.accession_number == accession_number)
+    if patient_identifier:
+        query = query.where(InboundMessage.patient_identifier == patient_identifier)
+    if control_id is not None:
+        query = query.where(InboundMessage.control_id == control_id)
+    if state:
+        states = [state] if isinstance(state, str) else list(state)
+        unknown = set(states) - set(STATES)
+        if unknown:
+            raise InvalidInput(f"unknown state(s) {sorted(unknown)}; states are {', '.join(STATES)}")
+        query = query.where(InboundMessage.state.in_(states))
+    if since is not None:
+        query = query.where(InboundMessage.received_at >= since)
+    if until is not None:
+        query = query.where(InboundMessage.received_at < until)
+    return list(session.scalars(query.limit(limit).offset(offset)))
+
+
+def get_message(session: Session, message_id: int) -> InboundMessage:
+    row = session.get(InboundMessage, message_id)
+    if row is None:
+        raise NotFound(f"no inbound message {message_id}")
+    return row
+
+
+def message_text(raw: bytes) -> str:
+    """The stored bytes as text (declared charset, else the reader's fallbacks), segments on lines."""
+    try:
+        declared = read_header(raw).charset
+        declared = declared.split("^")[0]
+    except MalformedMessage:
+        declared = ""
+    text, _, _ = decode_payload(raw, declared)
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def edit_message(
+    session: Session, message_id: int, *, raw: bytes | str, now: datetime, user: User | None = None
+) -> InboundMessage:
+    """Correct a failed or rejected message before replaying it; the old bytes go to the audit log."""
+    row = get_message(session, message_id)
+    if row.state not in ERROR_QUEUE:
+        raise Conflict(f"message {message_id} is {row.state}; only failed or rejected messages can be edited")
+    if isinstance(raw, str):
+        raw = raw.replace("\r\n", "\r").replace("\n", "\r").encode("utf-8")
+    if not raw.strip():
+        raise InvalidInput("the edited message is empty")
+    try:
+        header = read_header(raw)
+    except MalformedMessage as exc:
+        raise InvalidInput(f"the edited message has no readable MSH: {exc.text}") from exc
+    audit.record(
+        session,
+        at=now,
+        action="inbound_message_edited",
+        user=user,
+        object_type="inbound_message",
+        object_id=row.id,
+        detail={
+            "previous_sha256": hashlib.sha256(row.raw).hexdigest(),
+            "previous_raw": row.raw.decode("latin-1"),
+            "previous_error": row.error,
+        },
+    )
+    application, facility = _sender(header)
+    row.raw = raw
+    row.control_id = header.control_id[:100]
+    row.sending_application = application[:100] or None
+    row.sending_facility = facility[:100] or None
+    row.message_type = f"{header.message_code}^{header.trigger}"[:32] if header.message_code else None
+    row.error = f"edited at {now.isoformat()}; replay to apply. Was: {row.error}"[:2000]
+    return row
+
+
+def replay_message(
+    session: Session,
+    message_id: int,
+    *,
+    directory: TrustDirectory,
+    now: datetime,
+    user: User | None = None,
+) -> InboundMessage:
+    """Apply a failed or rejected message now, exactly once.
+
+    The state moves out of the error queue in one conditional UPDATE: of two
+    replays racing, one wins and the other gets Conflict. If it fails again it
+    returns to the queue with the new reason.
+    """
+    get_message(session, message_id)
+    claimed = session.execute(
+        sa.update(InboundMessage)
+        .where(InboundMessage.id == message_id, InboundMessage.state.in_(ERROR_QUEUE))
+        .values(state=RECEIVED)
+        .execution_options(synchronize_session=False)
+    )
+    if claimed.rowcount != 1:
+        raise Conflict(f"message {message_id} is not in the error queue (already replayed?)")
+    row = get_message(session, message_id)
+    session.refresh(row)
+    directory.invalidate()
+    arrival = Arrival(payload=row.raw, peer=row.peer, received_at=row.received_at)
+    verdict = interpret(session, arrival, directory=directory)
+    if verdict.error is not None:
+        row.state = REJECTED if verdict.error.ack_code == "AR" else FAILED
+        row.error = _describe(verdict.error)
+    else:
+        row.trust_id = verdict.trust.id if verdict.trust else row.trust_id
+        accession, patient = _search_keys(verdict.events)
+        row.accession_number = row.accession_number or accession
+        row.patient_identifier = row.patient_identifier or patient
+        row.message_time = row.message_time or _message_time(verdict)
+        _apply_one(session, row, directory=directory, now=now)
+    audit.record(
+        session,
+        at=now,
+        action="inbound_message_replayed",
+        user=user,
+        object_type="inbound_message",
+        object_id=row.id,
+        detail={"state": row.state, "error": row.error},
+    )
+    return row
+
+
+def message_json(row: InboundMessage, *, trust_code: str | None = None, full: bool = False) -> dict[str, Any]:
+    """The API/CLI view of one message; `full` adds the raw text and the ACK."""
+    data: dict[str, Any] = {
+        "id": row.id,
+        "trust": trust_code,
+        "sending_application": row.sending_application,
+        "sending_facility": row.sending_facility,
+        "control_id": row.control_id,
+        "message_type": row.message_type,
+        "message_time": row.message_time.isoformat() if row.message_time else None,
+        "received_at": row.received_at.isoformat() if row.received_at else None,
+        "peer": row.peer,
+        "state": row.state,
+        "ack_code": row.ack_code,
+        "error": row.error,
+        "applied_at": row.applied_at.isoformat() if row.applied_at else None,
+        "accession_number": row.accession_number,
+        "patient_identifier": row.patient_identifier,
+    }
+    if full:
+        data["raw"] = message_text(row.raw)
+        data["ack"] = message_text(row.ack) if row.ack else None
+    return data
+
+
+def trust_codes(session: Session, rows: Sequence[InboundMessage]) -> dict[int, str]:
+    ids = {r.trust_id for r in rows if r.trust_id is not None}
+    if not ids:
+        return {}
+    return dict(session.execute(sa.select(Trust.id, Trust.code).where(Trust.id.in_(ids))).tuples())
