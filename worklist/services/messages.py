@@ -676,4 +676,4 @@ def trust_codes(session: Session, rows: Sequence[InboundMessage]) -> dict[int, s
     ids = {r.trust_id for r in rows if r.trust_id is not None}
     if not ids:
         return {}
-    return dict(session.execute(sa.select(Trust.id, Trust.code).where(Trust.id.in_(ids))).tuples())
+    return {row.id: row.code for row in session.execute(sa.select(Trust.id, Trust.code).where(Trust.id.in_(ids)))}
