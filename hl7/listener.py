@@ -133,10 +133,18 @@ class MllpListener:
         self._tasks.clear()
 
     async def drain(self, timeout: float = 30.0) -> None:
-        """Apply everything stored so far (tests, shutdown)."""
+        """Return once everything stored so far is applied (tests, shutdown).
+
+        Another worker (this listener's own, or another process's on PostgreSQL)
+        may hold some rows, so this waits until none is left in ``received``.
+        """
         async def _run() -> None:
-            while await asyncio.to_thread(self._apply_batch) > 0:
-                pass
+            while True:
+                if await asyncio.to_thread(self._apply_batch) > 0:
+                    continue
+                if await asyncio.to_thread(self._pending) == 0:
+                    return
+                await asyncio.sleep(0.02)
 
         await asyncio.wait_for(_run(), timeout)
 
@@ -268,6 +276,10 @@ class MllpListener:
             )
         self.stats.applied += taken
         return taken
+
+    def _pending(self) -> int:
+        with self.runtime.session() as session:
+            return messages.count_pending(session)
 
     async def _apply_loop(self) -> None:
         assert self._wake_apply is not None
