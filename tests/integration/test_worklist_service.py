@@ -87,14 +87,25 @@ def test_next_case_passes_over_studies_it_may_not_give_and_records_the_reasons(
     session, clock, region
 ):
     rw6, rm3 = region
-    reader = radiologist(session, clock)  # CT neuro, RW6 only
-    ready(session, clock, rw6, order_priority="S", body_area="CHEST")
-    ready(session, clock, rm3, order_priority="S")  # no agreement: filtered in SQL
+    reader = radiologist(session, clock, credentials=("CT:NEURO", "MG"))
+    read_before = ready(session, clock, rw6, order_priority="S", modality="MG",
+                        body_area="BREAST", pathway="bsp")  # fmt: skip
+    assert wl.next_case(session, user=reader, now=clock.now()).study is read_before
+    wl.record_reading(session, study_id=read_before.id, user=reader, outcome="normal",
+                      now=clock.now())  # fmt: skip
+    chest = ready(session, clock, rw6, order_priority="S", body_area="CHEST")
+    ready(session, clock, rm3, order_priority="S")  # no agreement for RM3
     head = ready(session, clock, rw6)
     result = wl.next_case(session, user=reader, now=clock.now())
     assert result.study is head
     skipped = result.assignment.explanation["skipped"]
-    assert [s["reasons"] for s in skipped] == [["no credential for CT CHEST"]]
+    assert [(s["study_id"], s["reasons"]) for s in skipped] == [
+        (read_before.id, ["gave reading 1 of this double read"])
+    ]
+    assert chest.claimed_by_id is None  # no credential for CT chest: never a candidate
+    assert wl.eligibility_for(session, study=chest, user=reader, now=clock.now()).explain() == (
+        "no credential for CT CHEST"
+    )
 
 
 def test_next_case_gives_nothing_off_duty_and_only_stat_work_over_capacity(session, clock, region):

@@ -323,9 +323,12 @@ class Study(Base):
         sa.Index("ix_study_claimed_by", "claimed_by_id"),
         # The shared pool: ready, unclaimed studies in worklist order (next case and the
         # worklist page read it top-down with ORDER BY urgency DESC, id DESC; a backward
-        # scan of this small partial index instead of the whole study history).
+        # scan of this small partial index instead of the whole study history). The constant
+        # leading status column makes both planners prefer it to ix_study_status_urgency,
+        # which would walk past every claimed study at the top of the list.
         sa.Index(
             "ix_study_ready_pool",
+            "status",
             "urgency",
             "id",
             postgresql_where=sa.text("status = 'ready' AND claimed_by_id IS NULL"),

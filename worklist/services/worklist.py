@@ -36,9 +36,11 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm.attributes import set_committed_value
 
 from worklist.db.models import (
     Assignment,
+    Credential,
     DutySession,
     Patient,
     Report,
@@ -50,6 +52,7 @@ from worklist.db.models import (
 )
 from worklist.domain.eligibility import (
     LONDON,
+    SUBSPECIALTY_BODY_AREAS,
     DutySlot,
     Eligibility,
     HeldCredential,
@@ -223,31 +226,48 @@ def reprioritise_job(runtime: Any) -> None:
 
 
 def radiologist_facts(session: Session, *, user: User, now: datetime) -> Radiologist:
-    """Everything eligibility needs about `user`, read in a few small queries."""
+    """Everything eligibility needs about `user`, read as plain columns in a few small queries."""
     permissions = session.execute(
-        sa.select(ReportingPermission, Trust.code)
+        sa.select(
+            ReportingPermission.trust_id,
+            ReportingPermission.starts_on,
+            ReportingPermission.ends_on,
+            Trust.code,
+        )
         .join(Trust, Trust.id == ReportingPermission.trust_id)
         .where(ReportingPermission.user_id == user.id)
     ).all()
-    sessions = session.scalars(
-        sa.select(DutySession).where(
-            DutySession.user_id == user.id,
-            DutySession.starts_at <= now,
-            DutySession.ends_at > now,
-        )
+    credentials = session.execute(
+        sa.select(Credential.modality, Credential.body_area).where(Credential.user_id == user.id)
     ).all()
+    slots = tuple(
+        DutySlot(starts_at, ends_at, capacity, free_choice, location, slot_id)
+        for slot_id, starts_at, ends_at, capacity, free_choice, location in session.execute(
+            sa.select(
+                DutySession.id,
+                DutySession.starts_at,
+                DutySession.ends_at,
+                DutySession.capacity,
+                DutySession.free_choice,
+                DutySession.location,
+            ).where(
+                DutySession.user_id == user.id,
+                DutySession.starts_at <= now,
+                DutySession.ends_at > now,
+            )
+        )
+    )
+    capped = any(slot.capacity is not None for slot in slots)
     return Radiologist(
         user_id=user.id,
         agreements=tuple(
-            ReportingAgreement(p.trust_id, p.starts_on, p.ends_on, code, user.id)
-            for p, code in permissions
+            ReportingAgreement(trust_id, starts_on, ends_on, code, user.id)
+            for trust_id, starts_on, ends_on, code in permissions
         ),
-        credentials=tuple(HeldCredential(c.modality, c.body_area) for c in user.credentials),
-        sessions=tuple(
-            DutySlot(s.starts_at, s.ends_at, s.capacity, s.free_choice, s.location, s.id)
-            for s in sessions
-        ),
-        session_load=held_effort(session, user_id=user.id),
+        credentials=tuple(HeldCredential(modality, area) for modality, area in credentials),
+        sessions=slots,
+        # Capacity is the only rule that reads the load; skip the query when nothing is capped.
+        session_load=held_effort(session, user_id=user.id) if capped else 0.0,
         active=user.active and user.role != "integration",
     )
 
@@ -312,26 +332,46 @@ def _trust_codes(session: Session) -> dict[int, str]:
 
 
 def _pool_query(radiologist: Radiologist, now: datetime) -> sa.Select[Study]:
-    """Ready, unclaimed studies the radiologist could possibly read, most urgent first.
+    """Ready, unclaimed studies the radiologist may read, most urgent first.
 
-    A superset filter in SQL (trusts with an agreement in force, modalities held);
-    `may_report` decides each row exactly.
+    The agreement and credential rules written in SQL, so that the index scan
+    stops at the first row that qualifies; `may_report` still decides each row
+    (it alone knows double-read exclusions, duty and capacity).
     """
     today = now.astimezone(LONDON).date()
     trusts = sorted({a.trust_id for a in radiologist.agreements if a.in_force(today)} | {-1})
-    query = (
+    return (
         sa.select(Study)
         .where(
             Study.status == _READY_LITERAL,
             Study.claimed_by_id.is_(None),
             Study.trust_id.in_(trusts),
+            _credential_clause(radiologist.credentials),
         )
         .order_by(*WORKLIST_ORDER)
     )
-    modalities = {c.modality.strip().upper() for c in radiologist.credentials}
-    if "*" not in modalities:
-        query = query.where(Study.modality.in_(sorted(modalities | {"-"})))
-    return query
+
+
+def _credential_clause(credentials: Iterable[HeldCredential]) -> sa.ColumnElement[bool]:
+    """SQL for `credential_covers`: modality, then body area or the areas of a subspecialty."""
+    by_modality: dict[str, set[str] | None] = {}
+    for credential in credentials:
+        modality = credential.modality.strip().upper()
+        if credential.body_area is None:
+            by_modality[modality] = None  # any body area
+            continue
+        held = credential.body_area.strip().lower()
+        areas = {held} | set(SUBSPECIALTY_BODY_AREAS.get(held, ()))
+        current = by_modality.setdefault(modality, set())
+        if current is not None:
+            current.update(areas)
+    clauses = []
+    for modality, covered in sorted(by_modality.items()):
+        parts = [] if modality == "*" else [Study.modality == modality]
+        if covered is not None:
+            parts.append(sa.func.lower(Study.body_area).in_(sorted(covered)))
+        clauses.append(sa.and_(sa.true(), *parts))
+    return sa.or_(*clauses) if clauses else sa.false()
 
 
 # --- the radiologist's worklist -------------------------------------------------------
@@ -494,7 +534,12 @@ def _conditional_claim(
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         return False
-    session.refresh(study)
+    # The row now holds exactly these values; tell the ORM without reading it back.
+    for name, value in (
+        ("claimed_by_id", user_id), ("claimed_at", now), ("claim_expires_at", now + lease),
+        ("updated_at", now),
+    ):  # fmt: skip
+        set_committed_value(study, name, value)
     return True
 
 
@@ -578,7 +623,8 @@ def next_case(
     if over_capacity:
         # Only stat work bypasses the cap.
         query = query.where(Study.urgency > urgency_floor(1))
-    codes = _trust_codes(session)
+    # The pool holds only trusts with an agreement, so their codes come with it.
+    codes = {a.trust_id: a.trust_code or "" for a in radiologist.agreements}
     skipped: list[dict[str, Any]] = []
     skipped_ids: list[int] = []
     batch = 1
@@ -652,17 +698,24 @@ def _claim_patient_studies(
     by: User | None = None,
 ) -> list[Study]:
     """Keep a patient's unread studies with one reader, where the rules allow."""
-    others_query = (
-        sa.select(Study)
-        .where(
-            Study.patient_id.in_(_linked_patient_ids(session, anchor.patient_id)),
-            Study.id != anchor.id,
-            Study.status == READY,
-            Study.claimed_by_id.is_(None),
-        )
-        .order_by(*WORKLIST_ORDER)
+    link = session.scalar(sa.select(Patient.link_nhs_number).where(Patient.id == anchor.patient_id))
+    # Two simple index lookups; an OR of both in one query makes SQLite scan every patient.
+    same_person = (
+        Study.patient_id == anchor.patient_id
+        if link is None
+        else Study.patient_id.in_(sa.select(Patient.id).where(Patient.link_nhs_number == link))
     )
-    candidates = _lock_candidates(session, others_query, 20)
+    # No ORDER BY: the planner must reach these few rows through the patient index, not
+    # walk the ready pool in worklist order; they are sorted here instead.
+    others_query = sa.select(Study).where(
+        same_person,
+        Study.id != anchor.id,
+        Study.status == READY,
+        Study.claimed_by_id.is_(None),
+    )
+    candidates = sorted(
+        _lock_candidates(session, others_query, 20), key=lambda s: (-s.urgency, -s.id)
+    )
     if not candidates:
         return []
     load = radiologist.session_load + anchor.effort

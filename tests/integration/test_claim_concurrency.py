@@ -1,0 +1,138 @@
+"""No study is ever claimed twice: many radiologists calling next case at once until the pool
+is empty, on SQLite (threads) and PostgreSQL (threads, and separate processes)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import threading
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from tests.factories import make_trust, make_user
+from worklist.bootstrap import build_runtime
+from worklist.clock import FixedClock
+from worklist.db.models import Assignment, Patient, Study, User
+from worklist.services import worklist as wl
+
+STUDIES = 2000
+
+
+def fill_pool(runtime, clock, readers: int) -> list[int]:
+    """2,000 ready studies of distinct patients, random urgency; `readers` CT radiologists."""
+    now = clock.now()
+    rng = random.Random(7)
+    with runtime.session() as s:
+        trust = make_trust(s, now=now, code="RW6")
+        users = [
+            make_user(s, now=now, trusts=("RW6",), credentials=("CT",), on_duty=True).id
+            for _ in range(readers)
+        ]
+        s.execute(
+            sa.insert(Patient),
+            [
+                {"trust_id": trust.id, "local_id": f"P{i}", "updated_at": now}
+                for i in range(STUDIES)
+            ],
+        )
+        patient_ids = s.scalars(sa.select(Patient.id).order_by(Patient.id)).all()
+        s.execute(
+            sa.insert(Study),
+            [
+                {
+                    "trust_id": trust.id, "patient_id": pid, "accession_number": f"A{i}",
+                    "modality": "CT", "body_area": "HEAD", "status": "ready",
+                    "status_changed_at": now, "performed_at": now - timedelta(hours=1),
+                    "ready_at": now, "urgency": rng.random() * 1e10, "effort": 1.0,
+                    "created_at": now, "updated_at": now,
+                }
+                for i, pid in enumerate(patient_ids)
+            ],
+        )  # fmt: skip
+    if runtime.dialect == "postgresql":
+        with runtime.engine.connect() as c:  # as autovacuum would after a bulk load
+            c.exec_driver_sql("ANALYZE study, patient")
+    return users
+
+
+def claim_until_empty(runtime, user_id: int, claimed: list[int], errors: list[BaseException]):
+    try:
+        while True:
+            with runtime.session() as s:
+                user = s.get(User, user_id)
+                result = wl.next_case(s, user=user, now=runtime.clock.now())
+                if result.study is None:
+                    return
+                claimed.append(result.study.id)
+                claimed.extend(t.id for t in result.together)
+    except BaseException as exc:  # noqa: BLE001 - reported by the test
+        errors.append(exc)
+
+
+def run_threads(runtime, users: list[int]) -> list[int]:
+    claimed: list[int] = []
+    errors: list[BaseException] = []
+    threads = [
+        threading.Thread(target=claim_until_empty, args=(runtime, uid, claimed, errors))
+        for uid in users
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors[:3]
+    return claimed
+
+
+def assert_each_claimed_once(runtime, claimed: list[int]) -> None:
+    assert len(claimed) == STUDIES
+    assert len(set(claimed)) == STUDIES, "a study was claimed twice"
+    with runtime.session() as s:
+        free = s.scalar(sa.select(sa.func.count()).where(Study.claimed_by_id.is_(None)))
+        assignments = s.execute(
+            sa.select(sa.func.count(), sa.func.count(sa.distinct(Assignment.study_id)))
+        ).one()
+    assert free == 0
+    assert tuple(assignments) == (STUDIES, STUDIES)
+
+
+def test_32_threads_calling_next_case_claim_every_study_exactly_once(runtime, clock):
+    users = fill_pool(runtime, clock, readers=32)
+    claimed = run_threads(runtime, users)
+    assert_each_claimed_once(runtime, claimed)
+
+
+def _process_main(settings, now, users: list[int], out) -> None:  # type: ignore[no-untyped-def]
+    runtime = build_runtime(settings, clock=FixedClock(now))
+    try:
+        out.put(run_threads(runtime, users))
+    except BaseException as exc:  # noqa: BLE001
+        out.put(exc)
+    finally:
+        runtime.dispose()
+
+
+@pytest.mark.postgres
+def test_4_processes_calling_next_case_claim_every_study_exactly_once(
+    runtime, clock, settings, on_postgres
+):
+    if not on_postgres:
+        pytest.skip("needs WORKLIST_TEST_DATABASE_URL pointing at PostgreSQL")
+    users = fill_pool(runtime, clock, readers=16)
+    runtime.engine.dispose()  # no inherited connections in the children
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    processes = [
+        ctx.Process(target=_process_main, args=(settings, clock.now(), users[i::4], out))
+        for i in range(4)
+    ]
+    for p in processes:
+        p.start()
+    results = [out.get(timeout=180) for _ in processes]
+    for p in processes:
+        p.join(timeout=30)
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert not failures, failures
+    assert_each_claimed_once(runtime, [sid for r in results for sid in r])
