@@ -517,3 +517,12 @@ def test_python_hl7_in_its_own_venv_parses_the_oru_and_unescapes_the_text(value_
     else:
         assert got["obx5"] == lines
     assert len(got["pid3"]) == 2
+
+
+def test_a_remembered_shape_still_sends_a_longer_value_through_hl7apy() -> None:
+    build_oru(oru_input(patient_family_name="Okafor"), profile())  # shape now remembered
+    build_oru(oru_input(patient_family_name="Nowak"), profile())  # same shape: accepted
+    with pytest.raises(InvalidOru):
+        build_oru(oru_input(patient_family_name="N" * 300), profile())
+    with pytest.raises(InvalidOru):  # an unescaped delimiter in OBX-5 is checked every time
+        validate_oru("MSH|^~\\&|A|B|C|D|20260101||ORU^R01^ORU_R01|X|P|2.4\rOBX|1|TX|c||a^b", "2.4")

@@ -47,7 +47,9 @@ from worklist.services.reports import PARKED_ALERT, build_payload, new_control_i
 logger = logging.getLogger(__name__)
 
 PENDING, DELIVERED, PARKED = "pending", "delivered", "parked"
-LEASE_MARGIN_SECONDS = 30.0  # beyond the ACK timeout, before a taken message may go again
+# A taken message is hidden for connect timeout + ACK timeout + this margin: longer than one
+# attempt can last, so only a deliverer that died leaves a lease to run out.
+LEASE_MARGIN_SECONDS = 5.0
 NEGATIVE_ACK = "oru_negative_ack"
 
 
@@ -275,7 +277,7 @@ def deliver_trust(
             ).first()
             if message is None:
                 break
-            lease = profile.ack_timeout_seconds + LEASE_MARGIN_SECONDS
+            lease = sender.connect_timeout + profile.ack_timeout_seconds + LEASE_MARGIN_SECONDS
             if not _take(session, message=message, now=now, lease=lease):
                 continue  # another deliverer took it
             message_id, control_id, payload = message.id, message.control_id, message.payload
