@@ -413,7 +413,9 @@ def worklist(
     query = _filtered(_pool_query(radiologist, now), filters, codes, now)
     wanted = offset + limit + 1
     accepted: list[Study] = []
-    chunk = max(wanted * 2, 100)
+    # The SQL already applies the agreement and credential rules, so nearly every row
+    # fetched is shown; read a little more than a page, and more only when rows drop out.
+    chunk = wanted + 10
     position = 0
     while len(accepted) < wanted:
         rows = session.scalars(query.limit(chunk).offset(position)).all()
@@ -627,46 +629,87 @@ def next_case(
     codes = {a.trust_id: a.trust_code or "" for a in radiologist.agreements}
     skipped: list[dict[str, Any]] = []
     skipped_ids: list[int] = []
-    batch = 1
     while True:
-        candidates_query = query.where(Study.id.not_in(skipped_ids)) if skipped_ids else query
-        candidates = _lock_candidates(session, candidates_query, batch)
-        if not candidates:
+        candidates = query.where(Study.id.not_in(skipped_ids)) if skipped_ids else query
+        study = _claim_first(session, candidates, user_id=user.id, now=now, lease=lease)
+        if study is None:
             reason = "no eligible study is waiting"
             if over_capacity:
                 reason = "session capacity reached; no stat study is waiting"
             return ClaimResult(None, reason=reason)
-        readings = readings_of(session, [s.id for s in candidates if needs_double_reading(s)])
-        for study in candidates:
-            facts = study_to_read(
-                study, user=user, trust_code=codes.get(study.trust_id),
-                readings=readings.get(study.id, ()),
+        # The SQL applied the agreement and credential rules; the one eligibility
+        # function still decides (it alone knows double-read exclusions). A refusal
+        # undoes the claim inside this transaction, so nobody ever sees it.
+        readings = readings_of(session, [study.id]) if needs_double_reading(study) else {}
+        facts = study_to_read(
+            study, user=user, trust_code=codes.get(study.trust_id),
+            readings=readings.get(study.id, ()),
+        )  # fmt: skip
+        verdict = may_report(radiologist, replace(facts, claimed_by_id=None), now)
+        if verdict:
+            why = "the most urgent waiting study you may report"
+            if skipped:
+                why += f" ({len(skipped)} more urgent passed over: see skipped)"
+            assignment = _record_assignment(
+                session, study=study, user=user, kind="pull", now=now, lease=lease, why=why,
+                extra={"skipped": skipped[:_MAX_EXPLAINED_SKIPS]}, remote_addr=remote_addr,
             )  # fmt: skip
-            verdict = may_report(radiologist, facts, now)
-            if verdict and _conditional_claim(
-                session, study=study, user_id=user.id, now=now, lease=lease
-            ):
-                why = "the most urgent waiting study you may report"
-                if skipped:
-                    why += f" ({len(skipped)} more urgent passed over: see skipped)"
-                assignment = _record_assignment(
-                    session, study=study, user=user, kind="pull", now=now, lease=lease, why=why,
-                    extra={"skipped": skipped[:_MAX_EXPLAINED_SKIPS]}, remote_addr=remote_addr,
-                )  # fmt: skip
-                together = _claim_patient_studies(
-                    session, anchor=study, user=user, radiologist=radiologist, now=now,
-                    lease=lease, kind="pull", codes=codes,
-                )  # fmt: skip
-                return ClaimResult(study, assignment, why, together)
-            skipped_ids.append(study.id)
-            skipped.append(
-                {
-                    "study_id": study.id,
-                    "accession_number": study.accession_number,
-                    "reasons": [r.message for r in verdict.reasons] or ["claimed meanwhile"],
-                }
-            )
-        batch = min(batch * 4, 64)
+            together = _claim_patient_studies(
+                session, anchor=study, user=user, radiologist=radiologist, now=now,
+                lease=lease, kind="pull", codes=codes,
+            )  # fmt: skip
+            return ClaimResult(study, assignment, why, together)
+        _undo_claim(session, study=study, user_id=user.id)
+        skipped_ids.append(study.id)
+        skipped.append(
+            {
+                "study_id": study.id,
+                "accession_number": study.accession_number,
+                "reasons": [r.message for r in verdict.reasons],
+            }
+        )
+
+
+def _claim_first(
+    session: Session, candidates: sa.Select[Study], *, user_id: int, now: datetime,
+    lease: timedelta,
+) -> Study | None:  # fmt: skip
+    """Claim the first candidate in ONE statement; None when there is none.
+
+    UPDATE study SET claimed_by_id = :user ... WHERE id = (SELECT id ... ORDER BY urgency
+    DESC, id DESC LIMIT 1 FOR UPDATE SKIP LOCKED) AND claimed_by_id IS NULL AND status =
+    'ready' RETURNING study.*. PostgreSQL locks the chosen row and concurrent claimers skip
+    it; SQLite ignores FOR UPDATE and serialises writers (BEGIN IMMEDIATE). Either way the
+    conditional WHERE means a study is never claimed twice.
+    """
+    first = (
+        candidates.with_only_columns(Study.id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    claim = (
+        sa.update(Study)
+        .where(Study.id == first, Study.claimed_by_id.is_(None), Study.status == READY)
+        .values(
+            claimed_by_id=user_id, claimed_at=now, claim_expires_at=now + lease, updated_at=now
+        )  # fmt: skip
+        .returning(Study)
+    )
+    return session.scalars(
+        claim, execution_options={"synchronize_session": False, "populate_existing": True}
+    ).one_or_none()
+
+
+def _undo_claim(session: Session, *, study: Study, user_id: int) -> None:
+    session.execute(
+        sa.update(Study)
+        .where(Study.id == study.id, Study.claimed_by_id == user_id)
+        .values(claimed_by_id=None, claimed_at=None, claim_expires_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    for name in ("claimed_by_id", "claimed_at", "claim_expires_at"):
+        set_committed_value(study, name, None)
 
 
 def _linked_patient_ids(session: Session, patient_id: int) -> list[int]:
@@ -698,12 +741,16 @@ def _claim_patient_studies(
     by: User | None = None,
 ) -> list[Study]:
     """Keep a patient's unread studies with one reader, where the rules allow."""
-    link = session.scalar(sa.select(Patient.link_nhs_number).where(Patient.id == anchor.patient_id))
-    # Two simple index lookups; an OR of both in one query makes SQLite scan every patient.
-    same_person = (
-        Study.patient_id == anchor.patient_id
-        if link is None
-        else Study.patient_id.in_(sa.select(Patient.id).where(Patient.link_nhs_number == link))
+    link = (
+        sa.select(Patient.link_nhs_number).where(Patient.id == anchor.patient_id).scalar_subquery()
+    )
+    # A UNION of two index lookups (this record; records sharing its valid NHS number):
+    # an OR of both makes SQLite scan every patient.
+    same_person = Study.patient_id.in_(
+        sa.union(
+            sa.select(sa.literal(anchor.patient_id)),
+            sa.select(Patient.id).where(Patient.link_nhs_number == link),
+        )
     )
     # No ORDER BY: the planner must reach these few rows through the patient index, not
     # walk the ready pool in worklist order; they are sorted here instead.
