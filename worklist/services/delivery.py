@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -248,10 +249,18 @@ def deliver_trust(
     max_messages: int = 1000,
     rng: random.Random | None = None,
     stop: threading.Event | None = None,
+    linger: float = 0.0,
+    poll: float = 0.1,
 ) -> TrustRound:
-    """Deliver one trust's due messages, one at a time, each waiting for its ACK."""
+    """Deliver one trust's due messages, one at a time, each waiting for its ACK.
+
+    With ``linger`` the worker keeps polling for ``linger`` seconds after the queue runs dry,
+    so a report signed meanwhile leaves within ``poll`` seconds instead of waiting for the
+    next scheduler tick.
+    """
     rng = rng or random.Random()
     result = TrustRound(trust_id)
+    idle_since: float | None = None
     for _ in range(max_messages):
         if stop is not None and stop.is_set():
             result.stopped = "stopping"
@@ -275,13 +284,21 @@ def deliver_trust(
             message = session.scalars(
                 _due_query(now).where(OutboundMessage.trust_id == trust_id).limit(1)
             ).first()
-            if message is None:
+            taken = False
+            if message is not None:
+                lease = sender.connect_timeout + profile.ack_timeout_seconds + LEASE_MARGIN_SECONDS
+                taken = _take(session, message=message, now=now, lease=lease)
+                message_id, control_id = message.id, message.control_id
+                payload, created_at = message.payload, message.created_at
+        if message is None:
+            idle_since = idle_since if idle_since is not None else time.monotonic()
+            if time.monotonic() - idle_since >= linger:
                 break
-            lease = sender.connect_timeout + profile.ack_timeout_seconds + LEASE_MARGIN_SECONDS
-            if not _take(session, message=message, now=now, lease=lease):
-                continue  # another deliverer took it
-            message_id, control_id, payload = message.id, message.control_id, message.payload
-            created_at = message.created_at
+            (stop or threading.Event()).wait(poll)
+            continue
+        idle_since = None
+        if not taken:
+            continue  # another deliverer took it
         try:
             ack = sender.send(endpoint, payload_bytes(payload), timeout=profile.ack_timeout_seconds)
         except SendError as exc:
@@ -366,8 +383,13 @@ class Deliverer:
         *,
         sender: MllpSender | None = None,
         on_round: Callable[[TrustRound], None] | None = None,
+        linger: float | None = None,
     ) -> None:
         self.runtime = runtime
+        # a worker outlives a scheduler tick, so a busy trust's reports leave at once
+        self.linger = (
+            linger if linger is not None else 2 * runtime.settings.deliver_interval_seconds
+        )
         self.sender = sender or MllpSender()
         self.stop = threading.Event()
         self.on_round = on_round
@@ -397,7 +419,10 @@ class Deliverer:
 
     def _work(self, trust_id: int) -> None:
         try:
-            r = deliver_trust(self.runtime, trust_id, sender=self.sender, stop=self.stop)
+            r = deliver_trust(
+                self.runtime, trust_id, sender=self.sender, stop=self.stop,
+                linger=self.linger, max_messages=1_000_000,
+            )  # fmt: skip
             if self.on_round is not None:
                 self.on_round(r)
         except Exception:
@@ -435,7 +460,7 @@ def run_delivery(
 ) -> None:
     """Deliver until ``stop_event`` is set (a process or thread of its own)."""
     every = interval if interval is not None else runtime.settings.deliver_interval_seconds
-    deliverer = Deliverer(runtime)
+    deliverer = Deliverer(runtime, linger=2 * every)
     try:
         while not stop_event.is_set():
             try:
