@@ -164,3 +164,23 @@ def test_priors_answer_the_patients_earlier_studies(client, world, runtime, cloc
     assert [(p["trust"], p["relevant"], p["report"]) for p in body["priors"]] == [
         ("RW6", True, None)
     ]
+
+
+def test_a_manager_is_warned_of_reporting_agreements_about_to_end(client, world, runtime, clock):
+    _, auth = world
+    from datetime import date
+
+    from worklist.db.models import ReportingPermission, User
+
+    with runtime.session() as s:
+        reader = s.scalar(sa.select(User).where(User.username == "asingh"))
+        s.scalar(
+            sa.select(ReportingPermission).where(ReportingPermission.user_id == reader.id)
+        ).ends_on = date(2026, 12, 10)
+    body = client.get("/api/v1/agreements/expiring", headers=auth["manager"]).get_json()
+    assert body["agreements"] == [
+        {"username": "asingh", "trust": "RW6", "starts_on": None, "ends_on": "2026-12-10"}
+    ]
+    assert client.get("/api/v1/agreements/expiring?days=7",
+                      headers=auth["manager"]).get_json()["agreements"] == []  # fmt: skip
+    assert client.get("/api/v1/agreements/expiring", headers=auth["reader"]).status_code == 403

@@ -437,3 +437,11 @@ def test_agreements_end_on_the_date_given(session, clock, region):
     study = ready(session, clock, rw6)
     verdict = wl.eligibility_for(session, study=study, user=reader, now=clock.now())
     assert verdict.explain() == "reporting agreement for RW6 ended on 2026-11-22"
+
+
+def test_reprioritising_named_studies_touches_only_those(session, clock, region):
+    rw6, _ = region
+    first = make_study(session, trust=rw6, now=clock.now(), order_priority="S")
+    second = make_study(session, trust=rw6, now=clock.now())
+    assert wl.reprioritise(session, now=clock.now(), study_ids=[first.id]) == 1
+    assert first.priority_class == "stat" and second.priority_class is None

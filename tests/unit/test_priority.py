@@ -257,3 +257,14 @@ def test_effort_comes_from_the_procedure_then_the_modality_then_the_default():
     assert effort_for(facts(modality="MR", procedure_code="MRPROS"), rules) == 3.5
     assert effort_for(facts(modality="XR"), rules) == 0.3
     assert effort_for(facts(modality="ZZ"), rules) == 1.0
+
+
+def test_the_tier_is_recoverable_from_the_urgency_score_and_floors_separate_tiers():
+    from worklist.domain.priority import tier_from_urgency, urgency_floor, urgency_score
+
+    for tier in (1, 2, 3, 9):
+        score = urgency_score(tier, NOW + timedelta(days=300))
+        assert tier_from_urgency(score) == tier
+        assert score > urgency_floor(tier)
+        assert tier == 1 or score <= urgency_floor(tier - 1)
+    assert tier_from_urgency(0.0) == 9

@@ -60,6 +60,7 @@ from worklist.domain.eligibility import (
     RefusalCode,
     ReportingAgreement,
     StudyToRead,
+    agreements_expiring,
     current_session,
     may_report,
 )
@@ -712,20 +713,17 @@ def _undo_claim(session: Session, *, study: Study, user_id: int) -> None:
         set_committed_value(study, name, None)
 
 
-def _linked_patient_ids(session: Session, patient_id: int) -> list[int]:
-    """This patient's records in every trust: the valid NHS number link, and merged records."""
-    patient = session.get(Patient, patient_id)
-    if patient is None:
-        return [patient_id]
-    ids = {patient.id}
-    if patient.link_nhs_number:
-        ids.update(
-            session.scalars(
-                sa.select(Patient.id).where(Patient.link_nhs_number == patient.link_nhs_number)
-            )
-        )
-    ids.update(session.scalars(sa.select(Patient.id).where(Patient.merged_into_id.in_(ids))))
-    return sorted(ids)
+def same_person_patient_ids(patient_id: int) -> sa.CompoundSelect[tuple[int]]:
+    """This patient record and every record sharing its valid NHS number (any trust).
+
+    A UNION of two index lookups: an OR of both makes SQLite scan every patient. Records
+    merged by ADT need nothing here: the merge moves their studies to the survivor.
+    """
+    link = sa.select(Patient.link_nhs_number).where(Patient.id == patient_id).scalar_subquery()
+    return sa.union(
+        sa.select(sa.literal(patient_id)),
+        sa.select(Patient.id).where(Patient.link_nhs_number == link),
+    )
 
 
 def _claim_patient_studies(
@@ -741,17 +739,7 @@ def _claim_patient_studies(
     by: User | None = None,
 ) -> list[Study]:
     """Keep a patient's unread studies with one reader, where the rules allow."""
-    link = (
-        sa.select(Patient.link_nhs_number).where(Patient.id == anchor.patient_id).scalar_subquery()
-    )
-    # A UNION of two index lookups (this record; records sharing its valid NHS number):
-    # an OR of both makes SQLite scan every patient.
-    same_person = Study.patient_id.in_(
-        sa.union(
-            sa.select(sa.literal(anchor.patient_id)),
-            sa.select(Patient.id).where(Patient.link_nhs_number == link),
-        )
-    )
+    same_person = Study.patient_id.in_(same_person_patient_ids(anchor.patient_id))
     # No ORDER BY: the planner must reach these few rows through the patient index, not
     # walk the ready pool in worklist order; they are sorted here instead.
     others_query = sa.select(Study).where(
@@ -1341,6 +1329,38 @@ def auto_assign_job(runtime: Any) -> None:
         logger.info("auto-assigned %d studies", len(made))
 
 
+# --- reporting agreements ---------------------------------------------------------------
+
+
+def expiring_agreements(
+    session: Session, *, now: datetime, within: timedelta = timedelta(days=30)
+) -> list[tuple[ReportingAgreement, str]]:
+    """Agreements in force that end within `within`, soonest first, with the username.
+
+    For the manager's warning before a radiologist silently drops out of a trust's pool.
+    """
+    rows = session.execute(
+        sa.select(
+            ReportingPermission.trust_id,
+            ReportingPermission.starts_on,
+            ReportingPermission.ends_on,
+            Trust.code,
+            ReportingPermission.user_id,
+            User.username,
+        )
+        .join(Trust, Trust.id == ReportingPermission.trust_id)
+        .join(User, User.id == ReportingPermission.user_id)
+        .where(ReportingPermission.ends_on.is_not(None), User.active.is_(True))
+    ).all()
+    names = {}
+    agreements = []
+    for trust_id, starts_on, ends_on, code, user_id, username in rows:
+        agreements.append(ReportingAgreement(trust_id, starts_on, ends_on, code, user_id))
+        names[user_id] = username
+    soon = agreements_expiring(agreements, now.astimezone(LONDON).date(), within)
+    return [(a, names[a.user_id]) for a in soon if a.user_id is not None]
+
+
 # --- priors --------------------------------------------------------------------------
 
 
@@ -1373,14 +1393,13 @@ def priors(
     view is audited because it opens other trusts' records.
     """
     study = _visible_study(session, study_id=study_id, user=user, now=now)
-    patient_ids = _linked_patient_ids(session, study.patient_id)
     exam_time = sa.func.coalesce(Study.performed_at, Study.requested_at, Study.created_at)
     this_time = study.performed_at or study.requested_at or study.created_at
     rows = session.execute(
         sa.select(Study, Trust.code)
         .join(Trust, Trust.id == Study.trust_id)
         .where(
-            Study.patient_id.in_(patient_ids),
+            Study.patient_id.in_(same_person_patient_ids(study.patient_id)),
             Study.id != study.id,
             Study.status.not_in([StudyStatus.CANCELLED.value, StudyStatus.DISCONTINUED.value]),
             exam_time < this_time,
@@ -1417,7 +1436,7 @@ def priors(
         )
     audit.record(
         session, at=now, action="view_priors", user=user, object_type="study", object_id=study.id,
-        detail={"patient_ids": patient_ids, "priors": len(result)}, remote_addr=remote_addr,
+        detail={"patient_id": study.patient_id, "priors": len(result)}, remote_addr=remote_addr,
     )  # fmt: skip
     return result
 

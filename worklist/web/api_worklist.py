@@ -296,3 +296,25 @@ def _visible(study_id: int) -> Study:
     ):
         raise NotFound(f"no study {study_id}")
     return study
+
+
+@blueprint.get("/agreements/expiring")
+@require_role("manager")
+def expiring_agreements():  # type: ignore[no-untyped-def]
+    """Reporting agreements that end within `days` (default 30): the manager's warning list."""
+    try:
+        days = int(request.args.get("days", 30))
+    except ValueError as exc:
+        raise InvalidInput("days must be a whole number") from exc
+    found = service.expiring_agreements(db(), now=_now(), within=timedelta(days=days))
+    return jsonify(
+        agreements=[
+            {
+                "username": username,
+                "trust": agreement.trust_code,
+                "starts_on": agreement.starts_on.isoformat() if agreement.starts_on else None,
+                "ends_on": agreement.ends_on.isoformat() if agreement.ends_on else None,
+            }
+            for agreement, username in found
+        ]
+    )
