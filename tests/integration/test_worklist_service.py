@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
 from datetime import date, timedelta
+from types import SimpleNamespace
 
 import pytest
 import sqlalchemy as sa
 
 from tests.factories import make_patient, make_study, make_trust, make_user
 from worklist.db.models import Assignment, AuditEvent, DutySession, Report, ReportVersion, Study
-from worklist.domain.priority import tier_from_urgency
+from worklist.domain.priority import PriorityRulesError, tier_from_urgency
+from worklist.domain.priority_rules import DEFAULT_RULES
 from worklist.errors import Conflict, Forbidden, NotFound
 from worklist.services import worklist as wl
 
@@ -445,3 +449,24 @@ def test_reprioritising_named_studies_touches_only_those(session, clock, region)
     second = make_study(session, trust=rw6, now=clock.now())
     assert wl.reprioritise(session, now=clock.now(), study_ids=[first.id]) == 1
     assert first.priority_class == "stat" and second.priority_class is None
+
+
+def test_a_region_changes_its_rules_with_a_json_file_not_a_code_change(
+    session, clock, region, tmp_path
+):
+    rw6, rm3 = region
+    document = json.loads(json.dumps(DEFAULT_RULES))
+    document["trusts"] = {"RM3": {"classes": {"outpatient_routine": {"target": "P7D"}}}}
+    path = tmp_path / "rules.json"
+    path.write_text(json.dumps(document))
+    rules = wl.rules_for(SimpleNamespace(priority_rules_path=str(path)))
+    here = make_study(session, trust=rm3, now=clock.now())
+    there = make_study(session, trust=rw6, now=clock.now())
+    wl.reprioritise(session, now=clock.now(), rules=rules)
+    assert here.due_at == here.performed_at + timedelta(days=7)
+    assert there.due_at == there.performed_at + timedelta(days=14)
+    document["trusts"] = {"RM3": {"classes": {"outpatient_routine": {"target": "tomorrow"}}}}
+    path.write_text(json.dumps(document))
+    os.utime(path, (1, 1))  # a different modification time: the file is read again
+    with pytest.raises(PriorityRulesError, match="trusts.RM3.classes.outpatient_routine.target"):
+        wl.rules_for(SimpleNamespace(priority_rules_path=str(path)))

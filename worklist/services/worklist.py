@@ -119,11 +119,15 @@ def _rules_file(path: str, mtime: float) -> RuleSet:
 
 
 def rules_for(settings: Any = None) -> RuleSet:
-    """The rules in force: `settings.priority_rules_path` (a JSON document) or the UK defaults.
+    """The rules in force: a JSON rules document, or the UK defaults.
 
-    Re-read when the file changes, so a region edits its rules without a release.
+    The document's path comes from `settings.priority_rules_path` when Settings has
+    that field, else from WORKLIST_PRIORITY_RULES. It is re-read when the file
+    changes, so a region edits its rules without a release; an invalid document
+    raises PriorityRulesError listing every problem.
     """
     path = getattr(settings, "priority_rules_path", None) if settings is not None else None
+    path = path or os.environ.get("WORKLIST_PRIORITY_RULES")
     if path:
         return _rules_file(str(path), os.stat(path).st_mtime)
     return _default_rules()
@@ -174,7 +178,7 @@ def prioritise_study(
 
     Call when an order arrives or changes; the scheduler also sweeps every ready study.
     """
-    rules = rules or _default_rules()
+    rules = rules or rules_for()
     code = session.scalar(sa.select(Trust.code).where(Trust.id == study.trust_id))
     facts = order_facts(study, code)
     priority = prioritise(facts, rules, now)
@@ -196,7 +200,7 @@ def reprioritise(
     scheduler sweeps every ready study. Urgency only moves when an ageing step
     is crossed (or the order or rules changed), so most rows are left alone.
     """
-    rules = rules or _default_rules()
+    rules = rules or rules_for()
     codes = dict(session.execute(sa.select(Trust.id, Trust.code)).all())
     changed, last_id = 0, 0
     while True:
