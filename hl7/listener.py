@@ -3,7 +3,7 @@
 One asyncio server serves many connections. On each connection frames are
 handled strictly in order: a frame's ACK is written only after the message is
 committed to the database, and the next frame is not looked at before that.
-Three coroutines do the work:
+The work is split three ways:
 
 * one per connection (`_serve_connection`): reads with an idle timeout, feeds
   `hl7.mllp.MllpDecoder` (junk skipped and counted, oversize frames answered
@@ -14,16 +14,21 @@ Three coroutines do the work:
   batch) through `worklist.services.messages.store_messages`, then releases
   their ACKs. If the database is down, nothing is stored and each sender gets
   AR 207 ("resend later"): no ACK is ever sent for a message not on disk;
-* the apply worker (`_apply_loop`): applies stored messages in arrival order,
-  in batches, off the ACK path (the ACK waits only for the durable write). At
-  start it first drains anything stored but not applied before a crash.
+* the apply worker: applies stored messages in arrival order, in batches, off
+  the ACK path (the ACK waits only for the durable write). At start it first
+  drains anything stored but not applied before a crash. `serve_hl7` runs it as
+  a child process (`run_apply_worker`: its own GIL, so applying, which is
+  CPU-heavy ORM work, never delays an ACK); tests run it as a thread
+  (`_apply_loop`). Either way it defers to the store writer during a burst
+  (SQLite has one write lock), for at most `APPLY_MAX_DEFER_SECONDS`.
 
 Optional TLS (`ssl_context`, with client certificates if the context requires
 them) and the per-trust source-address allowlist (checked by the store) guard
 who may send.
 
 Entry points: `MllpListener` (async start/stop, for tests and embedding) and
-`serve_hl7(runtime, host, port, *, ready=None, stop=None, ssl_context=None)`,
+`serve_hl7(runtime, host, port, *, ready=None, stop=None, ssl_context=None,
+apply="process")`,
 the blocking call behind `worklist hl7-listen` and `worklist serve`.
 """
 
@@ -31,17 +36,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import multiprocessing.process
 import os
 import ssl
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from hl7.ack import build_error_ack, minimal_header
 from hl7.er7 import read_header
 from hl7.errors import Hl7Error, ServiceUnavailable
 from hl7.mllp import Frame, MllpDecoder, Oversize, frame
 from worklist.bootstrap import Runtime
+from worklist.config import Settings
 from worklist.services import messages
 
 logger = logging.getLogger(__name__)
@@ -49,6 +59,14 @@ logger = logging.getLogger(__name__)
 READ_CHUNK = 64 * 1024
 STORE_BATCH = 256
 APPLY_POLL_SECONDS = 1.0
+APPLY_MODES = ("thread", "process", "off")
+"""Where stored messages are applied: a thread of this process (tests, embedding), a child
+process (`serve_hl7`: its own GIL, so applying never slows an ACK), or not here at all."""
+STORE_QUIET_SECONDS = 0.005
+APPLY_MAX_DEFER_SECONDS = 0.25
+
+
+_Pending = tuple["messages.Arrival", "messages.Verdict | None", "asyncio.Future[bytes]"]
 
 
 @dataclass
@@ -75,25 +93,34 @@ class MllpListener:
         port: int = 0,
         *,
         ssl_context: ssl.SSLContext | None = None,
-        apply: bool = True,
+        apply: bool | str = "thread",
         store_batch: int = STORE_BATCH,
-        apply_batch: int = messages.APPLY_BATCH,
+        apply_batch: int | None = None,
     ) -> None:
         self.runtime = runtime
         self.settings = runtime.settings
         self.host = host
         self.requested_port = port
         self.ssl_context = ssl_context
-        self.apply_enabled = apply
+        mode = {True: "thread", False: "off"}.get(apply, apply)  # type: ignore[call-overload]
+        if mode not in APPLY_MODES:
+            raise ValueError(f"apply must be one of {APPLY_MODES}, not {apply!r}")
+        self.apply_mode: str = mode
         self.store_batch = store_batch
-        self.apply_batch = apply_batch
+        # Messages applied per transaction: small on SQLite, whose one write lock the
+        # store writer waits for; larger on PostgreSQL, where they do not block each other.
+        self.apply_batch = apply_batch or (10 if runtime.dialect == "sqlite" else 50)
         self.directory = messages.TrustDirectory(runtime.settings)
         self.stats = ListenerStats()
         self._server: asyncio.Server | None = None
-        self._queue: asyncio.Queue[tuple[messages.Arrival, asyncio.Future[bytes]]] | None = None
+        self._queue: asyncio.Queue[_Pending] | None = None
         self._wake_apply: asyncio.Event | None = None
+        self._store_busy = False
+        self._last_store_activity = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self._connections: set[asyncio.Task[None]] = set()
+        self._signals: ApplySignals | None = None
+        self._worker: multiprocessing.process.BaseProcess | None = None
 
     @property
     def port(self) -> int:
@@ -105,8 +132,16 @@ class MllpListener:
         self._queue = asyncio.Queue()
         self._wake_apply = asyncio.Event()
         self._tasks.append(asyncio.create_task(self._store_loop(), name="hl7-store"))
-        if self.apply_enabled:
+        if self.apply_mode == "thread":
             self._tasks.append(asyncio.create_task(self._apply_loop(), name="hl7-apply"))
+        elif self.apply_mode == "process":
+            context = multiprocessing.get_context("spawn")
+            self._signals = ApplySignals.create(context)
+            self._worker = context.Process(
+                target=run_apply_worker, args=(self.settings, self._signals, self.apply_batch),
+                name="hl7-apply", daemon=True,
+            )
+            self._worker.start()
         self._server = await asyncio.start_server(
             self._on_connection, self.host, self.requested_port, ssl=self.ssl_context,
             limit=READ_CHUNK,
@@ -131,6 +166,13 @@ class MllpListener:
             except asyncio.CancelledError:
                 pass
         self._tasks.clear()
+        if self._worker is not None and self._signals is not None:
+            self._signals.stop.set()
+            self._signals.wake.set()
+            await asyncio.to_thread(self._worker.join, grace)
+            if self._worker.is_alive():
+                self._worker.terminate()
+            self._worker = None
 
     async def drain(self, timeout: float = 30.0) -> None:
         """Return once everything stored so far is applied (tests, shutdown).
@@ -140,7 +182,7 @@ class MllpListener:
         """
         async def _run() -> None:
             while True:
-                if await asyncio.to_thread(self._apply_batch) > 0:
+                if self.apply_mode != "process" and await asyncio.to_thread(self._apply_batch) > 0:
                     continue
                 if await asyncio.to_thread(self._pending) == 0:
                     return
@@ -175,7 +217,8 @@ class MllpListener:
         logger.debug("HL7 connection from %s", peer)
         while True:
             try:
-                data = await asyncio.wait_for(reader.read(READ_CHUNK), timeout=idle)
+                async with asyncio.timeout(idle):
+                    data = await reader.read(READ_CHUNK)
             except TimeoutError:
                 logger.info("HL7 connection from %s idle for %ss: closing", peer, idle)
                 break
@@ -216,8 +259,11 @@ class MllpListener:
         else:
             self.stats.frames += 1
             arrival = messages.Arrival(payload=event.payload, peer=peer, received_at=now)
+        # Parse, check and build the ACK here, while the store thread waits on the
+        # database for the previous batch: CPU and I/O overlap.
+        verdict = messages.prepare(arrival, directory=self.directory, now=now)
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        await self._queue.put((arrival, future))
+        await self._queue.put((arrival, verdict, future))
         return await future
 
     # --- store writer (group commit) ---
@@ -226,13 +272,15 @@ class MllpListener:
         assert self._queue is not None
         while True:
             batch = [await self._queue.get()]
+            self._set_store_busy(True)
             while len(batch) < self.store_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            arrivals = [a for a, _ in batch]
+            arrivals = [a for a, _, _ in batch]
+            verdicts = [v for _, v, _ in batch]
             try:
-                acks = await asyncio.to_thread(self._store_batch, arrivals)
+                acks = await asyncio.to_thread(self._store_batch, arrivals, verdicts)
             except asyncio.CancelledError:
-                for _, future in batch:
+                for _, _, future in batch:
                     if not future.done():
                         future.cancel()
                 raise
@@ -244,14 +292,27 @@ class MllpListener:
                 self.stats.store_batches += 1
                 if self._wake_apply is not None:
                     self._wake_apply.set()
-            for (_, future), ack in zip(batch, acks, strict=True):
+                if self._signals is not None:
+                    self._signals.wake.set()
+            for (_, _, future), ack in zip(batch, acks, strict=True):
                 if not future.done():
                     future.set_result(ack)
+            self._set_store_busy(False)
 
-    def _store_batch(self, arrivals: list[messages.Arrival]) -> list[bytes]:
+    def _set_store_busy(self, busy: bool) -> None:
+        self._store_busy = busy
+        self._last_store_activity = time.monotonic()
+        if self._signals is not None:
+            self._signals.busy.value = int(busy)
+            self._signals.last_activity.value = time.time()
+
+    def _store_batch(
+        self, arrivals: list[messages.Arrival], verdicts: list[messages.Verdict | None] | None = None
+    ) -> list[bytes]:
         with self.runtime.session() as session:
             outcomes = messages.store_messages(
-                session, arrivals, directory=self.directory, now=self.runtime.clock.now()
+                session, arrivals, directory=self.directory, now=self.runtime.clock.now(),
+                prepared=verdicts,
             )
         return [o.ack for o in outcomes]
 
@@ -281,12 +342,29 @@ class MllpListener:
         with self.runtime.session() as session:
             return messages.count_pending(session)
 
+    async def _yield_to_store(self) -> None:
+        """Let ACKs go first: wait until the store writer has been quiet for a moment.
+
+        Applying holds the database (SQLite's single write lock; the GIL either
+        way), so during a burst applying waits, but never more than
+        `APPLY_MAX_DEFER_SECONDS`, so it keeps up under steady load.
+        """
+        deadline = time.monotonic() + APPLY_MAX_DEFER_SECONDS
+        while time.monotonic() < deadline:
+            assert self._queue is not None
+            quiet = time.monotonic() - self._last_store_activity
+            if not self._store_busy and self._queue.empty() and quiet >= STORE_QUIET_SECONDS:
+                return
+            await asyncio.sleep(STORE_QUIET_SECONDS)
+
     async def _apply_loop(self) -> None:
         assert self._wake_apply is not None
         while True:
             try:
-                while await asyncio.to_thread(self._apply_batch) > 0:
-                    pass
+                while True:
+                    await self._yield_to_store()
+                    if await asyncio.to_thread(self._apply_batch) == 0:
+                        break
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - keep the worker alive; retry on the next tick
@@ -297,6 +375,67 @@ class MllpListener:
                 await asyncio.wait_for(self._wake_apply.wait(), APPLY_POLL_SECONDS)
             except TimeoutError:
                 pass
+
+
+@dataclass
+class ApplySignals:
+    """What the listener and its apply worker process share: wake-up, stop and store activity."""
+
+    wake: Any
+    stop: Any
+    busy: Any
+    last_activity: Any
+
+    @classmethod
+    def create(cls, context: Any) -> ApplySignals:
+        return cls(
+            wake=context.Event(),
+            stop=context.Event(),
+            busy=context.Value("b", 0, lock=False),
+            last_activity=context.Value("d", 0.0, lock=False),
+        )
+
+    def wait_for_quiet_store(self) -> None:
+        """As `MllpListener._yield_to_store`, across processes."""
+        deadline = time.monotonic() + APPLY_MAX_DEFER_SECONDS
+        while time.monotonic() < deadline and not self.stop.is_set():
+            quiet = time.time() - self.last_activity.value
+            if not self.busy.value and quiet >= STORE_QUIET_SECONDS:
+                return
+            time.sleep(STORE_QUIET_SECONDS)
+
+
+def run_apply_worker(settings: Settings, signals: ApplySignals, batch: int) -> None:
+    """The apply worker as its own process: its own GIL, so applying (CPU-heavy ORM
+    work) never delays an ACK; it applies in arrival order until told to stop."""
+    from worklist.bootstrap import build_runtime
+
+    try:
+        os.nice(10)  # background work: the scheduler gives the listener (and the database) the CPU first
+    except OSError:
+        pass
+    runtime = build_runtime(settings)
+    directory = messages.TrustDirectory(settings)
+    parent = multiprocessing.parent_process()
+    try:
+        while not signals.stop.is_set():
+            if parent is not None and not parent.is_alive():
+                break  # the listener died (e.g. SIGKILL): its successor starts a new worker
+            signals.wait_for_quiet_store()
+            try:
+                with runtime.session() as session:
+                    taken = messages.apply_pending(
+                        session, directory=directory, now=runtime.clock.now(), limit=batch
+                    )
+            except Exception:  # noqa: BLE001 - keep the worker alive; retry shortly
+                logger.exception("applying stored HL7 messages failed; retrying")
+                time.sleep(APPLY_POLL_SECONDS)
+                continue
+            if taken == 0:
+                signals.wake.wait(APPLY_POLL_SECONDS)
+                signals.wake.clear()
+    finally:
+        runtime.dispose()
 
 
 def ssl_context_from_env(environ: Mapping[str, str] | None = None) -> ssl.SSLContext | None:
@@ -323,16 +462,23 @@ def serve_hl7(
     ready: threading.Event | Callable[[int], object] | None = None,
     stop: threading.Event | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    apply: str | None = None,
 ) -> None:
     """Run the MLLP listener until `stop` is set (blocking; call from a thread or a process).
 
     `ready` is set (or called with the bound port) once the socket listens. TLS
     comes from `ssl_context`, else from the WORKLIST_HL7_TLS_* environment.
+    Stored messages are applied by a child process (`apply="process"`, the default
+    on PostgreSQL), or a thread of this one (`"thread"`, the default on SQLite: a
+    second process would fight the listener for SQLite's one write lock, whose
+    busy-wait backs off in sleeps of up to 100 ms), or elsewhere (`"off"`).
     """
+    if apply is None:
+        apply = "thread" if runtime.dialect == "sqlite" else "process"
     context = ssl_context if ssl_context is not None else ssl_context_from_env()
 
     async def main() -> None:
-        listener = MllpListener(runtime, host, port, ssl_context=context)
+        listener = MllpListener(runtime, host, port, ssl_context=context, apply=apply)
         await listener.start()
         if isinstance(ready, threading.Event):
             ready.set()

@@ -159,6 +159,13 @@ class TrustDirectory:
                 found = self._match(application, facility)
             return found
 
+    def cached(self, application: str, facility: str) -> TrustSnapshot | None:
+        """The trust from the cache alone (no database); None when unknown or the cache is old."""
+        with self._lock:
+            if time.monotonic() - self._loaded_at > self.ttl:
+                return None
+            return self._match(application, facility)
+
     def invalidate(self) -> None:
         with self._lock:
             self._loaded_at = float("-inf")
@@ -202,12 +209,22 @@ class StoreOutcome:
 
 
 @dataclass
-class _Verdict:
+class Verdict:
     header: ReceivedHeader
     trust: TrustSnapshot | None = None
     message: Er7Message | None = None
     events: list[DomainEvent] = field(default_factory=list)
     error: Hl7Error | None = None
+    ack: bytes | None = None
+    ack_code: str | None = None
+
+
+def prepare(arrival: Arrival, *, directory: TrustDirectory, now: datetime) -> Verdict | None:
+    """Parse, check and build the ACK of one arrival without the database (None: needs it)."""
+    verdict = interpret(None, arrival, directory=directory)
+    if verdict is not None:
+        verdict.ack, verdict.ack_code = _ack_for(verdict, directory.settings, now)
+    return verdict
 
 
 def _peer_host(peer: str | None) -> str | None:
@@ -221,13 +238,24 @@ def _sender(header: ReceivedHeader) -> tuple[str, str]:
     return header.component(header.sending_application), header.component(header.sending_facility)
 
 
+def _duplicate_key(header: ReceivedHeader) -> tuple[str, str, str]:
+    """(MSH-3.1, MSH-4.1, MSH-10) as stored: a resend has the same key (HL7-NOTES section 1.2)."""
+    application, facility = _sender(header)
+    return application[:100], facility[:100], header.control_id[:100]
+
+
 def interpret(
-    session: Session, arrival: Arrival, *, directory: TrustDirectory
-) -> _Verdict:
-    """Header, trust and events of one arrival, or the Hl7Error it deserves; no writes."""
+    session: Session | None, arrival: Arrival, *, directory: TrustDirectory
+) -> Verdict | None:
+    """Header, trust and events of one arrival, or the Hl7Error it deserves; no writes.
+
+    Without a session (the listener's event loop, ahead of the database thread) the
+    trust comes from the directory's cache only; None means "needs the database"
+    (an unknown sender, or a cache too old), and `store_messages` interprets it again.
+    """
     payload = arrival.payload
     if is_batch(payload):
-        return _Verdict(
+        return Verdict(
             header=minimal_header(),
             error=MalformedMessage(
                 "batch envelopes (FHS/BHS) are not accepted over MLLP; send one message per frame",
@@ -237,12 +265,17 @@ def interpret(
     try:
         header = read_header(payload)
     except Hl7Error as error:
-        return _Verdict(header=minimal_header(), error=error)
+        return Verdict(header=minimal_header(), error=error)
     application, facility = _sender(header)
-    trust = directory.find(session, application, facility)
+    if session is None:
+        trust = directory.cached(application, facility)
+        if trust is None:
+            return None
+    else:
+        trust = directory.find(session, application, facility)
     if arrival.oversize_bytes is not None:
         limit = directory.settings.hl7_max_message_bytes
-        return _Verdict(
+        return Verdict(
             header=header,
             trust=trust,
             error=MessageTooLarge(
@@ -250,7 +283,7 @@ def interpret(
             ),
         )
     if trust is None:
-        return _Verdict(
+        return Verdict(
             header=header,
             error=UnknownSender(
                 f"sender {application or '(empty)'}/{facility or '(empty)'} (MSH-3/MSH-4) is not a"
@@ -258,7 +291,7 @@ def interpret(
                 segment="MSH", sequence=1, field=4,
             ),
         )
-    verdict = _Verdict(header=header, trust=trust)
+    verdict = Verdict(header=header, trust=trust)
     if not trust.allows(_peer_host(arrival.peer)):
         verdict.error = UnknownSender(
             f"address {_peer_host(arrival.peer)} may not send as trust {trust.code}",
@@ -277,7 +310,7 @@ def interpret(
     return verdict
 
 
-def _enhanced(verdict: _Verdict) -> bool:
+def _enhanced(verdict: Verdict) -> bool:
     trust = verdict.trust
     # Without a trust we know nothing of the sender's engine: answer in original mode,
     # which every engine reads (HL7-NOTES 5.1: UK feeds send AL|NE yet expect AA/AE/AR).
@@ -287,7 +320,7 @@ def _enhanced(verdict: _Verdict) -> bool:
     return ack_is_enhanced(verdict.header, mode if mode in ("auto", "original", "enhanced") else "original")
 
 
-def _ack_for(verdict: _Verdict, settings: Settings, now: datetime) -> tuple[bytes, str]:
+def _ack_for(verdict: Verdict, settings: Settings, now: datetime) -> tuple[bytes, str]:
     enhanced = _enhanced(verdict)
     common: dict[str, Any] = {
         "now": now,
@@ -320,7 +353,7 @@ def _search_keys(events: Sequence[DomainEvent]) -> tuple[str | None, str | None]
     return (accession[:64] if accession else None), (patient[:64] if patient else None)
 
 
-def _message_time(verdict: _Verdict) -> datetime | None:
+def _message_time(verdict: Verdict) -> datetime | None:
     for event in verdict.events:
         return event.message_time
     return None
@@ -332,56 +365,58 @@ def store_messages(
     *,
     directory: TrustDirectory,
     now: datetime,
+    prepared: Sequence[Verdict | None] | None = None,
 ) -> list[StoreOutcome]:
     """Store a batch of arrivals (the caller commits, then sends the ACKs), in order.
 
     A resend (same sender MSH-3/MSH-4 and MSH-10, non-empty) is stored as
     ``duplicate`` and answered with the ACK of the first one, byte for byte.
+    `prepared` holds verdicts already worked out by `interpret(None, ...)` (the
+    listener does the parsing while this thread waits on the database).
     """
     settings = directory.settings
     outcomes: list[StoreOutcome] = []
-    seen: dict[tuple[str, str, str], InboundMessage] = {}
-    rows: list[tuple[InboundMessage, StoreOutcome | None]] = []
-    for arrival in arrivals:
-        verdict = interpret(session, arrival, directory=directory)
+    seen: dict[tuple[str, str, str], _Original] = {}
+    rows: list[dict[str, Any]] = []
+    with session.no_autoflush:
+        ready = list(prepared) if prepared is not None else [None] * len(arrivals)
+        verdicts: list[Verdict] = [
+            verdict or interpret(session, arrival, directory=directory)  # type: ignore[misc]
+            for arrival, verdict in zip(arrivals, ready, strict=True)
+        ]
+        originals = _stored_originals(
+            session, [_duplicate_key(v.header) for v, a in zip(verdicts, arrivals, strict=True)
+                      if a.oversize_bytes is None]
+        )
+    for arrival, verdict in zip(arrivals, verdicts, strict=True):
         header = verdict.header
         application, facility = _sender(header)
         control_id = header.control_id
-        key = (application[:100], facility[:100], control_id[:100])
+        key = _duplicate_key(header)
         original = None
         if control_id and arrival.oversize_bytes is None:
-            original = seen.get(key) or session.scalar(
-                sa.select(InboundMessage)
-                .where(
-                    InboundMessage.sending_application == key[0],
-                    InboundMessage.sending_facility == key[1],
-                    InboundMessage.control_id == key[2],
-                    InboundMessage.state != DUPLICATE,
-                )
-                .order_by(InboundMessage.id)
-                .limit(1)
-            )
+            original = seen.get(key) or originals.get(key)
         accession, patient = _search_keys(verdict.events)
-        row = InboundMessage(
-            trust_id=verdict.trust.id if verdict.trust else None,
-            sending_application=key[0] or None,
-            sending_facility=key[1] or None,
-            control_id=key[2],
-            message_type=f"{header.message_code}^{header.trigger}"[:32] if header.message_code else None,
-            message_time=_message_time(verdict),
-            received_at=arrival.received_at,
-            peer=(arrival.peer or "")[:100] or None,
-            raw=arrival.payload,
-            accession_number=accession,
-            patient_identifier=patient,
-        )
-        if original is not None and original.ack is not None:
-            row.state = DUPLICATE
-            row.ack = original.ack
-            row.ack_code = original.ack_code
-            row.error = f"resend of message {original.id}" if original.id else "resend in the same batch"
-            session.add(row)
-            rows.append((row, None))
+        row: dict[str, Any] = {
+            "trust_id": verdict.trust.id if verdict.trust else None,
+            "sending_application": key[0] or None,
+            "sending_facility": key[1] or None,
+            "control_id": key[2],
+            "message_type": f"{header.message_code}^{header.trigger}"[:32] if header.message_code else None,
+            "message_time": _message_time(verdict),
+            "received_at": arrival.received_at,
+            "peer": (arrival.peer or "")[:100] or None,
+            "raw": arrival.payload,
+            "accession_number": accession,
+            "patient_identifier": patient,
+            "error": None,
+        }
+        if original is not None:
+            row["state"] = DUPLICATE
+            row["ack"] = original.ack
+            row["ack_code"] = original.ack_code
+            row["error"] = f"resend of message {original.id}" if original.id else "resend in the same batch"
+            rows.append(row)
             outcomes.append(
                 StoreOutcome(
                     message_id=None, state=DUPLICATE, ack=original.ack, ack_code=original.ack_code or "",
@@ -390,36 +425,86 @@ def store_messages(
                 )
             )
             continue
-        ack, ack_code = _ack_for(verdict, settings, now)
+        if verdict.ack is None:
+            verdict.ack, verdict.ack_code = _ack_for(verdict, settings, now)
+        ack, ack_code = verdict.ack, verdict.ack_code or ""
         if verdict.error is None:
-            row.state = RECEIVED
+            row["state"] = RECEIVED
         else:
-            row.state = REJECTED if verdict.error.ack_code == "AR" else FAILED
-            row.error = _describe(verdict.error)
+            row["state"] = REJECTED if verdict.error.ack_code == "AR" else FAILED
+            row["error"] = _describe(verdict.error)
             logger.warning(
                 "HL7 %s from %s/%s control id %r: %s",
-                ack_code, application, facility, control_id, row.error,
+                ack_code, application, facility, control_id, row["error"],
             )
-        row.ack = ack
-        row.ack_code = ack_code
-        session.add(row)
+        row["ack"] = ack
+        row["ack_code"] = ack_code
         if control_id:
-            seen[key] = row
-        rows.append((row, None))
+            seen[key] = _Original(None, ack, ack_code)
+        rows.append(row)
         outcomes.append(
             StoreOutcome(
-                message_id=None, state=row.state, ack=ack, ack_code=ack_code,
+                message_id=None, state=row["state"], ack=ack, ack_code=ack_code,
                 trust_code=verdict.trust.code if verdict.trust else None, control_id=control_id,
             )
         )
-    session.flush()
+    # One multi-row INSERT (Core, not ORM units of work: this is the ACK's hot path).
+    table = InboundMessage.__table__
+    ids = session.connection().execute(
+        table.insert().returning(table.c.id, sort_by_parameter_order=True), rows
+    ).scalars().all()
     return [
         StoreOutcome(
-            message_id=row.id, state=o.state, ack=o.ack, ack_code=o.ack_code, trust_code=o.trust_code,
+            message_id=message_id, state=o.state, ack=o.ack, ack_code=o.ack_code, trust_code=o.trust_code,
             control_id=o.control_id, duplicate_of=o.duplicate_of,
         )
-        for (row, _), o in zip(rows, outcomes, strict=True)
+        for message_id, o in zip(ids, outcomes, strict=True)
     ]
+
+
+@dataclass(frozen=True)
+class _Original:
+    """The first stored message with a given sender and MSH-10: its ACK is every resend's."""
+
+    id: int | None
+    ack: bytes
+    ack_code: str | None
+
+
+def _stored_originals(
+    session: Session, keys: Sequence[tuple[str, str, str]]
+) -> dict[tuple[str, str, str], _Original]:
+    """Earlier messages with any of these (MSH-3, MSH-4, MSH-10): one query for the batch,
+    on the (sending_application, sending_facility, control_id) index; exact keys matched here."""
+    wanted = {k for k in keys if k[2]}
+    if not wanted:
+        return {}
+    table = InboundMessage.__table__
+
+    def column_in(column: sa.Column[Any], values: set[str]) -> sa.ColumnElement[bool]:
+        present = {v for v in values if v}
+        clause = column.in_(present) if present else sa.false()
+        return sa.or_(clause, column.is_(None)) if "" in values else clause
+
+    query = (
+        sa.select(
+            table.c.id, table.c.sending_application, table.c.sending_facility, table.c.control_id,
+            table.c.ack, table.c.ack_code,
+        )
+        .where(
+            column_in(table.c.sending_application, {k[0] for k in wanted}),
+            column_in(table.c.sending_facility, {k[1] for k in wanted}),
+            table.c.control_id.in_({k[2] for k in wanted}),
+            table.c.state != DUPLICATE,
+        )
+        .order_by(table.c.id)
+    )
+    found: dict[tuple[str, str, str], _Original] = {}
+    for row in session.connection().execute(query):
+        key = (row.sending_application or "", row.sending_facility or "", row.control_id or "")
+        if key in wanted and key not in found and row.ack is not None:
+            found[key] = _Original(row.id, row.ack, row.ack_code)
+    return found
 
 
 def _describe(error: Hl7Error | WorklistError | Exception) -> str:
@@ -625,6 +710,7 @@ def replay_message(
     directory.invalidate()
     arrival = Arrival(payload=row.raw, peer=row.peer, received_at=row.received_at)
     verdict = interpret(session, arrival, directory=directory)
+    assert verdict is not None  # with a session the trust is always resolved
     if verdict.error is not None:
         row.state = REJECTED if verdict.error.ack_code == "AR" else FAILED
         row.error = _describe(verdict.error)

@@ -1,0 +1,427 @@
+"""Inbound HL7 ingest benchmark: 8 RIS senders over MLLP into the listener, against two floors.
+
+Not a test: it prints figures and writes JSON to bench/results/. For each database
+(SQLite file, and PostgreSQL when reachable) it runs, with the same traffic and the
+same client (8 concurrent connections, one per trust, each waiting for its ACK as a
+RIS engine does; realistic ORM^O01 NW/XO/CA/SC-CM traffic from
+`worklist.ris_simulator.order_traffic`):
+
+  floor (a)  a bare asyncio MLLP echo server: ACKs without storing or parsing;
+  floor (b)  a bare server that inserts the raw message and commits before the ACK
+             (one commit per message: the durable floor);
+  listener   `hl7.listener.serve_hl7`: parse, store (group commit) before ACK, apply
+             in the background worker to studies.
+
+Each server runs in its own process (the client must not share its GIL). Reported:
+messages acknowledged per second, messages applied per second (until the last one
+is applied), p50/p99 ACK latency, each as a ratio to the floors; then a paced run
+at 200 messages/second offered for p99 latency.
+
+    .venv/bin/python bench/ingest.py                      # both databases, 4000 messages
+    .venv/bin/python bench/ingest.py --db sqlite --messages 2000
+    WORKLIST_BENCH_POSTGRES_URL=postgresql+psycopg://postgres@127.0.0.1:5432/postgres ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import sqlalchemy as sa  # noqa: E402
+
+from hl7.mllp import Frame, MllpDecoder, frame  # noqa: E402
+from worklist.ris_simulator import TrustFeed, order_traffic  # noqa: E402
+
+TRUSTS = ("RW6", "R0A", "RM3", "RMC", "RBV", "RRF", "RVY", "RWJ")
+DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+
+# --- servers (run in a child process: `bench/ingest.py --serve KIND --url URL --port-file F`) ---
+
+
+async def _serve_echo(port_file: Path) -> None:
+    """Floor (a): ACK every frame at once, no parsing, no storing."""
+    ack = b"MSH|^~\\&|BENCH|BENCH|||20260101||ACK|1|P|2.4\rMSA|AA|1\r"
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder = MllpDecoder()
+        while data := await reader.read(65536):
+            for _ in decoder.feed(data):
+                writer.write(frame(ack))
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port_file.write_text(str(server.sockets[0].getsockname()[1]))
+    await server.serve_forever()
+
+
+async def _serve_raw_insert(url: str, port_file: Path) -> None:
+    """Floor (b): insert the raw bytes and commit, then ACK; one transaction per message."""
+    from worklist.bootstrap import create_db_engine
+
+    engine = create_db_engine(url, pool_size=8)
+    metadata = sa.MetaData()
+    table = sa.Table(
+        "bench_raw", metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("received_at", sa.DateTime(timezone=True)),
+        sa.Column("raw", sa.LargeBinary),
+    )
+    metadata.create_all(engine)
+    ack = b"MSH|^~\\&|BENCH|BENCH|||20260101||ACK|1|P|2.4\rMSA|AA|1\r"
+
+    def store(payload: bytes) -> None:
+        with engine.begin() as conn:
+            conn.execute(table.insert().values(received_at=datetime.now(UTC), raw=payload))
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder = MllpDecoder()
+        while data := await reader.read(65536):
+            for event in decoder.feed(data):
+                if isinstance(event, Frame):
+                    await asyncio.to_thread(store, event.payload)
+                writer.write(frame(ack))
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port_file.write_text(str(server.sockets[0].getsockname()[1]))
+    await server.serve_forever()
+
+
+def _serve_listener(url: str, port_file: Path) -> None:
+    import logging
+
+    from hl7.listener import serve_hl7
+    from worklist.bootstrap import build_runtime
+    from worklist.config import Settings
+
+    logging.basicConfig(level=logging.ERROR)
+    settings = Settings(database_url=url, environment="test", hl7_processing_id="P").validated()
+    runtime = build_runtime(settings)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # stop cleanly: the apply worker too
+    serve_hl7(runtime, "127.0.0.1", 0, ready=lambda port: port_file.write_text(str(port)), stop=stop,
+              apply=os.environ.get("WORKLIST_BENCH_APPLY") or None)
+
+
+def serve(kind: str, url: str, port_file: Path) -> None:
+    if kind != "listener":
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    if kind == "echo":
+        asyncio.run(_serve_echo(port_file))
+    elif kind == "raw":
+        asyncio.run(_serve_raw_insert(url, port_file))
+    else:
+        _serve_listener(url, port_file)
+
+
+class Server:
+    """A server child process; its port comes back through a file."""
+
+    def __init__(self, kind: str, url: str = "") -> None:
+        self.port_file = Path(tempfile.mkstemp(prefix="bench-port-")[1])
+        self.port_file.write_text("")
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--serve", kind, "--url", url, "--port-file", str(self.port_file)],
+            cwd=ROOT,
+        )
+        deadline = time.monotonic() + 60
+        while not self.port_file.read_text().strip():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{kind} server did not start")
+            time.sleep(0.05)
+        self.port = int(self.port_file.read_text())
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.port_file.unlink(missing_ok=True)
+
+
+# --- the client: 8 RIS senders -------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    label: str
+    messages: int = 0
+    seconds: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+    codes: dict[str, int] = field(default_factory=dict)
+    applied_seconds: float | None = None
+
+    @property
+    def acked_per_second(self) -> float:
+        return self.messages / self.seconds if self.seconds else 0.0
+
+    @property
+    def applied_per_second(self) -> float | None:
+        return self.messages / self.applied_seconds if self.applied_seconds else None
+
+    def percentile(self, p: float) -> float:
+        if not self.latencies_ms:
+            return 0.0
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "messages": self.messages,
+            "seconds": round(self.seconds, 3),
+            "acked_per_second": round(self.acked_per_second, 1),
+            "applied_per_second": round(self.applied_per_second, 1) if self.applied_per_second else None,
+            "p50_ms": round(self.percentile(50), 2),
+            "p99_ms": round(self.percentile(99), 2),
+            "mean_ms": round(statistics.fmean(self.latencies_ms), 2) if self.latencies_ms else None,
+            "ack_codes": self.codes,
+        }
+
+
+def traffic(count: int, seed: int) -> dict[str, list[bytes]]:
+    """Per trust, the messages its RIS sends (an order's messages stay on its trust's connection)."""
+    feeds = [TrustFeed(code=c, sending_application="CRIS", sending_facility=c) for c in TRUSTS]
+    per_trust: dict[str, list[bytes]] = defaultdict(list)
+    run = uuid.uuid4().hex[:6].upper()
+    for feed, text in order_traffic(feeds, count=count, seed=seed):
+        # A fresh control id per run: repeated runs must not be answered as duplicates.
+        text = text.replace(f"|{feed.code}0", f"|{run}{feed.code}0", 1)
+        per_trust[feed.code].append(text.encode("latin-1"))
+    return per_trust
+
+
+async def _sender(port: int, messages: list[bytes], run: Run, interval: float) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    decoder = MllpDecoder()
+    began = time.perf_counter()
+    for i, payload in enumerate(messages):
+        if interval:
+            wait = began + i * interval - time.perf_counter()
+            if wait > 0:
+                await asyncio.sleep(wait)
+        sent = time.perf_counter()
+        writer.write(frame(payload))
+        await writer.drain()
+        ack = None
+        while ack is None:
+            data = await reader.read(65536)
+            if not data:
+                raise ConnectionError("server closed the connection")
+            for event in decoder.feed(data):
+                if isinstance(event, Frame):
+                    ack = event.payload
+        run.latencies_ms.append((time.perf_counter() - sent) * 1000)
+        code = ack.split(b"\rMSA|", 1)[1][:2].decode() if b"\rMSA|" in ack else "??"
+        run.codes[code] = run.codes.get(code, 0) + 1
+    writer.close()
+
+
+def play(label: str, port: int, per_trust: dict[str, list[bytes]], *, rate: float = 0.0) -> Run:
+    run = Run(label, messages=sum(len(m) for m in per_trust.values()))
+    interval = len(per_trust) / rate if rate else 0.0
+
+    async def main() -> None:
+        await asyncio.gather(*(_sender(port, msgs, run, interval) for msgs in per_trust.values()))
+
+    began = time.perf_counter()
+    asyncio.run(main())
+    run.seconds = time.perf_counter() - began
+    return run
+
+
+# --- databases -----------------------------------------------------------------------------
+
+
+def prepare_database(kind: str, pg_admin: str, workdir: Path) -> tuple[str, callable]:  # type: ignore[valid-type]
+    """A fresh migrated database with the 8 trusts; returns (url, drop)."""
+    from worklist.bootstrap import build_runtime
+    from worklist.config import Settings
+    from worklist.db import migrate
+    from worklist.services.trusts import add_trust
+
+    if kind == "sqlite":
+        path = workdir / f"bench-{uuid.uuid4().hex[:8]}.db"
+        url = f"sqlite:///{path}"
+
+        def drop() -> None:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
+    else:
+        name = f"bench_{uuid.uuid4().hex[:8]}"
+        admin = sa.create_engine(pg_admin, isolation_level="AUTOCOMMIT")
+        with admin.connect() as c:
+            c.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        url = sa.make_url(pg_admin).set(database=name).render_as_string(hide_password=False)
+
+        def drop() -> None:
+            with admin.connect() as c:
+                c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            admin.dispose()
+
+    runtime = build_runtime(Settings(database_url=url, environment="test").validated())
+    migrate.upgrade(runtime.engine)
+    now = datetime.now(UTC)
+    with runtime.session() as session:
+        for code in TRUSTS:
+            add_trust(session, code=code, name=f"Trust {code}", sending_facility=code,
+                      sending_application="CRIS", now=now)
+    runtime.dispose()
+    return url, drop
+
+
+def wait_applied(url: str, expected: int, started: float, timeout: float = 600) -> float | None:
+    """Seconds from `started` until every message of the run left the `received` state."""
+    engine = sa.create_engine(url)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                pending, total = conn.execute(sa.text(
+                    "SELECT SUM(CASE WHEN state = 'received' THEN 1 ELSE 0 END), COUNT(*) FROM inbound_message"
+                )).one()
+            if (total or 0) >= expected and not pending:
+                return time.perf_counter() - started
+            time.sleep(0.05)
+        return None
+    finally:
+        engine.dispose()
+
+
+def states(url: str) -> dict[str, int]:
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT state, COUNT(*) FROM inbound_message GROUP BY state")).all()
+    engine.dispose()
+    return {state: count for state, count in rows}
+
+
+def bench_database(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, object]:
+    per_trust = traffic(args.messages, seed=11)
+    results: dict[str, object] = {"database": kind}
+
+    echo = Server("echo")
+    try:
+        floor_a = play("floor (a) echo", echo.port, per_trust)
+    finally:
+        echo.stop()
+
+    url_b, drop_b = prepare_database(kind, args.pg_url, workdir)
+    raw = Server("raw", url_b)
+    try:
+        floor_b = play("floor (b) insert+commit", raw.port, per_trust)
+    finally:
+        raw.stop()
+        drop_b()
+
+    url, drop = prepare_database(kind, args.pg_url, workdir)
+    listener = Server("listener", url)
+    try:
+        started = time.perf_counter()
+        ours = play("listener", listener.port, per_trust)
+        ours.applied_seconds = wait_applied(url, ours.messages, started)
+        applied_states = states(url)
+        paced = play(f"listener at {args.latency_rate:g}/s offered", listener.port,
+                     traffic(int(args.latency_rate * args.latency_seconds), seed=12), rate=args.latency_rate)
+    finally:
+        listener.stop()
+        drop()
+
+    for run in (floor_a, floor_b, ours, paced):
+        results[run.label] = run.summary()
+    results["listener_states"] = applied_states
+    results["ratios"] = {
+        "acked_vs_floor_a": round(ours.acked_per_second / floor_a.acked_per_second, 3),
+        "acked_vs_floor_b": round(ours.acked_per_second / floor_b.acked_per_second, 3),
+        "applied_vs_floor_b": round((ours.applied_per_second or 0) / floor_b.acked_per_second, 3),
+        "p99_vs_floor_b": round(ours.percentile(99) / max(floor_b.percentile(99), 1e-9), 3),
+    }
+    results["targets"] = {
+        "acked >= 80% of floor (b)": ours.acked_per_second >= 0.8 * floor_b.acked_per_second,
+        "applied >= 500/s (PostgreSQL target)": (ours.applied_per_second or 0) >= 500,
+        f"p99 < 50 ms at {args.latency_rate:g}/s": paced.percentile(99) < 50,
+    }
+    return results
+
+
+def print_results(results: dict[str, object]) -> None:
+    print(f"\n=== {results['database']} ===")
+    print(f"{'run':<34}{'msgs':>7}{'ack/s':>10}{'applied/s':>11}{'p50 ms':>9}{'p99 ms':>9}  codes")
+    for key, value in results.items():
+        if isinstance(value, dict) and "acked_per_second" in value:
+            applied = value["applied_per_second"]
+            print(f"{key:<34}{value['messages']:>7}{value['acked_per_second']:>10}"
+                  f"{applied if applied is not None else '-':>11}{value['p50_ms']:>9}{value['p99_ms']:>9}"
+                  f"  {value['ack_codes']}")
+    print("ratios:", results["ratios"])
+    print("stored states:", results["listener_states"])
+    for target, met in results["targets"].items():  # type: ignore[union-attr]
+        print(f"  {'MET ' if met else 'MISS'} {target}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--serve", choices=("echo", "raw", "listener"), help=argparse.SUPPRESS)
+    parser.add_argument("--url", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--db", choices=("sqlite", "postgresql", "both"), default="both")
+    parser.add_argument("--messages", type=int, default=4000, help="messages per run (default 4000)")
+    parser.add_argument("--latency-rate", type=float, default=200.0, help="offered rate for the latency run")
+    parser.add_argument("--latency-seconds", type=float, default=10.0)
+    parser.add_argument("--pg-url", default=os.environ.get("WORKLIST_BENCH_POSTGRES_URL", DEFAULT_PG),
+                        help="PostgreSQL admin URL (a database is created and dropped)")
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve, args.url, args.port_file)
+        return 0
+
+    kinds = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
+    report: dict[str, object] = {
+        "benchmark": "ingest",
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "senders": len(TRUSTS),
+        "runs": [],
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in kinds:
+            if kind == "postgresql":
+                try:
+                    sa.create_engine(args.pg_url).connect().close()
+                except Exception as exc:  # noqa: BLE001 - report and go on
+                    print(f"PostgreSQL not reachable at {args.pg_url}: {exc}; skipped")
+                    continue
+            results = bench_database(kind, args, Path(tmp))
+            print_results(results)
+            report["runs"].append(results)  # type: ignore[attr-defined]
+    out_dir = ROOT / "bench" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"ingest-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {out.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
