@@ -435,3 +435,105 @@ def test_every_corpus_order_and_adt_gets_an_ack_over_the_socket(runtime: Runtime
         print("\ncorpus over MLLP (ACK, then stored state):")
         for (name, code), (state, error) in zip(table, states.values(), strict=True):
             print(f"  {name:<72} {code:<3} {state:<9} {(error or '')[:70]}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_listener_process(url: str, port: int, tmp_path: Path) -> subprocess.Popen[bytes]:
+    import os
+    import sys
+
+    env = dict(os.environ, WORKLIST_DATABASE_URL=url, WORKLIST_INSTANCE_PATH=str(tmp_path))
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from worklist.cli import main; sys.exit(main(sys.argv[1:]))",
+         "hl7-listen", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return process
+        except OSError:
+            if process.poll() is not None:
+                raise RuntimeError("the listener process exited") from None
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("the listener process did not start")
+
+
+def test_a_listener_killed_mid_burst_loses_no_acknowledged_message_and_applies_retries_once(
+    runtime: Runtime, trust: int, tmp_path: Path
+) -> None:
+    url = runtime.settings.resolved_database_url
+    template = fixture("orm-o01-v24-nw-ct-head.hl7")
+
+    def message(sender: int, i: int) -> tuple[str, bytes]:
+        control = f"K{sender}-{i:03d}"
+        return control, (template.replace(b"RW6000123", control.encode())
+                         .replace(b"RW6ACC0001", f"KA{sender}-{i:03d}".encode())
+                         .replace(b"PL778899", f"KP{sender}-{i:03d}".encode())
+                         .replace(b"FL445566", f"KF{sender}-{i:03d}".encode()))
+
+    burst = {s: [message(s, i) for i in range(40)] for s in range(4)}
+    acked: set[str] = set()
+    lock = threading.Lock()
+    port = _free_port()
+    process = _start_listener_process(url, port, tmp_path)
+
+    def sender(s: int) -> None:
+        try:
+            client = Client(port)
+            for control, payload in burst[s]:
+                if msa(client.send(payload))[1] == "AA":
+                    with lock:
+                        acked.add(control)
+        except OSError:
+            return  # the listener died: the rest are unacknowledged
+
+    threads = [threading.Thread(target=sender, args=(s,)) for s in burst]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while len(acked) < 60 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    process.kill()  # SIGKILL, mid-burst
+    process.wait(10)
+    for t in threads:
+        t.join(10)
+    assert 60 <= len(acked) < 160, "the kill must land in the middle of the burst"
+
+    with runtime.session() as session:
+        stored = set(session.scalars(sa.select(InboundMessage.control_id)))
+    assert acked <= stored  # every acknowledged message survived the kill
+
+    # Restart: what was stored is applied; the senders retry everything not acknowledged.
+    process = _start_listener_process(url, port, tmp_path)
+    try:
+        client = Client(port)
+        for s in burst:
+            for control, payload in burst[s]:
+                if control not in acked:
+                    assert msa(client.send(payload))[1] == "AA"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with runtime.session() as session:
+                pending = session.scalar(sa.select(sa.func.count()).select_from(InboundMessage)
+                                         .where(InboundMessage.state == "received"))
+            if not pending:
+                break
+            time.sleep(0.1)
+    finally:
+        process.terminate()
+        process.wait(10)
+    with runtime.session() as session:
+        states = list(session.execute(sa.select(InboundMessage.control_id, InboundMessage.state)))
+        studies = session.scalar(sa.select(sa.func.count()).select_from(Study))
+    applied = [c for c, state in states if state == "applied"]
+    assert sorted(applied) == sorted(c for msgs in burst.values() for c, _ in msgs)  # each exactly once
+    assert {state for _, state in states} <= {"applied", "duplicate"}
+    assert studies == 160
