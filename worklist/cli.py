@@ -22,7 +22,7 @@ from worklist.errors import ConfigurationError, WorklistError
 logger = logging.getLogger("worklist")
 
 # Areas that add their own sub-commands: each module exposes register(subparsers).
-EXTENSION_MODULES = ("worklist.cli_messages", "worklist.cli_reports")
+EXTENSION_MODULES = ("worklist.cli_messages", "worklist.cli_reports", "worklist.cli_worklist")
 
 Handler = Callable[[argparse.Namespace, Runtime], int]
 
