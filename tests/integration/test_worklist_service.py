@@ -16,6 +16,7 @@ from worklist.db.models import Assignment, AuditEvent, DutySession, Report, Repo
 from worklist.domain.priority import PriorityRulesError, tier_from_urgency
 from worklist.domain.priority_rules import DEFAULT_RULES
 from worklist.errors import Conflict, Forbidden, NotFound
+from worklist.services import priors as priors_service
 from worklist.services import worklist as wl
 
 
@@ -195,7 +196,7 @@ def test_a_study_of_a_trust_the_user_may_not_see_is_not_found(session, clock, re
     with pytest.raises(NotFound):
         wl.get_study(session, study_id=hidden.id, user=reader, now=clock.now())
     with pytest.raises(NotFound):
-        wl.priors(session, study_id=hidden.id, user=reader, now=clock.now())
+        priors_service.priors(session, study_id=hidden.id, user=reader, now=clock.now())
 
 
 def test_release_returns_the_study_to_the_pool_with_the_reason(session, clock, region):
@@ -361,7 +362,7 @@ def test_priors_come_from_every_trust_by_valid_nhs_number_newest_first_with_repo
                                      author_id=reader.id, signed_at=clock.now())]  # fmt: skip
     session.add(report)
     session.flush()
-    found = wl.priors(session, study_id=current.id, user=reader, now=clock.now())
+    found = priors_service.priors(session, study_id=current.id, user=reader, now=clock.now())
     assert [p.study for p in found] == [recent_xr, old_ct]
     assert [p.trust_code for p in found] == ["RW6", "RM3"]
     assert [p.relevant for p in found] == [False, True]

@@ -10,15 +10,16 @@ Use cases that own their transaction's work (the caller commits):
     cancelled or held end and say why;
   * auto-assignment (push, job `auto_assign_job`) balancing effort across
     on-duty radiologists and keeping every trust served;
-  * double reading; keeping a patient's unread studies with one reader;
-  * priors from every trust, linked by a valid NHS number.
+  * double reading; keeping a patient's unread studies with one reader.
+(Priors are `worklist.services.priors`.)
 
-Claiming is one conditional statement (`UPDATE study ... WHERE id = :id AND
-claimed_by_id IS NULL AND status = 'ready'`, checking the row count). On
-PostgreSQL the candidate is chosen with `FOR UPDATE SKIP LOCKED` in the same
-transaction so concurrent claimers never queue on one row; SQLite has no row
-locks, but every transaction starts with BEGIN IMMEDIATE (see bootstrap), which
-serialises writers, and the conditional update is the portable guarantee.
+Claiming is one conditional statement: `UPDATE study SET claimed_by_id = :user ...
+WHERE id = (SELECT id ... ORDER BY urgency DESC, id DESC LIMIT 1 FOR UPDATE SKIP
+LOCKED) AND claimed_by_id IS NULL AND status = 'ready' RETURNING ...`. On
+PostgreSQL concurrent claimers skip each other's locked rows instead of queueing;
+SQLite ignores FOR UPDATE, but every transaction starts with BEGIN IMMEDIATE (see
+bootstrap), which serialises writers, and the conditional WHERE is the portable
+guarantee that no study is claimed twice.
 Every assignment, with why it was made and which studies or people were
 skipped and why, is an `Assignment` row ("why me").
 """
@@ -43,9 +44,7 @@ from worklist.db.models import (
     Credential,
     DutySession,
     Patient,
-    Report,
     ReportingPermission,
-    ReportVersion,
     Study,
     Trust,
     User,
@@ -780,7 +779,7 @@ def _claim_patient_studies(
     return taken
 
 
-def _visible_study(session: Session, *, study_id: int, user: User, now: datetime) -> Study:
+def visible_study(session: Session, *, study_id: int, user: User, now: datetime) -> Study:
     """The study, or NotFound if it does not exist or is of a trust `user` may not see."""
     study = session.get(Study, study_id)
     if study is None or not may_see_trust(session, user=user, trust_id=study.trust_id, now=now):
@@ -811,7 +810,7 @@ def get_study(
     session: Session, *, study_id: int, user: User, now: datetime, remote_addr: str | None = None
 ) -> Study:
     """A study the user may see; the view of the patient record is audited."""
-    study = _visible_study(session, study_id=study_id, user=user, now=now)
+    study = visible_study(session, study_id=study_id, user=user, now=now)
     audit.record(
         session, at=now, action="view_study", user=user, object_type="study", object_id=study.id,
         detail={"accession_number": study.accession_number, "patient_id": study.patient_id},
@@ -842,7 +841,7 @@ def claim_study(
 
     Claiming a study one already holds renews its lease.
     """
-    study = _visible_study(session, study_id=study_id, user=user, now=now)
+    study = visible_study(session, study_id=study_id, user=user, now=now)
     if study.claimed_by_id == user.id:
         renew_claim(session, study_id=study.id, user=user, now=now, lease=lease)
         current = _open_assignment(session, study.id)
@@ -959,7 +958,7 @@ def release_claim(
     """A radiologist hands a study back to the pool, saying why."""
     if not reason or not reason.strip():
         raise InvalidInput("say why you are releasing the study")
-    study = _visible_study(session, study_id=study_id, user=user, now=now)
+    study = visible_study(session, study_id=study_id, user=user, now=now)
     if not end_claim(
         session, study=study, now=now, end_reason=f"released: {reason.strip()}",
         expected_holder=user.id,
@@ -1150,7 +1149,7 @@ def record_reading(
     outcome = (outcome or "").strip().lower()
     if not outcome:
         raise InvalidInput("a reading needs an outcome (e.g. normal, recall)")
-    study = _visible_study(session, study_id=study_id, user=user, now=now)
+    study = visible_study(session, study_id=study_id, user=user, now=now)
     if not needs_double_reading(study):
         raise Conflict("this study is not on a double-reading pathway")
     if study.claimed_by_id != user.id:
@@ -1363,95 +1362,3 @@ def expiring_agreements(
         names[user_id] = username
     soon = agreements_expiring(agreements, now.astimezone(LONDON).date(), within)
     return [(a, names[a.user_id]) for a in soon if a.user_id is not None]
-
-
-# --- priors --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Prior:
-    study: Study
-    trust_code: str
-    relevance: str  # "same modality and body area" | "same body area" | "same modality" | ""
-    report_kind: str | None
-    report_text: str | None
-    report_signed_at: datetime | None
-
-    @property
-    def relevant(self) -> bool:
-        return self.relevance == "same modality and body area"
-
-
-def priors(
-    session: Session,
-    *,
-    study_id: int,
-    user: User,
-    now: datetime,
-    limit: int = 100,
-    remote_addr: str | None = None,
-) -> list[Prior]:
-    """Earlier studies of the same person from every trust, newest first, with reports.
-
-    Linked by the valid NHS number (and the local record within a trust); the
-    view is audited because it opens other trusts' records.
-    """
-    study = _visible_study(session, study_id=study_id, user=user, now=now)
-    exam_time = sa.func.coalesce(Study.performed_at, Study.requested_at, Study.created_at)
-    this_time = study.performed_at or study.requested_at or study.created_at
-    rows = session.execute(
-        sa.select(Study, Trust.code)
-        .join(Trust, Trust.id == Study.trust_id)
-        .where(
-            Study.patient_id.in_(same_person_patient_ids(study.patient_id)),
-            Study.id != study.id,
-            Study.status.not_in([StudyStatus.CANCELLED.value, StudyStatus.DISCONTINUED.value]),
-            exam_time < this_time,
-        )
-        .order_by(exam_time.desc(), Study.id.desc())
-        .limit(limit)
-    ).all()
-    latest = _latest_reports(session, [s.id for s, _ in rows])
-    result = []
-    for prior, code in rows:
-        same_modality = (prior.modality or "").upper() == (study.modality or "").upper()
-        same_area = (prior.body_area or "").upper() == (study.body_area or "").upper() and bool(
-            study.body_area
-        )
-        relevance = (
-            "same modality and body area"
-            if same_modality and same_area
-            else "same body area"
-            if same_area
-            else "same modality"
-            if same_modality
-            else ""
-        )
-        version = latest.get(prior.id)
-        result.append(
-            Prior(
-                study=prior,
-                trust_code=code,
-                relevance=relevance,
-                report_kind=version.kind if version else None,
-                report_text=version.text if version else None,
-                report_signed_at=version.signed_at if version else None,
-            )
-        )
-    audit.record(
-        session, at=now, action="view_priors", user=user, object_type="study", object_id=study.id,
-        detail={"patient_id": study.patient_id, "priors": len(result)}, remote_addr=remote_addr,
-    )  # fmt: skip
-    return result
-
-
-def _latest_reports(session: Session, study_ids: list[int]) -> dict[int, ReportVersion]:
-    if not study_ids:
-        return {}
-    rows = session.execute(
-        sa.select(Report.study_id, ReportVersion)
-        .join(ReportVersion, ReportVersion.report_id == Report.id)
-        .where(Report.study_id.in_(study_ids))
-        .order_by(ReportVersion.sequence)
-    ).all()
-    return {study_id: version for study_id, version in rows}

@@ -18,6 +18,7 @@ from worklist.domain.eligibility import Eligibility
 from worklist.domain.priority import describe, tier_from_urgency
 from worklist.errors import InvalidInput, NotFound
 from worklist.services import accounts, audit
+from worklist.services import priors as priors_service
 from worklist.services import worklist as service
 from worklist.web.api import api_blueprint, page_args
 from worklist.web.context import current_user, db, remote_addr, require_role, runtime
@@ -180,7 +181,7 @@ def get_study(study_id: int):  # type: ignore[no-untyped-def]
 
 @blueprint.get("/studies/<int:study_id>/priors")
 def get_priors(study_id: int):  # type: ignore[no-untyped-def]
-    found = service.priors(
+    found = priors_service.priors(
         db(), study_id=study_id, user=current_user(), now=_now(), remote_addr=remote_addr()
     )
     return jsonify(
