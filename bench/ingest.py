@@ -81,7 +81,8 @@ async def _serve_raw_insert(url: str, port_file: Path) -> None:
     engine = create_db_engine(url, pool_size=8)
     metadata = sa.MetaData()
     table = sa.Table(
-        "bench_raw", metadata,
+        "bench_raw",
+        metadata,
         sa.Column("id", sa.Integer, primary_key=True),
         sa.Column("received_at", sa.DateTime(timezone=True)),
         sa.Column("raw", sa.LargeBinary),
@@ -120,8 +121,14 @@ def _serve_listener(url: str, port_file: Path) -> None:
     runtime = build_runtime(settings)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # stop cleanly: the apply worker too
-    serve_hl7(runtime, "127.0.0.1", 0, ready=lambda port: port_file.write_text(str(port)), stop=stop,
-              apply=os.environ.get("WORKLIST_BENCH_APPLY") or None)
+    serve_hl7(
+        runtime,
+        "127.0.0.1",
+        0,
+        ready=lambda port: port_file.write_text(str(port)),
+        stop=stop,
+        apply=os.environ.get("WORKLIST_BENCH_APPLY") or None,
+    )
 
 
 def serve(kind: str, url: str, port_file: Path) -> None:
@@ -142,7 +149,16 @@ class Server:
         self.port_file = Path(tempfile.mkstemp(prefix="bench-port-")[1])
         self.port_file.write_text("")
         self.process = subprocess.Popen(
-            [sys.executable, __file__, "--serve", kind, "--url", url, "--port-file", str(self.port_file)],
+            [
+                sys.executable,
+                __file__,
+                "--serve",
+                kind,
+                "--url",
+                url,
+                "--port-file",
+                str(self.port_file),
+            ],
             cwd=ROOT,
         )
         deadline = time.monotonic() + 60
@@ -192,7 +208,9 @@ class Run:
             "messages": self.messages,
             "seconds": round(self.seconds, 3),
             "acked_per_second": round(self.acked_per_second, 1),
-            "applied_per_second": round(self.applied_per_second, 1) if self.applied_per_second else None,
+            "applied_per_second": round(self.applied_per_second, 1)
+            if self.applied_per_second
+            else None,
             "p50_ms": round(self.percentile(50), 2),
             "p99_ms": round(self.percentile(99), 2),
             "mean_ms": round(statistics.fmean(self.latencies_ms), 2) if self.latencies_ms else None,
@@ -201,13 +219,14 @@ class Run:
 
 
 def traffic(count: int, seed: int) -> dict[str, list[bytes]]:
-    """Per trust, the messages its RIS sends (an order's messages stay on its trust's connection)."""
+    """Per trust, the messages its RIS sends (an order's messages stay on one connection)."""
     feeds = [TrustFeed(code=c, sending_application="CRIS", sending_facility=c) for c in TRUSTS]
     per_trust: dict[str, list[bytes]] = defaultdict(list)
     run = uuid.uuid4().hex[:6].upper()
     for feed, text in order_traffic(feeds, count=count, seed=seed):
-        # A fresh control id per run: repeated runs must not be answered as duplicates.
-        text = text.replace(f"|{feed.code}0", f"|{run}{feed.code}0", 1)
+        # Fresh control ids and order numbers per run (they all start "<code>0..."): a second
+        # run into the same database must be neither duplicates nor orders already placed.
+        text = text.replace(f"{feed.code}0", f"{feed.code}{run}0")
         per_trust[feed.code].append(text.encode("latin-1"))
     return per_trust
 
@@ -285,8 +304,14 @@ def prepare_database(kind: str, pg_admin: str, workdir: Path) -> tuple[str, call
     now = datetime.now(UTC)
     with runtime.session() as session:
         for code in TRUSTS:
-            add_trust(session, code=code, name=f"Trust {code}", sending_facility=code,
-                      sending_application="CRIS", now=now)
+            add_trust(
+                session,
+                code=code,
+                name=f"Trust {code}",
+                sending_facility=code,
+                sending_application="CRIS",
+                now=now,
+            )
     runtime.dispose()
     return url, drop
 
@@ -298,9 +323,12 @@ def wait_applied(url: str, expected: int, started: float, timeout: float = 600) 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with engine.connect() as conn:
-                pending, total = conn.execute(sa.text(
-                    "SELECT SUM(CASE WHEN state = 'received' THEN 1 ELSE 0 END), COUNT(*) FROM inbound_message"
-                )).one()
+                pending, total = conn.execute(
+                    sa.text(
+                        "SELECT SUM(CASE WHEN state = 'received' THEN 1 ELSE 0 END), COUNT(*)"
+                        " FROM inbound_message"
+                    )
+                ).one()
             if (total or 0) >= expected and not pending:
                 return time.perf_counter() - started
             time.sleep(0.05)
@@ -312,7 +340,9 @@ def wait_applied(url: str, expected: int, started: float, timeout: float = 600) 
 def states(url: str) -> dict[str, int]:
     engine = sa.create_engine(url)
     with engine.connect() as conn:
-        rows = conn.execute(sa.text("SELECT state, COUNT(*) FROM inbound_message GROUP BY state")).all()
+        rows = conn.execute(
+            sa.text("SELECT state, COUNT(*) FROM inbound_message GROUP BY state")
+        ).all()
     engine.dispose()
     return {state: count for state, count in rows}
 
@@ -342,8 +372,12 @@ def bench_database(kind: str, args: argparse.Namespace, workdir: Path) -> dict[s
         ours = play("listener", listener.port, per_trust)
         ours.applied_seconds = wait_applied(url, ours.messages, started)
         applied_states = states(url)
-        paced = play(f"listener at {args.latency_rate:g}/s offered", listener.port,
-                     traffic(int(args.latency_rate * args.latency_seconds), seed=12), rate=args.latency_rate)
+        paced = play(
+            f"listener at {args.latency_rate:g}/s offered",
+            listener.port,
+            traffic(int(args.latency_rate * args.latency_seconds), seed=12),
+            rate=args.latency_rate,
+        )
     finally:
         listener.stop()
         drop()
@@ -371,9 +405,12 @@ def print_results(results: dict[str, object]) -> None:
     for key, value in results.items():
         if isinstance(value, dict) and "acked_per_second" in value:
             applied = value["applied_per_second"]
-            print(f"{key:<34}{value['messages']:>7}{value['acked_per_second']:>10}"
-                  f"{applied if applied is not None else '-':>11}{value['p50_ms']:>9}{value['p99_ms']:>9}"
-                  f"  {value['ack_codes']}")
+            print(
+                f"{key:<34}{value['messages']:>7}{value['acked_per_second']:>10}"
+                f"{applied if applied is not None else '-':>11}"
+                f"{value['p50_ms']:>9}{value['p99_ms']:>9}"
+                f"  {value['ack_codes']}"
+            )
     print("ratios:", results["ratios"])
     print("stored states:", results["listener_states"])
     for target, met in results["targets"].items():  # type: ignore[union-attr]
@@ -381,16 +418,25 @@ def print_results(results: dict[str, object]) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--serve", choices=("echo", "raw", "listener"), help=argparse.SUPPRESS)
     parser.add_argument("--url", default="", help=argparse.SUPPRESS)
     parser.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--db", choices=("sqlite", "postgresql", "both"), default="both")
-    parser.add_argument("--messages", type=int, default=4000, help="messages per run (default 4000)")
-    parser.add_argument("--latency-rate", type=float, default=200.0, help="offered rate for the latency run")
+    parser.add_argument(
+        "--messages", type=int, default=4000, help="messages per run (default 4000)"
+    )
+    parser.add_argument(
+        "--latency-rate", type=float, default=200.0, help="offered rate for the latency run"
+    )
     parser.add_argument("--latency-seconds", type=float, default=10.0)
-    parser.add_argument("--pg-url", default=os.environ.get("WORKLIST_BENCH_POSTGRES_URL", DEFAULT_PG),
-                        help="PostgreSQL admin URL (a database is created and dropped)")
+    parser.add_argument(
+        "--pg-url",
+        default=os.environ.get("WORKLIST_BENCH_POSTGRES_URL", DEFAULT_PG),
+        help="PostgreSQL admin URL (a database is created and dropped)",
+    )
     args = parser.parse_args()
     if args.serve:
         serve(args.serve, args.url, args.port_file)
@@ -400,7 +446,11 @@ def main() -> int:
     report: dict[str, object] = {
         "benchmark": "ingest",
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+        },
         "senders": len(TRUSTS),
         "runs": [],
     }

@@ -47,7 +47,10 @@ def new_control_id(now: datetime) -> str:
 
 
 def escape(text: str, delimiters: Delimiters = STANDARD_DELIMITERS) -> str:
-    """Escape delimiters in text we write (HL7 v2.5.1 section 2.7.1); line breaks become ``\\.br\\``."""
+    """Escape delimiters in text we write (HL7 v2.5.1 section 2.7.1).
+
+    Line breaks become ``\\.br\\``.
+    """
     esc = delimiters.escape
     if not esc:
         # No escape character declared: the best we can do is not break the framing.
@@ -243,9 +246,7 @@ def _err_segments(problems: Sequence[AckProblem], d: Delimiters, vt: tuple[int, 
             where = _location(p, d)[:3]
             where += [""] * (3 - len(where))
             name = escape(ERROR_CODE_TEXT.get(p.error_code, p.text), d)
-            coded = (
-                sub.join([p.error_code, name, "HL70357"]) if sub else p.error_code
-            )
+            coded = sub.join([p.error_code, name, "HL70357"]) if sub else p.error_code
             reps.append(c.join([*where, coded]))
         return [fs.join(["ERR", d.repetition.join(reps)])]
     segments = []

@@ -70,7 +70,15 @@ class Delimiters:
     def encoding_characters(self) -> str:
         """MSH-2 as it would be written for these delimiters."""
         return "".join(
-            c for c in (self.component, self.repetition, self.escape, self.subcomponent, self.truncation) if c
+            c
+            for c in (
+                self.component,
+                self.repetition,
+                self.escape,
+                self.subcomponent,
+                self.truncation,
+            )
+            if c
         )
 
     @classmethod
@@ -80,13 +88,17 @@ class Delimiters:
         if not 2 <= len(chars) <= 5:
             raise MalformedMessage(
                 f"MSH-2 must hold 2 to 5 encoding characters, got {len(chars)}",
-                segment="MSH", sequence=1, field=2,
+                segment="MSH",
+                sequence=1,
+                field=2,
             )
         every = field_separator + chars
         if len(set(every)) != len(every) or any(c.isalnum() or c in "\r\n " for c in every):
             raise MalformedMessage(
                 "MSH-1/MSH-2 delimiters must be distinct punctuation characters",
-                segment="MSH", sequence=1, field=2,
+                segment="MSH",
+                sequence=1,
+                field=2,
             )
         padded = list(chars) + [None] * (5 - len(chars))
         return cls(
@@ -317,7 +329,9 @@ def _header_from_fields(fields: list[str], delimiters: Delimiters, codec: str) -
 def _split_msh(line: str) -> tuple[list[str], Delimiters]:
     """MSH line -> (fields numbered so that fields[1] is MSH-1, delimiters)."""
     if len(line) < 8 or not line.startswith("MSH"):
-        raise MalformedMessage("message does not start with an MSH segment", segment="MSH", sequence=1)
+        raise MalformedMessage(
+            "message does not start with an MSH segment", segment="MSH", sequence=1
+        )
     fs = line[3]
     rest = line[4:]
     end = rest.find(fs)
@@ -405,7 +419,9 @@ def split_batch(raw: bytes) -> list[bytes]:
             messages.append([line])
         elif not messages:
             raise MalformedMessage(
-                "batch holds segments before its first MSH", segment=name.decode("latin-1"), sequence=1
+                "batch holds segments before its first MSH",
+                segment=name.decode("latin-1"),
+                sequence=1,
             )
         else:
             messages[-1].append(line)
@@ -435,7 +451,8 @@ class Er7Message:
         if first[:3] in _BATCH_HEADERS:
             raise MalformedMessage(
                 "batch envelope (FHS/BHS): send one message per MLLP frame",
-                segment=first[:3], sequence=1,
+                segment=first[:3],
+                sequence=1,
             )
         msh_fields, delimiters = _split_msh(first)
         self.delimiters = delimiters

@@ -51,7 +51,7 @@ from worklist.domain.events import (
 )
 
 SUPPORTED_VERSIONS = ("2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1")
-"""2.3-2.5.1 as the issue asks; 2.2 too, since old UK RIS still send it and its ORM is the same shape."""
+"""2.3-2.5.1; 2.2 too, since old UK RIS still send it and its ORM has the same shape."""
 
 
 # ORC-1 (HL7 table 0119) -> event class. SN/NA: filler-originated numbering.
@@ -86,7 +86,7 @@ STATUS_CHANGE_EVENTS: dict[str, type[OrderEvent]] = {
 }
 
 PRIORITY_CODES = frozenset({"S", "A", "R", "P", "C", "T", "PRN"})
-"""HL7 table 0485 (TQ1-9, TQ.6): stat, ASAP, routine, pre-op, callback, timing critical, as needed."""
+"""HL7 table 0485 (TQ1-9, TQ.6): stat, ASAP, routine, pre-op, callback, timing critical, PRN."""
 
 _FIELD_CHOICES = {
     "accession": ("OBR-18", "OBR-3", "OBR-19", "OBR-20", "ORC-3", "IPC-1"),
@@ -173,7 +173,9 @@ class InboundProfile:
     modality_sources: tuple[str, ...] = ("IPC-5", "OBR-24", "procedure_table")
     modality_map: Mapping[str, str] = field(default_factory=dict)
     procedures: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
-    patient_class_map: Mapping[str, str] = field(default_factory=lambda: dict(_TEXT_PATIENT_CLASSES))
+    patient_class_map: Mapping[str, str] = field(
+        default_factory=lambda: dict(_TEXT_PATIENT_CLASSES)
+    )
     local_authority: str | None = None
     nhs_number_fields: tuple[str, ...] = ("PID-3", "PID-2", "PID-19")
     nhs_authorities: tuple[str, ...] = ("NHS",)
@@ -215,13 +217,18 @@ class InboundProfile:
             if key in values:
                 values[key] = {str(k).upper(): str(v) for k, v in dict(values[key]).items()}
         if "procedures" in values:
-            values["procedures"] = {str(k).upper(): dict(v) for k, v in dict(values["procedures"]).items()}
+            values["procedures"] = {
+                str(k).upper(): dict(v) for k, v in dict(values["procedures"]).items()
+            }
         if "pathway_markers" in values:
             values["pathway_markers"] = {
-                str(k): _as_tuple(v, "pathway_markers") for k, v in dict(values["pathway_markers"]).items()
+                str(k): _as_tuple(v, "pathway_markers")
+                for k, v in dict(values["pathway_markers"]).items()
             }
         if values.get("ack_mode") not in (None, "auto", "original", "enhanced"):
-            raise ValueError(f"ack_mode must be auto, original or enhanced, not {values['ack_mode']!r}")
+            raise ValueError(
+                f"ack_mode must be auto, original or enhanced, not {values['ack_mode']!r}"
+            )
         ZoneInfo(values.get("timezone", "Europe/London"))
         return cls(**values)
 
@@ -238,29 +245,39 @@ DEFAULT_PROFILE = InboundProfile()
 
 
 def check_header(message: Er7Message, profile: InboundProfile = DEFAULT_PROFILE) -> str:
-    """Refuse what we cannot handle at all (AR 203/202, AE 101); return the routing key `code^trigger`.
+    """Refuse what we cannot handle at all (AR 203/202, AE 101); return `code^trigger`.
 
     Which types are accepted is the router's table (`hl7/router.py`), not this function's.
     """
     version = message.version
     if version not in profile.versions:
         raise UnsupportedVersion(
-            f"HL7 version {version or '(empty)'} is not supported; send one of {', '.join(profile.versions)}",
-            segment="MSH", sequence=1, field=12,
+            f"HL7 version {version or '(empty)'} is not supported;"
+            f" send one of {', '.join(profile.versions)}",
+            segment="MSH",
+            sequence=1,
+            field=12,
         )
     processing = (message.get("MSH", 11) or "").strip()
     if processing and processing not in profile.processing_ids:
         raise UnsupportedProcessingId(
-            f"processing id {processing!r} is not accepted here ({', '.join(profile.processing_ids)})",
-            segment="MSH", sequence=1, field=11,
+            f"processing id {processing!r} is not accepted here"
+            f" ({', '.join(profile.processing_ids)})",
+            segment="MSH",
+            sequence=1,
+            field=11,
         )
     code, trigger = message.message_code, message.trigger
     if not code:
-        raise RequiredFieldMissing("MSH-9 message type is empty", segment="MSH", sequence=1, field=9)
+        raise RequiredFieldMissing(
+            "MSH-9 message type is empty", segment="MSH", sequence=1, field=9
+        )
     return f"{code}^{trigger}"
 
 
-def message_time(message: Er7Message, profile: InboundProfile, received_at: datetime | None) -> datetime:
+def message_time(
+    message: Er7Message, profile: InboundProfile, received_at: datetime | None
+) -> datetime:
     """MSH-7 as an aware datetime; the receipt time when MSH-7 is empty."""
     raw = message.get("MSH", 7)
     try:
@@ -273,7 +290,9 @@ def message_time(message: Er7Message, profile: InboundProfile, received_at: date
         return when
     if received_at is not None:
         return received_at
-    raise RequiredFieldMissing("MSH-7 date/time of message is empty", segment="MSH", sequence=1, field=7)
+    raise RequiredFieldMissing(
+        "MSH-7 date/time of message is empty", segment="MSH", sequence=1, field=7
+    )
 
 
 def message_events(
@@ -316,7 +335,9 @@ def _patient(message: Er7Message, profile: InboundProfile, *, required: bool) ->
     return patient_identity(pid, profile, required=required)
 
 
-def patient_identity(pid: Segment, profile: InboundProfile, *, required: bool = True) -> PatientIdentity:
+def patient_identity(
+    pid: Segment, profile: InboundProfile, *, required: bool = True
+) -> PatientIdentity:
     """PID -> PatientIdentity: hospital number, NHS number (validated) and every identifier."""
     identifiers = _identifiers(pid, 3)
     nhs_number: str | None = None
@@ -361,7 +382,9 @@ def _identifiers(segment: Segment, field_no: int) -> list[Identifier]:
         value = segment.get(field_no, 1, repetition=rep)
         if not value or not value.strip():
             continue
-        authority = segment.get(field_no, 4, repetition=rep) or _universal_id(segment, field_no, rep)
+        authority = segment.get(field_no, 4, repetition=rep) or _universal_id(
+            segment, field_no, rep
+        )
         found.append(Identifier(value.strip(), authority, segment.get(field_no, 5, repetition=rep)))
     return found
 
@@ -416,7 +439,10 @@ def merge_events(message: Er7Message, profile: InboundProfile, when: datetime) -
             prior = _identifiers(segment, 1)
             if not prior:
                 raise RequiredFieldMissing(
-                    "MRG-1 prior patient identifier list is empty", segment="MRG", sequence=1, field=1
+                    "MRG-1 prior patient identifier list is empty",
+                    segment="MRG",
+                    sequence=1,
+                    field=1,
                 )
             prior_local = _local_identifier(prior, _nhs_position(prior, profile), profile)
             events.append(
@@ -502,10 +528,10 @@ def order_events(message: Er7Message, profile: InboundProfile, when: datetime) -
     if patient is not None and patient.local_id is None and patient.nhs_number is None:
         patient = None
     patient_class = _patient_class(message, profile)
-    events: list[DomainEvent] = []
-    for group in groups:
-        events.append(_order_event(message, group, profile, when, patient, patient_class))
-    return events
+    return [
+        _order_event(message, group, profile, when, patient, patient_class)  # type: ignore[misc]
+        for group in groups
+    ]
 
 
 def _order_event(
@@ -520,24 +546,33 @@ def _order_event(
     seq = group.orc_index
     control = (orc.get(1) or "").upper()
     if not control:
-        raise RequiredFieldMissing("ORC-1 order control is empty", segment="ORC", sequence=seq, field=1)
+        raise RequiredFieldMissing(
+            "ORC-1 order control is empty", segment="ORC", sequence=seq, field=1
+        )
     status = (orc.get(5) or "").upper() or None
     event_class = ORDER_CONTROL_EVENTS.get(control)
     if event_class is None:
         raise TableValueNotFound(
             f"ORC-1 order control {control!r} is not accepted from a RIS",
-            segment="ORC", sequence=seq, field=1,
+            segment="ORC",
+            sequence=seq,
+            field=1,
         )
     if control == "SC":
         if status is None:
             raise RequiredFieldMissing(
-                "ORC-1 SC (status changed) needs ORC-5 order status", segment="ORC", sequence=seq, field=5
+                "ORC-1 SC (status changed) needs ORC-5 order status",
+                segment="ORC",
+                sequence=seq,
+                field=5,
             )
         event_class = STATUS_CHANGE_EVENTS.get(status)  # type: ignore[assignment]
         if event_class is None:
             raise TableValueNotFound(
                 f"ORC-5 order status {status!r} is not understood with ORC-1 SC",
-                segment="ORC", sequence=seq, field=5,
+                segment="ORC",
+                sequence=seq,
+                field=5,
             )
     if group.obr is None and control in ("NW", "SN", "XO", "XX"):
         raise SegmentSequenceError(
@@ -554,7 +589,9 @@ def _order_event(
         raise RequiredFieldMissing(
             f"no accession number ({', '.join(profile.accession_fields)}) and no order numbers"
             " (ORC-2/ORC-3)",
-            segment=seg, sequence=seq, field=int(fld),
+            segment=seg,
+            sequence=seq,
+            field=int(fld),
         )
     reason = orc.get(16, 2) or orc.get(16, 1)
     extra: dict[str, Any] = {}
@@ -590,7 +627,9 @@ def _order_fields(
         except ValueError as exc:
             raise DataTypeError(
                 f"{segment.name}-{field_no} {raw!r} is not a date/time",
-                segment=segment.name, sequence=seq, field=field_no,
+                segment=segment.name,
+                sequence=seq,
+                field=field_no,
             ) from exc
 
     placer = (obr.get(2) if obr else None) or orc.get(2)
@@ -656,12 +695,7 @@ def _order_fields(
     pathway = procedure.get("pathway") or _pathway(clinical, profile)
     referrer = _person(obr, 16) or _person(orc, 12)
 
-    scheduled = (
-        ts(obr, 36)
-        or ts(tq1, 7)
-        or ts(obr, 27, 4)
-        or ts(orc, 7, 4)
-    )
+    scheduled = ts(obr, 36) or ts(tq1, 7) or ts(obr, 27, 4) or ts(orc, 7, 4)
     requested = ts(orc, 9) or ts(obr, 6)
     performed = None
     if status == "CM":
@@ -735,7 +769,7 @@ def _contains_word(text: str, word: str) -> bool:
 
 
 def _person(segment: Segment | None, field_no: int) -> str | None:
-    """XCN `id^family^given^middle^suffix^prefix` as display text, e.g. `Dr Jane Smith (C1234567)`."""
+    """XCN `id^family^given^middle^suffix^prefix` as text, e.g. `Dr Jane Smith (C1234567)`."""
     if segment is None or not segment.raw(field_no):
         return None
     ident = segment.get(field_no, 1)

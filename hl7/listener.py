@@ -102,7 +102,7 @@ class MllpListener:
         self.host = host
         self.requested_port = port
         self.ssl_context = ssl_context
-        mode = {True: "thread", False: "off"}.get(apply, apply)  # type: ignore[call-overload]
+        mode = apply if isinstance(apply, str) else ("thread" if apply else "off")
         if mode not in APPLY_MODES:
             raise ValueError(f"apply must be one of {APPLY_MODES}, not {apply!r}")
         self.apply_mode: str = mode
@@ -138,15 +138,25 @@ class MllpListener:
             context = multiprocessing.get_context("spawn")
             self._signals = ApplySignals.create(context)
             self._worker = context.Process(
-                target=run_apply_worker, args=(self.settings, self._signals, self.apply_batch),
-                name="hl7-apply", daemon=True,
+                target=run_apply_worker,
+                args=(self.settings, self._signals, self.apply_batch),
+                name="hl7-apply",
+                daemon=True,
             )
             self._worker.start()
         self._server = await asyncio.start_server(
-            self._on_connection, self.host, self.requested_port, ssl=self.ssl_context,
+            self._on_connection,
+            self.host,
+            self.requested_port,
+            ssl=self.ssl_context,
             limit=READ_CHUNK,
         )
-        logger.info("HL7 MLLP listener on %s:%s%s", self.host, self.port, " (TLS)" if self.ssl_context else "")
+        logger.info(
+            "HL7 MLLP listener on %s:%s%s",
+            self.host,
+            self.port,
+            " (TLS)" if self.ssl_context else "",
+        )
 
     async def stop(self, *, grace: float = 5.0) -> None:
         """Stop accepting, let connections finish the frame in hand, then stop the workers."""
@@ -180,6 +190,7 @@ class MllpListener:
         Another worker (this listener's own, or another process's on PostgreSQL)
         may hold some rows, so this waits until none is left in ``received``.
         """
+
         async def _run() -> None:
             while True:
                 if self.apply_mode != "process" and await asyncio.to_thread(self._apply_batch) > 0:
@@ -192,7 +203,9 @@ class MllpListener:
 
     # --- connections ---
 
-    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _on_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
@@ -208,7 +221,9 @@ class MllpListener:
             except (OSError, ssl.SSLError, asyncio.CancelledError):
                 pass
 
-    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         peername = writer.get_extra_info("peername")
         peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else None
         self.stats.connections += 1
@@ -229,14 +244,19 @@ class MllpListener:
                 if decoder.in_frame:
                     logger.warning(
                         "HL7 peer %s closed mid-message (%s bytes unacknowledged, not stored)",
-                        peer, decoder.pending_bytes,
+                        peer,
+                        decoder.pending_bytes,
                     )
                 break
             junk_before = decoder.junk_bytes
             events = decoder.feed(data)
             if decoder.junk_bytes != junk_before:
                 self.stats.junk_bytes += decoder.junk_bytes - junk_before
-                logger.info("HL7 peer %s: skipped %s bytes outside frames", peer, decoder.junk_bytes - junk_before)
+                logger.info(
+                    "HL7 peer %s: skipped %s bytes outside frames",
+                    peer,
+                    decoder.junk_bytes - junk_before,
+                )
             for event in events:
                 ack = await self._submit(event, peer)
                 try:
@@ -307,11 +327,16 @@ class MllpListener:
             self._signals.last_activity.value = time.time()
 
     def _store_batch(
-        self, arrivals: list[messages.Arrival], verdicts: list[messages.Verdict | None] | None = None
+        self,
+        arrivals: list[messages.Arrival],
+        verdicts: list[messages.Verdict | None] | None = None,
     ) -> list[bytes]:
         with self.runtime.session() as session:
             outcomes = messages.store_messages(
-                session, arrivals, directory=self.directory, now=self.runtime.clock.now(),
+                session,
+                arrivals,
+                directory=self.directory,
+                now=self.runtime.clock.now(),
                 prepared=verdicts,
             )
         return [o.ack for o in outcomes]
@@ -323,7 +348,9 @@ class MllpListener:
             header = minimal_header()
         error = ServiceUnavailable(f"message not stored ({type(exc).__name__}); please resend")
         return build_error_ack(
-            header, error, now=self.runtime.clock.now(),
+            header,
+            error,
+            now=self.runtime.clock.now(),
             sending_application=self.settings.hl7_application,
             sending_facility=self.settings.hl7_facility,
         )
@@ -333,7 +360,10 @@ class MllpListener:
     def _apply_batch(self) -> int:
         with self.runtime.session() as session:
             taken = messages.apply_pending(
-                session, directory=self.directory, now=self.runtime.clock.now(), limit=self.apply_batch
+                session,
+                directory=self.directory,
+                now=self.runtime.clock.now(),
+                limit=self.apply_batch,
             )
         self.stats.applied += taken
         return taken
@@ -411,7 +441,9 @@ def run_apply_worker(settings: Settings, signals: ApplySignals, batch: int) -> N
     from worklist.bootstrap import build_runtime
 
     try:
-        os.nice(10)  # background work: the scheduler gives the listener (and the database) the CPU first
+        os.nice(
+            10
+        )  # background work: the scheduler gives the listener (and the database) the CPU first
     except OSError:
         pass
     runtime = build_runtime(settings)

@@ -65,11 +65,16 @@ def handler_for(key: str, profile: InboundProfile) -> Handler:
     if any(k.startswith(code + "^") for k in ROUTES):
         raise UnsupportedEvent(
             f"{code}^{trigger or '(no trigger)'} is not accepted here; accepted: {accepted(code)}",
-            segment="MSH", sequence=1, field=9, component=2,
+            segment="MSH",
+            sequence=1,
+            field=9,
+            component=2,
         )
     raise UnsupportedMessageType(
         f"message type {key} is not accepted here; send ORM^O01, OMI^O23 or ADT",
-        segment="MSH", sequence=1, field=9,
+        segment="MSH",
+        sequence=1,
+        field=9,
     )
 
 

@@ -29,9 +29,16 @@ def register(sub: Any) -> None:
     m.add_argument("--accession", default=None)
     m.add_argument("--patient", default=None, metavar="ID", help="hospital number or NHS number")
     m.add_argument("--control-id", default=None, help="MSH-10 exactly as sent")
-    m.add_argument("--state", action="append", default=[], choices=messages.STATES,
-                   help="only these states (repeatable); 'failed' and 'rejected' are the error queue")
-    m.add_argument("--since", default=None, help="ISO 8601 date/time (local time without an offset)")
+    m.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        choices=messages.STATES,
+        help="only these states (repeatable); 'failed' and 'rejected' are the error queue",
+    )
+    m.add_argument(
+        "--since", default=None, help="ISO 8601 date/time (local time without an offset)"
+    )
     m.add_argument("--until", default=None, help="ISO 8601 date/time")
     m.add_argument("--limit", type=int, default=50)
     m.add_argument("--json", action="store_true", help="print JSON lines")
@@ -94,7 +101,8 @@ def cmd_list(args: argparse.Namespace, runtime: Runtime) -> int:
                 print(
                     f"{data['id']:>7}  {data['received_at'][:19]}  {(data['trust'] or '-'):<6}"
                     f" {data['message_type'] or '-':<8} {data['control_id'] or '(none)':<22}"
-                    f" {data['state']:<9} {data['ack_code'] or '':<3} {data['accession_number'] or ''}"
+                    f" {data['state']:<9} {data['ack_code'] or '':<3}"
+                    f" {data['accession_number'] or ''}"
                     f"  {(data['error'] or '')[:80]}"
                 )
     return 0
@@ -103,8 +111,9 @@ def cmd_list(args: argparse.Namespace, runtime: Runtime) -> int:
 def cmd_show(args: argparse.Namespace, runtime: Runtime) -> int:
     with runtime.session() as session:
         row = messages.get_message(session, args.message_id)
-        data = messages.message_json(row, trust_code=messages.trust_codes(session, [row]).get(row.trust_id or 0),
-                                     full=True)
+        data = messages.message_json(
+            row, trust_code=messages.trust_codes(session, [row]).get(row.trust_id or 0), full=True
+        )
     raw, ack = data.pop("raw"), data.pop("ack")
     print(json.dumps(data, indent=2))
     print("--- message ---")
@@ -121,7 +130,10 @@ def cmd_edit(args: argparse.Namespace, runtime: Runtime) -> int:
         row = messages.edit_message(
             session, args.message_id, raw=raw, now=runtime.clock.now(), user=_user(session, args.by)
         )
-        print(f"message {row.id} edited; state {row.state}. Replay it with: worklist messages replay {row.id}")
+        print(
+            f"message {row.id} edited; state {row.state}."
+            f" Replay it with: worklist messages replay {row.id}"
+        )
     return 0
 
 

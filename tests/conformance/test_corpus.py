@@ -74,7 +74,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.mark.parametrize("path", FILES, ids=[str(p.relative_to(CORPUS)) for p in FILES] if FILES else [])
+@pytest.mark.parametrize(
+    "path", FILES, ids=[str(p.relative_to(CORPUS)) for p in FILES] if FILES else []
+)
 def test_every_corpus_message_gets_an_ack_with_its_control_id(path: Path) -> None:
     raw = path.read_bytes()
     payloads = split_batch(raw) if is_batch(raw) and b"MSH" in raw else [raw]
@@ -92,7 +94,7 @@ def test_every_corpus_message_gets_an_ack_with_its_control_id(path: Path) -> Non
 
 def test_the_radiology_orders_and_adt_in_the_corpus_get_what_we_expect() -> None:
     got = {}
-    for name, expected in EXPECTED.items():
+    for name in EXPECTED:
         path = CORPUS / name
         if not path.exists():
             continue

@@ -25,7 +25,7 @@ from hl7.er7 import Er7Message
 from hl7.listener import MllpListener, serve_hl7
 from hl7.mllp import Frame, MllpDecoder, frame
 from tests.factories import make_study, make_trust, make_user
-from worklist.bootstrap import Runtime, build_runtime
+from worklist.bootstrap import Runtime
 from worklist.db.models import Alert, InboundMessage, Patient, Study, StudyStatusChange, Trust
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "hl7"
@@ -63,8 +63,13 @@ class RunningListener:
 @pytest.fixture
 def trust(runtime: Runtime) -> int:
     with runtime.session() as session:
-        return make_trust(session, now=runtime.clock.now(), code="RW6", sending_application="CRIS",
-                          sending_facility="RW6").id
+        return make_trust(
+            session,
+            now=runtime.clock.now(),
+            code="RW6",
+            sending_application="CRIS",
+            sending_facility="RW6",
+        ).id
 
 
 @pytest.fixture
@@ -116,13 +121,20 @@ def study(runtime: Runtime, accession: str) -> Study | None:
         return session.scalar(sa.select(Study).where(Study.accession_number == accession))
 
 
-def test_a_new_order_is_stored_acknowledged_aa_and_applied_as_a_study(runtime: Runtime, listener: RunningListener) -> None:
+def test_a_new_order_is_stored_acknowledged_aa_and_applied_as_a_study(
+    runtime: Runtime, listener: RunningListener
+) -> None:
     client = Client(listener.port)
     ack = client.send(fixture("orm-o01-v24-nw-ct-head.hl7"))
     assert msa(ack)[1:3] == ["AA", "RW6000123"]
     listener.drain()
     [row] = rows(runtime)
-    assert (row.state, row.ack_code, row.control_id, row.message_type) == ("applied", "AA", "RW6000123", "ORM^O01")
+    assert (row.state, row.ack_code, row.control_id, row.message_type) == (
+        "applied",
+        "AA",
+        "RW6000123",
+        "ORM^O01",
+    )
     assert row.ack == ack
     assert row.accession_number == "RW6ACC0001"
     created = study(runtime, "RW6ACC0001")
@@ -136,14 +148,18 @@ def test_the_message_is_committed_before_its_ack_is_sent(runtime: Runtime, trust
         # A separate connection sees it at once: the ACK followed the commit.
         engine = sa.create_engine(runtime.settings.resolved_database_url)
         with engine.connect() as conn:
-            state, stored_ack = conn.execute(sa.select(InboundMessage.state, InboundMessage.ack)).one()
+            state, stored_ack = conn.execute(
+                sa.select(InboundMessage.state, InboundMessage.ack)
+            ).one()
         engine.dispose()
         assert (state, stored_ack) == ("received", ack)
     finally:
         running.stop()
 
 
-def test_messages_stored_but_not_applied_are_applied_when_a_listener_starts(runtime: Runtime, trust: int) -> None:
+def test_messages_stored_but_not_applied_are_applied_when_a_listener_starts(
+    runtime: Runtime, trust: int
+) -> None:
     first = RunningListener(runtime, apply=False)
     client = Client(first.port)
     for name in ("orm-o01-v24-nw-ct-head.hl7", "orm-o01-v24-sc-cm.hl7"):
@@ -162,7 +178,9 @@ def test_messages_stored_but_not_applied_are_applied_when_a_listener_starts(runt
         second.stop()
 
 
-def test_a_resent_message_is_answered_with_the_same_ack_and_applied_once(runtime: Runtime, listener: RunningListener) -> None:
+def test_a_resent_message_is_answered_with_the_same_ack_and_applied_once(
+    runtime: Runtime, listener: RunningListener
+) -> None:
     client = Client(listener.port)
     first = client.send(fixture("orm-o01-v24-nw-ct-head.hl7"))
     listener.drain()
@@ -188,7 +206,9 @@ def test_frames_split_across_reads_and_several_in_one_read_are_acknowledged_in_o
     assert listener.listener.stats.junk_bytes >= len(b"\r\n junk ")
 
 
-def test_an_oversize_message_gets_ar_and_the_connection_stays_usable(runtime: Runtime, trust: int) -> None:
+def test_an_oversize_message_gets_ar_and_the_connection_stays_usable(
+    runtime: Runtime, trust: int
+) -> None:
     small = replace(runtime, settings=replace(runtime.settings, hl7_max_message_bytes=2000))
     running = RunningListener(small)
     try:
@@ -200,7 +220,9 @@ def test_an_oversize_message_gets_ar_and_the_connection_stays_usable(runtime: Ru
         assert msa(client.send(fixture("orm-o01-v24-sc-cm.hl7")))[1] == "AA"
         running.drain()
         assert [r.state for r in rows(runtime)] == ["rejected", "applied"]
-        assert b"NTE|1||XXXX" in rows(runtime)[0].raw  # the first bytes are kept for the error queue
+        assert (
+            b"NTE|1||XXXX" in rows(runtime)[0].raw
+        )  # the first bytes are kept for the error queue
     finally:
         running.stop()
 
@@ -217,7 +239,9 @@ def test_an_idle_connection_is_closed_after_the_timeout(runtime: Runtime, trust:
         running.stop()
 
 
-def test_a_connection_closed_mid_message_stores_nothing(runtime: Runtime, listener: RunningListener) -> None:
+def test_a_connection_closed_mid_message_stores_nothing(
+    runtime: Runtime, listener: RunningListener
+) -> None:
     client = Client(listener.port)
     client.send_raw(b"\x0b" + fixture("orm-o01-v24-nw-ct-head.hl7")[:60])
     client.close()
@@ -229,7 +253,9 @@ def test_a_connection_closed_mid_message_stores_nothing(runtime: Runtime, listen
     assert [r.state for r in rows(runtime)] == ["applied"]
 
 
-def test_an_unknown_sender_gets_ar_204_and_is_kept_as_rejected(runtime: Runtime, listener: RunningListener) -> None:
+def test_an_unknown_sender_gets_ar_204_and_is_kept_as_rejected(
+    runtime: Runtime, listener: RunningListener
+) -> None:
     payload = fixture("orm-o01-v24-nw-ct-head.hl7").replace(b"|CRIS|RW6|", b"|OTHER|XYZ|")
     ack = Client(listener.port).send(payload)
     fields = msa(ack)
@@ -258,8 +284,12 @@ def test_a_content_error_gets_ae_naming_the_field_and_goes_to_the_error_queue(
     assert rows(runtime)[0].state == "failed"
 
 
-def test_an_order_the_service_cannot_apply_is_failed_with_its_reason(runtime: Runtime, listener: RunningListener) -> None:
-    ack = Client(listener.port).send(fixture("orm-o01-v24-ca.hl7"))  # cancel of an order never placed
+def test_an_order_the_service_cannot_apply_is_failed_with_its_reason(
+    runtime: Runtime, listener: RunningListener
+) -> None:
+    ack = Client(listener.port).send(
+        fixture("orm-o01-v24-ca.hl7")
+    )  # cancel of an order never placed
     assert msa(ack)[1] == "AA"
     listener.drain()
     [row] = rows(runtime)
@@ -267,7 +297,9 @@ def test_an_order_the_service_cannot_apply_is_failed_with_its_reason(runtime: Ru
     assert "OrderNotFound" in (row.error or "") and "204" in (row.error or "")
 
 
-def test_exam_complete_before_the_new_order_still_ends_ready(runtime: Runtime, listener: RunningListener) -> None:
+def test_exam_complete_before_the_new_order_still_ends_ready(
+    runtime: Runtime, listener: RunningListener
+) -> None:
     client = Client(listener.port)
     client.send(fixture("orm-o01-v24-sc-cm.hl7"))
     client.send(fixture("orm-o01-v24-nw-ct-head.hl7"))
@@ -275,13 +307,23 @@ def test_exam_complete_before_the_new_order_still_ends_ready(runtime: Runtime, l
     assert study(runtime, "RW6ACC0001").status == "ready"  # type: ignore[union-attr]
 
 
-def test_cancelling_a_claimed_study_takes_it_off_the_radiologists_list(runtime: Runtime, listener: RunningListener) -> None:
+def test_cancelling_a_claimed_study_takes_it_off_the_radiologists_list(
+    runtime: Runtime, listener: RunningListener
+) -> None:
     now = runtime.clock.now()
     with runtime.session() as session:
         trust = session.scalar(sa.select(Trust).where(Trust.code == "RW6"))
         user = make_user(session, now=now, trusts=("RW6",))
-        make_study(session, trust=trust, now=now, accession_number="RW6ACC0001", status="ready",
-                   claimed_by_id=user.id, claimed_at=now, claim_expires_at=now + timedelta(minutes=30))
+        make_study(
+            session,
+            trust=trust,
+            now=now,
+            accession_number="RW6ACC0001",
+            status="ready",
+            claimed_by_id=user.id,
+            claimed_at=now,
+            claim_expires_at=now + timedelta(minutes=30),
+        )
     assert msa(Client(listener.port).send(fixture("orm-o01-v24-ca.hl7")))[1] == "AA"
     listener.drain()
     cancelled = study(runtime, "RW6ACC0001")
@@ -292,7 +334,9 @@ def test_cancelling_a_claimed_study_takes_it_off_the_radiologists_list(runtime: 
     assert any("RW6ACC0001" in a.message for a in alerts)
 
 
-def test_a_merge_moves_studies_to_the_surviving_patient(runtime: Runtime, listener: RunningListener) -> None:
+def test_a_merge_moves_studies_to_the_surviving_patient(
+    runtime: Runtime, listener: RunningListener
+) -> None:
     now = runtime.clock.now()
     with runtime.session() as session:
         trust = session.scalar(sa.select(Trust).where(Trust.code == "RW6"))
@@ -320,7 +364,9 @@ def test_a_trust_in_enhanced_mode_gets_commit_acks(runtime: Runtime, trust: int)
         running.stop()
 
 
-def test_a_source_address_outside_the_trusts_allowlist_is_rejected(runtime: Runtime, trust: int) -> None:
+def test_a_source_address_outside_the_trusts_allowlist_is_rejected(
+    runtime: Runtime, trust: int
+) -> None:
     with runtime.session() as session:
         session.get(Trust, trust).allowed_addresses = ["10.20.0.0/16"]  # type: ignore[union-attr]
     running = RunningListener(runtime)
@@ -340,8 +386,11 @@ def test_many_connections_are_served_at_once(runtime: Runtime, listener: Running
         client = Client(listener.port)
         got = []
         for i in range(10):
-            payload = template.replace(b"RW6000123", f"C{n}-{i}".encode()).replace(
-                b"RW6ACC0001", f"A{n}-{i}".encode()).replace(b"PL778899", f"P{n}-{i}".encode())
+            payload = (
+                template.replace(b"RW6000123", f"C{n}-{i}".encode())
+                .replace(b"RW6ACC0001", f"A{n}-{i}".encode())
+                .replace(b"PL778899", f"P{n}-{i}".encode())
+            )
             got.append(msa(client.send(payload))[2])
         results.append(got)
 
@@ -359,14 +408,33 @@ def test_many_connections_are_served_at_once(runtime: Runtime, listener: Running
 def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
     )
     return cert, key
 
 
-def test_tls_connections_are_served_when_configured(runtime: Runtime, trust: int, tmp_path: Path) -> None:
+def test_tls_connections_are_served_when_configured(
+    runtime: Runtime, trust: int, tmp_path: Path
+) -> None:
     try:
         cert, key = _self_signed(tmp_path)
     except (OSError, subprocess.CalledProcessError) as exc:
@@ -376,7 +444,9 @@ def test_tls_connections_are_served_when_configured(runtime: Runtime, trust: int
     running = RunningListener(runtime, ssl_context=server)
     try:
         client_context = ssl.create_default_context(cafile=str(cert))
-        ack = Client(running.port, context=client_context).send(fixture("orm-o01-v24-nw-ct-head.hl7"))
+        ack = Client(running.port, context=client_context).send(
+            fixture("orm-o01-v24-nw-ct-head.hl7")
+        )
         assert msa(ack)[1] == "AA"
     finally:
         running.stop()
@@ -386,7 +456,9 @@ def test_serve_hl7_runs_until_stopped_and_reports_its_port(runtime: Runtime, tru
     stop = threading.Event()
     ports: list[int] = []
     thread = threading.Thread(
-        target=serve_hl7, args=(runtime, "127.0.0.1", 0), kwargs={"ready": ports.append, "stop": stop}
+        target=serve_hl7,
+        args=(runtime, "127.0.0.1", 0),
+        kwargs={"ready": ports.append, "stop": stop},
     )
     thread.start()
     deadline = time.monotonic() + 10
@@ -401,7 +473,9 @@ def test_serve_hl7_runs_until_stopped_and_reports_its_port(runtime: Runtime, tru
 
 
 @pytest.mark.skipif(not CORPUS.is_dir(), reason=f"HL7 corpus not found at {CORPUS}")
-def test_every_corpus_order_and_adt_gets_an_ack_over_the_socket(runtime: Runtime, capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_corpus_order_and_adt_gets_an_ack_over_the_socket(
+    runtime: Runtime, capsys: pytest.CaptureFixture[str]
+) -> None:
     files = sorted(p for p in CORPUS.rglob("*.hl7"))
     now = runtime.clock.now()
     senders = set()
@@ -410,14 +484,24 @@ def test_every_corpus_order_and_adt_gets_an_ack_over_the_socket(runtime: Runtime
             header = Er7Message.parse(path.read_bytes()).header
         except Exception:  # noqa: BLE001 - batches and unreadable files have no single sender
             continue
-        app, facility = header.component(header.sending_application), header.component(header.sending_facility)
+        app, facility = (
+            header.component(header.sending_application),
+            header.component(header.sending_facility),
+        )
         if facility:
             senders.add((app or None, facility))
     with runtime.session() as session:
         for i, (app, facility) in enumerate(sorted(senders, key=str)):
-            session.add(Trust(code=f"T{i:02d}", name=facility, sending_application=app,
-                              sending_facility=facility, created_at=now,
-                              hl7_profile={"inbound": {"processing_ids": ["P", "T", "D"]}}))
+            session.add(
+                Trust(
+                    code=f"T{i:02d}",
+                    name=facility,
+                    sending_application=app,
+                    sending_facility=facility,
+                    created_at=now,
+                    hl7_profile={"inbound": {"processing_ids": ["P", "T", "D"]}},
+                )
+            )
     running = RunningListener(runtime)
     table = []
     try:
@@ -449,9 +533,19 @@ def _start_listener_process(url: str, port: int, tmp_path: Path) -> subprocess.P
 
     env = dict(os.environ, WORKLIST_DATABASE_URL=url, WORKLIST_INSTANCE_PATH=str(tmp_path))
     process = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from worklist.cli import main; sys.exit(main(sys.argv[1:]))",
-         "hl7-listen", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-c",
+            "import sys; from worklist.cli import main; sys.exit(main(sys.argv[1:]))",
+            "hl7-listen",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -474,10 +568,12 @@ def test_a_listener_killed_mid_burst_loses_no_acknowledged_message_and_applies_r
 
     def message(sender: int, i: int) -> tuple[str, bytes]:
         control = f"K{sender}-{i:03d}"
-        return control, (template.replace(b"RW6000123", control.encode())
-                         .replace(b"RW6ACC0001", f"KA{sender}-{i:03d}".encode())
-                         .replace(b"PL778899", f"KP{sender}-{i:03d}".encode())
-                         .replace(b"FL445566", f"KF{sender}-{i:03d}".encode()))
+        return control, (
+            template.replace(b"RW6000123", control.encode())
+            .replace(b"RW6ACC0001", f"KA{sender}-{i:03d}".encode())
+            .replace(b"PL778899", f"KP{sender}-{i:03d}".encode())
+            .replace(b"FL445566", f"KF{sender}-{i:03d}".encode())
+        )
 
     burst = {s: [message(s, i) for i in range(40)] for s in range(4)}
     acked: set[str] = set()
@@ -522,8 +618,11 @@ def test_a_listener_killed_mid_burst_loses_no_acknowledged_message_and_applies_r
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             with runtime.session() as session:
-                pending = session.scalar(sa.select(sa.func.count()).select_from(InboundMessage)
-                                         .where(InboundMessage.state == "received"))
+                pending = session.scalar(
+                    sa.select(sa.func.count())
+                    .select_from(InboundMessage)
+                    .where(InboundMessage.state == "received")
+                )
             if not pending:
                 break
             time.sleep(0.1)
@@ -534,6 +633,8 @@ def test_a_listener_killed_mid_burst_loses_no_acknowledged_message_and_applies_r
         states = list(session.execute(sa.select(InboundMessage.control_id, InboundMessage.state)))
         studies = session.scalar(sa.select(sa.func.count()).select_from(Study))
     applied = [c for c, state in states if state == "applied"]
-    assert sorted(applied) == sorted(c for msgs in burst.values() for c, _ in msgs)  # each exactly once
+    assert sorted(applied) == sorted(
+        c for msgs in burst.values() for c, _ in msgs
+    )  # each exactly once
     assert {state for _, state in states} <= {"applied", "duplicate"}
     assert studies == 160

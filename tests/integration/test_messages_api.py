@@ -31,18 +31,25 @@ def admin_token(runtime: Runtime) -> str:
     now = runtime.clock.now()
     with runtime.session() as session:
         make_trust(session, now=now, code="RW6", sending_application="CRIS", sending_facility="RW6")
-        make_trust(session, now=now, code="RM3", sending_application="SOLITON", sending_facility="RM3")
+        make_trust(
+            session, now=now, code="RM3", sending_application="SOLITON", sending_facility="RM3"
+        )
         admin = make_user(session, now=now, role="admin", username="admin1")
         return make_token(session, user=admin, now=now)
 
 
-def receive(runtime: Runtime, *names: str, peer: str = "127.0.0.1:5000") -> list[messages.StoreOutcome]:
+def receive(
+    runtime: Runtime, *names: str, peer: str = "127.0.0.1:5000"
+) -> list[messages.StoreOutcome]:
     """What the listener does: store (commit), then the apply worker applies."""
     directory = messages.TrustDirectory(runtime.settings)
     now = runtime.clock.now()
     with runtime.session() as session:
         outcomes = messages.store_messages(
-            session, [messages.Arrival(fixture(n), peer, now) for n in names], directory=directory, now=now
+            session,
+            [messages.Arrival(fixture(n), peer, now) for n in names],
+            directory=directory,
+            now=now,
         )
     with runtime.session() as session:
         messages.apply_pending(session, directory=directory, now=now)
@@ -61,8 +68,13 @@ def test_the_message_log_needs_an_admin_token(runtime: Runtime, client, admin_to
 def test_the_log_lists_each_message_with_its_state_and_ack_and_filters_it(
     runtime: Runtime, client, admin_token: str
 ) -> None:
-    receive(runtime, "orm-o01-v24-nw-ct-head.hl7", "orm-o01-v24-nw-ct-head.hl7",
-            "orm-o01-v23-lf-escapes.hl7", "oru-r01-v24-unsupported.hl7")
+    receive(
+        runtime,
+        "orm-o01-v24-nw-ct-head.hl7",
+        "orm-o01-v24-nw-ct-head.hl7",
+        "orm-o01-v23-lf-escapes.hl7",
+        "oru-r01-v24-unsupported.hl7",
+    )
     everything = client.get("/api/v1/messages", headers=auth(admin_token)).json["messages"]
     assert [(m["control_id"], m["state"], m["ack_code"]) for m in everything] == [
         ("RW6000202", "rejected", "AR"),
@@ -81,12 +93,16 @@ def test_the_log_lists_each_message_with_its_state_and_ack_and_filters_it(
     assert ids("patient=S0012345") == ["RM3-000900"]
     assert ids("control_id=RW6000202") == ["RW6000202"]
     assert ids("state=rejected,duplicate") == ["RW6000202", "RW6000123"]
-    assert ids("since=2026-11-23T08:00:00Z&until=2026-11-23T10:00:00Z") == [m["control_id"] for m in everything]
+    assert ids("since=2026-11-23T08:00:00Z&until=2026-11-23T10:00:00Z") == [
+        m["control_id"] for m in everything
+    ]
     assert ids("until=2026-11-23T08:00:00Z") == []
     assert client.get("/api/v1/messages?state=lost", headers=auth(admin_token)).status_code == 400
 
 
-def test_one_message_shows_its_raw_text_and_the_ack_that_was_sent(runtime: Runtime, client, admin_token: str) -> None:
+def test_one_message_shows_its_raw_text_and_the_ack_that_was_sent(
+    runtime: Runtime, client, admin_token: str
+) -> None:
     [outcome] = receive(runtime, "orm-o01-v24-nw-ct-head.hl7")
     shown = client.get(f"/api/v1/messages/{outcome.message_id}", headers=auth(admin_token)).json
     assert shown["raw"].startswith("MSH|^~\\&|CRIS|RW6|")
@@ -96,15 +112,21 @@ def test_one_message_shows_its_raw_text_and_the_ack_that_was_sent(runtime: Runti
     assert client.get("/api/v1/messages/99999", headers=auth(admin_token)).status_code == 404
 
 
-def test_a_failed_message_can_be_corrected_and_replayed_exactly_once(runtime: Runtime, client, admin_token: str) -> None:
+def test_a_failed_message_can_be_corrected_and_replayed_exactly_once(
+    runtime: Runtime, client, admin_token: str
+) -> None:
     [outcome] = receive(runtime, "orm-o01-v231-nw-missing-pid3.hl7")
     assert outcome.state == "failed"
     original = fixture("orm-o01-v231-nw-missing-pid3.hl7").decode()
     corrected = original.replace("PID|1||||NOIDENT", "PID|1||H777^^^RW6^MR||NOIDENT")
-    edited = client.put(f"/api/v1/messages/{outcome.message_id}", json={"raw": corrected}, headers=auth(admin_token))
+    edited = client.put(
+        f"/api/v1/messages/{outcome.message_id}", json={"raw": corrected}, headers=auth(admin_token)
+    )
     assert edited.status_code == 200, edited.json
     assert "H777" in edited.json["raw"]
-    replayed = client.post(f"/api/v1/messages/{outcome.message_id}/replay", headers=auth(admin_token))
+    replayed = client.post(
+        f"/api/v1/messages/{outcome.message_id}/replay", headers=auth(admin_token)
+    )
     assert replayed.status_code == 200, replayed.json
     assert replayed.json["state"] == "applied"
     again = client.post(f"/api/v1/messages/{outcome.message_id}/replay", headers=auth(admin_token))
@@ -122,7 +144,9 @@ def test_a_cancel_that_came_before_its_order_applies_when_replayed_after_it(
     with runtime.session() as session:
         assert messages.get_message(session, cancel.message_id).state == "failed"  # type: ignore[arg-type]
     receive(runtime, "orm-o01-v24-nw-ct-head.hl7")
-    replayed = client.post(f"/api/v1/messages/{cancel.message_id}/replay", headers=auth(admin_token))
+    replayed = client.post(
+        f"/api/v1/messages/{cancel.message_id}/replay", headers=auth(admin_token)
+    )
     assert replayed.json["state"] == "applied"
     with runtime.session() as session:
         study = session.scalar(sa.select(Study).where(Study.accession_number == "RW6ACC0001"))
@@ -131,22 +155,40 @@ def test_a_cancel_that_came_before_its_order_applies_when_replayed_after_it(
 
 def test_an_applied_message_cannot_be_edited(runtime: Runtime, client, admin_token: str) -> None:
     [outcome] = receive(runtime, "orm-o01-v24-nw-ct-head.hl7")
-    response = client.put(f"/api/v1/messages/{outcome.message_id}", data="MSH|^~\\&|X", headers=auth(admin_token),
-                          content_type="text/plain")
+    response = client.put(
+        f"/api/v1/messages/{outcome.message_id}",
+        data="MSH|^~\\&|X",
+        headers=auth(admin_token),
+        content_type="text/plain",
+    )
     assert response.status_code == 409
 
 
-def test_a_rejected_message_from_a_trust_added_later_applies_on_replay(runtime: Runtime, client, admin_token: str) -> None:
-    [outcome] = receive(runtime, "adt-a08-v23-latin1-nhs-in-pid19.hl7")  # PAS/RM3: not a known sender yet
+def test_a_rejected_message_from_a_trust_added_later_applies_on_replay(
+    runtime: Runtime, client, admin_token: str
+) -> None:
+    [outcome] = receive(
+        runtime, "adt-a08-v23-latin1-nhs-in-pid19.hl7"
+    )  # PAS/RM3: not a known sender yet
     assert outcome.state == "rejected"
     with runtime.session() as session:
-        make_trust(session, now=runtime.clock.now(), code="RM3P", sending_application="PAS", sending_facility="RM3")
-    replayed = client.post(f"/api/v1/messages/{outcome.message_id}/replay", headers=auth(admin_token))
+        make_trust(
+            session,
+            now=runtime.clock.now(),
+            code="RM3P",
+            sending_application="PAS",
+            sending_facility="RM3",
+        )
+    replayed = client.post(
+        f"/api/v1/messages/{outcome.message_id}/replay", headers=auth(admin_token)
+    )
     assert replayed.json["state"] == "applied"
     assert replayed.json["trust"] == "RM3P"
 
 
-def test_the_cli_lists_shows_and_replays_messages(runtime: Runtime, admin_token: str, capsys) -> None:
+def test_the_cli_lists_shows_and_replays_messages(
+    runtime: Runtime, admin_token: str, capsys
+) -> None:
     from worklist.cli import main
 
     [failed] = receive(runtime, "orm-o01-v24-ca.hl7")

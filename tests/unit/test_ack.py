@@ -26,7 +26,9 @@ def segments(ack: bytes) -> list[str]:
 
 
 def test_an_accepted_message_gets_aa_with_msa2_equal_to_its_control_id() -> None:
-    ack = build_ack(header("MSH|^~\\&|CRIS|RW6|WL|REG|20261123||ORM^O01|RW6000123|P|2.4"), code="AA", now=NOW)
+    ack = build_ack(
+        header("MSH|^~\\&|CRIS|RW6|WL|REG|20261123||ORM^O01|RW6000123|P|2.4"), code="AA", now=NOW
+    )
     msh, msa = segments(ack)
     assert msa == "MSA|AA|RW6000123"
     fields = msh.split("|")
@@ -105,15 +107,20 @@ def test_the_ack_uses_the_senders_delimiters_so_msa2_matches_byte_for_byte() -> 
 
 
 def test_several_problems_in_25_get_one_err_each() -> None:
-    problems = [AckProblem("101", "PID-3 empty", "PID", 1, 3), AckProblem("103", "ORC-1 ZZ", "ORC", 2, 1)]
-    ack = build_ack(header("MSH|^~\\&|A|B|||2026||ORM^O01|9|P|2.5"), code="AE", now=NOW, problems=problems)
+    problems = [
+        AckProblem("101", "PID-3 empty", "PID", 1, 3),
+        AckProblem("103", "ORC-1 ZZ", "ORC", 2, 1),
+    ]
+    ack = build_ack(
+        header("MSH|^~\\&|A|B|||2026||ORM^O01|9|P|2.5"), code="AE", now=NOW, problems=problems
+    )
     errs = [s for s in segments(ack) if s.startswith("ERR")]
     assert len(errs) == 2
     assert errs[1].split("|")[2] == "ORC^2^1"
 
 
 def test_the_ack_echoes_the_character_set_and_is_encoded_in_it() -> None:
-    h = read_header("MSH|^~\\&|A|B|||2026||ADT^A08|9|P|2.4||||||8859/1".encode())
+    h = read_header(b"MSH|^~\\&|A|B|||2026||ADT^A08|9|P|2.4||||||8859/1")
     error = RequiredFieldMissing("Nom manquant: é", segment="PID", sequence=1, field=5)
     ack = build_error_ack(h, error, now=NOW)
     assert "|8859/1" in ack.decode("latin-1").split("\r")[0]

@@ -71,7 +71,9 @@ def test_three_encoding_characters_leave_no_subcomponent_separator() -> None:
 
 def test_lf_and_crlf_segment_separators_are_read_like_cr() -> None:
     for sep in ("\n", "\r\n", "\r"):
-        msg = parse(sep.join(["MSH|^~\\&|A|B|||20261123||ADT^A08|1|P|2.4", "EVN|A08", "PID|1||X"]) + sep)
+        msg = parse(
+            sep.join(["MSH|^~\\&|A|B|||20261123||ADT^A08|1|P|2.4", "EVN|A08", "PID|1||X"]) + sep
+        )
         assert [s.name for s in msg.segments] == ["MSH", "EVN", "PID"]
         assert msg.version == "2.4"
 

@@ -28,7 +28,7 @@ payloads = st.binary(max_size=300).map(lambda b: b.replace(b"\x0b", b"").replace
 
 
 def ack_for(raw: bytes) -> bytes:
-    """What the listener does with one payload: events or a negative ACK, never another exception."""
+    """What the listener does with one payload: events or a negative ACK, nothing else."""
     try:
         message = Er7Message.parse(raw)
     except Hl7Error as error:
@@ -96,7 +96,9 @@ def test_mutated_real_shaped_messages_get_an_ack(sample: bytes, data: st.DataObj
         elif kind == "delete" and mutated:
             del mutated[pos]
         elif kind == "insert":
-            mutated[pos:pos] = data.draw(st.sampled_from([b"|", b"^", b"\\", b"\\X", b"\r", b"\\.br\\", b"~"]))
+            mutated[pos:pos] = data.draw(
+                st.sampled_from([b"|", b"^", b"\\", b"\\X", b"\r", b"\\.br\\", b"~"])
+            )
         else:
             del mutated[pos:]
     ack = ack_for(bytes(mutated))

@@ -66,7 +66,11 @@ def test_a_new_ct_head_order_becomes_order_placed_with_everything_the_worklist_n
     assert (o.placer_order_number, o.placer_order_namespace) == ("PL778899", "ICE")
     assert (o.filler_order_number, o.filler_order_namespace) == ("FL445566", "CRIS")
     assert o.accession_number == "RW6ACC0001"
-    assert (o.procedure_code, o.procedure_name, o.procedure_coding_system) == ("CHEAD", "CT Head", "NICIP")
+    assert (o.procedure_code, o.procedure_name, o.procedure_coding_system) == (
+        "CHEAD",
+        "CT Head",
+        "NICIP",
+    )
     assert o.modality == "CT"
     assert o.order_priority == "S"
     assert o.patient_class == "E"
@@ -79,7 +83,12 @@ def test_a_new_ct_head_order_becomes_order_placed_with_everything_the_worklist_n
     assert p is not None
     assert (p.local_id, p.local_authority) == ("RW6123456", "RW6")
     assert (p.nhs_number, p.nhs_number_valid, p.nhs_number_status) == ("9434765919", True, "NSTS01")
-    assert (p.family_name, p.given_name, p.birth_date, p.sex) == ("O'BRIEN", "Siobhan", date(1967, 4, 12), "F")
+    assert (p.family_name, p.given_name, p.birth_date, p.sex) == (
+        "O'BRIEN",
+        "Siobhan",
+        date(1967, 4, 12),
+        "F",
+    )
     assert len(p.identifiers) == 2
 
 
@@ -100,7 +109,10 @@ def test_a_cancellation_carries_its_reason() -> None:
 def test_an_omi_with_two_orders_gives_two_events_read_from_tq1_and_ipc() -> None:
     first, second = message_events(fixture("omi-o23-v251-two-orders.hl7"))
     assert isinstance(first, OrderPlaced) and isinstance(second, OrderPlaced)
-    assert (first.order.accession_number, second.order.accession_number) == ("R0A-ACC-1", "R0A-ACC-2")
+    assert (first.order.accession_number, second.order.accession_number) == (
+        "R0A-ACC-1",
+        "R0A-ACC-2",
+    )
     assert (first.order.modality, second.order.modality) == ("MR", "US")
     assert (first.order.order_priority, second.order.order_priority) == ("R", "A")
     assert first.order.study_instance_uid == "1.2.826.0.1.3680043.9.7001.2.1"
@@ -115,7 +127,10 @@ def test_an_omi_with_two_orders_gives_two_events_read_from_tq1_and_ipc() -> None
 
 def test_lf_separated_orders_unescape_notes_and_map_free_text_patient_class() -> None:
     [event] = message_events(fixture("orm-o01-v23-lf-escapes.hl7"))
-    assert event.order.clinical_details == "Query pneumonia & effusion\nSats 91|on air\nWard 7 \\ bay 3"
+    assert (
+        event.order.clinical_details
+        == "Query pneumonia & effusion\nSats 91|on air\nWard 7 \\ bay 3"
+    )
     assert event.order.patient_class == "I"
     assert event.order.order_priority == "R"
     assert event.order.modality == "DX"
@@ -153,14 +168,18 @@ def test_an_invalid_nhs_number_is_kept_but_flagged_and_never_linked() -> None:
 
 
 def test_an_nhs_number_typed_hn_is_recognised() -> None:
-    msg = message(MSH.replace("ORM^O01", "ADT^A01"), "PID|1||MRN1^^^TRUST^MEDREC~943 476 5919^^^^HN")
+    msg = message(
+        MSH.replace("ORM^O01", "ADT^A01"), "PID|1||MRN1^^^TRUST^MEDREC~943 476 5919^^^^HN"
+    )
     [event] = message_events(msg)
     assert event.patient.nhs_number == "9434765919"
     assert event.patient.local_id == "MRN1"
 
 
 def test_the_profile_chooses_the_local_authority_among_several_identifiers() -> None:
-    msg = message(MSH.replace("ORM^O01", "ADT^A08"), "PID|1||E1^^^EMPI^PI~H1^^^RW6^MR~C1^^^CHART^MR")
+    msg = message(
+        MSH.replace("ORM^O01", "ADT^A08"), "PID|1||E1^^^EMPI^PI~H1^^^RW6^MR~C1^^^CHART^MR"
+    )
     [event] = message_events(msg, {"local_authority": "CHART"})
     assert event.patient.local_id == "C1"
 
@@ -192,7 +211,11 @@ def test_order_control_drives_the_event_type(control: str, status: str, event_ty
 def test_an_unknown_order_control_is_ae_103_at_orc1() -> None:
     with pytest.raises(TableValueNotFound) as caught:
         message_events(fixture("orm-o01-v24-unknown-order-control.hl7"))
-    assert (caught.value.ack_code, caught.value.error_code, caught.value.location) == ("AE", "103", "ORC-1")
+    assert (caught.value.ack_code, caught.value.error_code, caught.value.location) == (
+        "AE",
+        "103",
+        "ORC-1",
+    )
 
 
 def test_a_status_change_without_a_status_is_ae_101_at_orc5() -> None:
@@ -204,7 +227,11 @@ def test_a_status_change_without_a_status_is_ae_101_at_orc5() -> None:
 def test_a_new_order_without_a_patient_identifier_is_ae_101_at_pid3() -> None:
     with pytest.raises(RequiredFieldMissing) as caught:
         message_events(fixture("orm-o01-v231-nw-missing-pid3.hl7"))
-    assert (caught.value.ack_code, caught.value.error_code, caught.value.location) == ("AE", "101", "PID-3")
+    assert (caught.value.ack_code, caught.value.error_code, caught.value.location) == (
+        "AE",
+        "101",
+        "PID-3",
+    )
 
 
 def test_an_order_without_orc_is_ae_100() -> None:
@@ -235,7 +262,11 @@ def test_an_unsupported_order_trigger_is_ar_201() -> None:
 def test_an_unsupported_version_is_ar_203() -> None:
     with pytest.raises(UnsupportedVersion) as caught:
         message_events(fixture("orm-o01-v26-unsupported-version.hl7"))
-    assert (caught.value.ack_code, caught.value.error_code, caught.value.location) == ("AR", "203", "MSH-12")
+    assert (caught.value.ack_code, caught.value.error_code, caught.value.location) == (
+        "AR",
+        "203",
+        "MSH-12",
+    )
 
 
 def test_a_processing_id_the_trust_does_not_accept_is_ar_202() -> None:
@@ -245,7 +276,7 @@ def test_a_processing_id_the_trust_does_not_accept_is_ar_202() -> None:
         message_events(training, {"processing_ids": ["P"]})
 
 
-def test_other_adt_events_are_acknowledged_and_ignored_by_default_or_refused_if_the_trust_says() -> None:
+def test_other_adt_events_are_ignored_by_default_or_refused_if_the_trust_says() -> None:
     discharge = message(MSH.replace("ORM^O01", "ADT^A03"), PID)
     assert message_events(discharge) == []
     with pytest.raises(UnsupportedEvent):
@@ -254,14 +285,18 @@ def test_other_adt_events_are_acknowledged_and_ignored_by_default_or_refused_if_
 
 def test_an_unreadable_message_time_is_ae_102() -> None:
     with pytest.raises(DataTypeError) as caught:
-        message_events(message(MSH.replace("20261123091500", "NOTADATE"), PID, "ORC|NW|P|F", "OBR|1|P|F"))
+        message_events(
+            message(MSH.replace("20261123091500", "NOTADATE"), PID, "ORC|NW|P|F", "OBR|1|P|F")
+        )
     assert caught.value.location == "MSH-7"
 
 
 def test_an_empty_message_time_falls_back_to_the_receipt_time() -> None:
     received = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
-    [event] = message_events(message(MSH.replace("20261123091500", ""), PID, "ORC|NW|P|F", "OBR|1|P|F"),
-                             received_at=received)
+    [event] = message_events(
+        message(MSH.replace("20261123091500", ""), PID, "ORC|NW|P|F", "OBR|1|P|F"),
+        received_at=received,
+    )
     assert event.message_time == received
 
 

@@ -113,7 +113,7 @@ class InboundEvent:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class OrderEvent(InboundEvent):
-    """An event about one order (one ORC/OBR group). `patient` is None when the message had no PID."""
+    """An event about one order (one ORC/OBR group); `patient` is None when there was no PID."""
 
     patient: PatientIdentity | None
     order: OrderFields

@@ -62,11 +62,14 @@ RECEIVED = "received"  # stored and acknowledged; its events are still to be app
 APPLIED = "applied"  # its events were applied to studies/patients
 DUPLICATE = "duplicate"  # a resend of a stored MSH-10 from the same sender; answered with that ACK
 FAILED = "failed"  # AE, or could not be applied: in the error queue
-REJECTED = "rejected"  # AR: unknown sender, unsupported type/version, unreadable; in the error queue
+REJECTED = (
+    "rejected"  # AR: unknown sender, unsupported type/version, unreadable; in the error queue
+)
 STATES = (RECEIVED, APPLIED, DUPLICATE, FAILED, REJECTED)
 ERROR_QUEUE = (FAILED, REJECTED)
 
 APPLY_BATCH = 100
+_INBOUND: sa.Table = InboundMessage.__table__  # type: ignore[assignment]
 
 
 # --- Trusts, as the listener sees them -----------------------------------------------------
@@ -259,7 +262,8 @@ def interpret(
             header=minimal_header(),
             error=MalformedMessage(
                 "batch envelopes (FHS/BHS) are not accepted over MLLP; send one message per frame",
-                segment=payload.lstrip()[:3].decode("latin-1"), sequence=1,
+                segment=payload.lstrip()[:3].decode("latin-1"),
+                sequence=1,
             ),
         )
     try:
@@ -288,14 +292,18 @@ def interpret(
             error=UnknownSender(
                 f"sender {application or '(empty)'}/{facility or '(empty)'} (MSH-3/MSH-4) is not a"
                 " configured trust",
-                segment="MSH", sequence=1, field=4,
+                segment="MSH",
+                sequence=1,
+                field=4,
             ),
         )
     verdict = Verdict(header=header, trust=trust)
     if not trust.allows(_peer_host(arrival.peer)):
         verdict.error = UnknownSender(
             f"address {_peer_host(arrival.peer)} may not send as trust {trust.code}",
-            segment="MSH", sequence=1, field=4,
+            segment="MSH",
+            sequence=1,
+            field=4,
         )
         return verdict
     if trust.profile is None:
@@ -316,8 +324,12 @@ def _enhanced(verdict: Verdict) -> bool:
     # which every engine reads (HL7-NOTES 5.1: UK feeds send AL|NE yet expect AA/AE/AR).
     mode = "original"
     if trust is not None:
-        mode = (trust.profile.ack_mode if trust.profile and trust.profile.ack_mode else None) or trust.ack_mode
-    return ack_is_enhanced(verdict.header, mode if mode in ("auto", "original", "enhanced") else "original")
+        mode = (
+            trust.profile.ack_mode if trust.profile and trust.profile.ack_mode else None
+        ) or trust.ack_mode
+    return ack_is_enhanced(
+        verdict.header, mode if mode in ("auto", "original", "enhanced") else "original"
+    )
 
 
 def _ack_for(verdict: Verdict, settings: Settings, now: datetime) -> tuple[bytes, str]:
@@ -385,8 +397,12 @@ def store_messages(
             for arrival, verdict in zip(arrivals, ready, strict=True)
         ]
         originals = _stored_originals(
-            session, [_duplicate_key(v.header) for v, a in zip(verdicts, arrivals, strict=True)
-                      if a.oversize_bytes is None]
+            session,
+            [
+                _duplicate_key(v.header)
+                for v, a in zip(verdicts, arrivals, strict=True)
+                if a.oversize_bytes is None
+            ],
         )
     for arrival, verdict in zip(arrivals, verdicts, strict=True):
         header = verdict.header
@@ -402,7 +418,9 @@ def store_messages(
             "sending_application": key[0] or None,
             "sending_facility": key[1] or None,
             "control_id": key[2],
-            "message_type": f"{header.message_code}^{header.trigger}"[:32] if header.message_code else None,
+            "message_type": f"{header.message_code}^{header.trigger}"[:32]
+            if header.message_code
+            else None,
             "message_time": _message_time(verdict),
             "received_at": arrival.received_at,
             "peer": (arrival.peer or "")[:100] or None,
@@ -415,12 +433,18 @@ def store_messages(
             row["state"] = DUPLICATE
             row["ack"] = original.ack
             row["ack_code"] = original.ack_code
-            row["error"] = f"resend of message {original.id}" if original.id else "resend in the same batch"
+            row["error"] = (
+                f"resend of message {original.id}" if original.id else "resend in the same batch"
+            )
             rows.append(row)
             outcomes.append(
                 StoreOutcome(
-                    message_id=None, state=DUPLICATE, ack=original.ack, ack_code=original.ack_code or "",
-                    trust_code=verdict.trust.code if verdict.trust else None, control_id=control_id,
+                    message_id=None,
+                    state=DUPLICATE,
+                    ack=original.ack,
+                    ack_code=original.ack_code or "",
+                    trust_code=verdict.trust.code if verdict.trust else None,
+                    control_id=control_id,
                     duplicate_of=original.id,
                 )
             )
@@ -435,7 +459,11 @@ def store_messages(
             row["error"] = _describe(verdict.error)
             logger.warning(
                 "HL7 %s from %s/%s control id %r: %s",
-                ack_code, application, facility, control_id, row["error"],
+                ack_code,
+                application,
+                facility,
+                control_id,
+                row["error"],
             )
         row["ack"] = ack
         row["ack_code"] = ack_code
@@ -444,19 +472,31 @@ def store_messages(
         rows.append(row)
         outcomes.append(
             StoreOutcome(
-                message_id=None, state=row["state"], ack=ack, ack_code=ack_code,
-                trust_code=verdict.trust.code if verdict.trust else None, control_id=control_id,
+                message_id=None,
+                state=row["state"],
+                ack=ack,
+                ack_code=ack_code,
+                trust_code=verdict.trust.code if verdict.trust else None,
+                control_id=control_id,
             )
         )
     # One multi-row INSERT (Core, not ORM units of work: this is the ACK's hot path).
-    table = InboundMessage.__table__
-    ids = session.connection().execute(
-        table.insert().returning(table.c.id, sort_by_parameter_order=True), rows
-    ).scalars().all()
+    table = _INBOUND
+    ids = (
+        session.connection()
+        .execute(table.insert().returning(table.c.id, sort_by_parameter_order=True), rows)
+        .scalars()
+        .all()
+    )
     return [
         StoreOutcome(
-            message_id=message_id, state=o.state, ack=o.ack, ack_code=o.ack_code, trust_code=o.trust_code,
-            control_id=o.control_id, duplicate_of=o.duplicate_of,
+            message_id=message_id,
+            state=o.state,
+            ack=o.ack,
+            ack_code=o.ack_code,
+            trust_code=o.trust_code,
+            control_id=o.control_id,
+            duplicate_of=o.duplicate_of,
         )
         for message_id, o in zip(ids, outcomes, strict=True)
     ]
@@ -479,17 +519,21 @@ def _stored_originals(
     wanted = {k for k in keys if k[2]}
     if not wanted:
         return {}
-    table = InboundMessage.__table__
+    table = _INBOUND
 
-    def column_in(column: sa.Column[Any], values: set[str]) -> sa.ColumnElement[bool]:
+    def column_in(column: sa.ColumnElement[Any], values: set[str]) -> sa.ColumnElement[bool]:
         present = {v for v in values if v}
         clause = column.in_(present) if present else sa.false()
         return sa.or_(clause, column.is_(None)) if "" in values else clause
 
     query = (
         sa.select(
-            table.c.id, table.c.sending_application, table.c.sending_facility, table.c.control_id,
-            table.c.ack, table.c.ack_code,
+            table.c.id,
+            table.c.sending_application,
+            table.c.sending_facility,
+            table.c.control_id,
+            table.c.ack,
+            table.c.ack_code,
         )
         .where(
             column_in(table.c.sending_application, {k[0] for k in wanted}),
@@ -518,7 +562,9 @@ def _describe(error: Hl7Error | WorklistError | Exception) -> str:
 # --- Applying ------------------------------------------------------------------------------
 
 
-def _apply_one(session: Session, row: InboundMessage, *, directory: TrustDirectory, now: datetime) -> None:
+def _apply_one(
+    session: Session, row: InboundMessage, *, directory: TrustDirectory, now: datetime
+) -> None:
     """Apply one stored message inside a savepoint; on failure it becomes ``failed`` with why."""
     try:
         with session.begin_nested():
@@ -534,8 +580,12 @@ def _apply_one(session: Session, row: InboundMessage, *, directory: TrustDirecto
             events = route(message, profile, received_at=row.received_at)
             control_id = message.control_id
             result = orders.apply_events(
-                session, trust=trust, events=events, source=f"hl7:{control_id}"[:120],
-                now=now, control_id=control_id or None,
+                session,
+                trust=trust,
+                events=events,
+                source=f"hl7:{control_id}"[:120],
+                now=now,
+                control_id=control_id or None,
             )
             row.state = APPLIED
             row.applied_at = now
@@ -579,9 +629,14 @@ def apply_pending(
 
 
 def count_pending(session: Session) -> int:
-    return session.scalar(
-        sa.select(sa.func.count()).select_from(InboundMessage).where(InboundMessage.state == RECEIVED)
-    ) or 0
+    return (
+        session.scalar(
+            sa.select(sa.func.count())
+            .select_from(InboundMessage)
+            .where(InboundMessage.state == RECEIVED)
+        )
+        or 0
+    )
 
 
 # --- Message log and error queue -------------------------------------------------------------
@@ -617,7 +672,9 @@ def list_messages(
         states = [state] if isinstance(state, str) else list(state)
         unknown = set(states) - set(STATES)
         if unknown:
-            raise InvalidInput(f"unknown state(s) {sorted(unknown)}; states are {', '.join(STATES)}")
+            raise InvalidInput(
+                f"unknown state(s) {sorted(unknown)}; states are {', '.join(STATES)}"
+            )
         query = query.where(InboundMessage.state.in_(states))
     if since is not None:
         query = query.where(InboundMessage.received_at >= since)
@@ -634,7 +691,7 @@ def get_message(session: Session, message_id: int) -> InboundMessage:
 
 
 def message_text(raw: bytes) -> str:
-    """The stored bytes as text (declared charset, else the reader's fallbacks), segments on lines."""
+    """The stored bytes as text (declared charset, else the fallbacks), one segment a line."""
     try:
         declared = read_header(raw).charset
         declared = declared.split("^")[0]
@@ -647,10 +704,12 @@ def message_text(raw: bytes) -> str:
 def edit_message(
     session: Session, message_id: int, *, raw: bytes | str, now: datetime, user: User | None = None
 ) -> InboundMessage:
-    """Correct a failed or rejected message before replaying it; the old bytes go to the audit log."""
+    """Correct a failed or rejected message before replaying it; old bytes go to the audit log."""
     row = get_message(session, message_id)
     if row.state not in ERROR_QUEUE:
-        raise Conflict(f"message {message_id} is {row.state}; only failed or rejected messages can be edited")
+        raise Conflict(
+            f"message {message_id} is {row.state}; only failed or rejected messages can be edited"
+        )
     if isinstance(raw, str):
         raw = raw.replace("\r\n", "\r").replace("\n", "\r").encode("utf-8")
     if not raw.strip():
@@ -677,7 +736,9 @@ def edit_message(
     row.control_id = header.control_id[:100]
     row.sending_application = application[:100] or None
     row.sending_facility = facility[:100] or None
-    row.message_type = f"{header.message_code}^{header.trigger}"[:32] if header.message_code else None
+    row.message_type = (
+        f"{header.message_code}^{header.trigger}"[:32] if header.message_code else None
+    )
     row.error = f"edited at {now.isoformat()}; replay to apply. Was: {row.error}"[:2000]
     return row
 
@@ -703,7 +764,7 @@ def replay_message(
         .values(state=RECEIVED)
         .execution_options(synchronize_session=False)
     )
-    if claimed.rowcount != 1:
+    if claimed.rowcount != 1:  # type: ignore[attr-defined]
         raise Conflict(f"message {message_id} is not in the error queue (already replayed?)")
     row = get_message(session, message_id)
     session.refresh(row)
@@ -733,7 +794,9 @@ def replay_message(
     return row
 
 
-def message_json(row: InboundMessage, *, trust_code: str | None = None, full: bool = False) -> dict[str, Any]:
+def message_json(
+    row: InboundMessage, *, trust_code: str | None = None, full: bool = False
+) -> dict[str, Any]:
     """The API/CLI view of one message; `full` adds the raw text and the ACK."""
     data: dict[str, Any] = {
         "id": row.id,
@@ -762,4 +825,7 @@ def trust_codes(session: Session, rows: Sequence[InboundMessage]) -> dict[int, s
     ids = {r.trust_id for r in rows if r.trust_id is not None}
     if not ids:
         return {}
-    return {row.id: row.code for row in session.execute(sa.select(Trust.id, Trust.code).where(Trust.id.in_(ids)))}
+    return {
+        row.id: row.code
+        for row in session.execute(sa.select(Trust.id, Trust.code).where(Trust.id.in_(ids)))
+    }

@@ -86,7 +86,9 @@ def edit_message(message_id: int):  # type: ignore[no-untyped-def]
     else:
         raw = request.get_data()
     session = db()
-    row = service.edit_message(session, message_id, raw=raw, now=runtime().clock.now(), user=current_user())
+    row = service.edit_message(
+        session, message_id, raw=raw, now=runtime().clock.now(), user=current_user()
+    )
     codes = service.trust_codes(session, [row])
     return jsonify(service.message_json(row, trust_code=codes.get(row.trust_id or 0), full=True))
 
