@@ -265,3 +265,33 @@ def cmd_simulate_ris(args: argparse.Namespace, runtime: Runtime) -> int:
     summary = asyncio.run(main())
     print(json.dumps(summary["received"], indent=1))
     return 0
+
+
+def start_simulation_thread(
+    runtime: Runtime, options: SimulationOptions | None = None
+) -> tuple[threading.Thread, Any]:
+    """Run `simulate` on its own event loop in a daemon thread (for `worklist serve --demo`:
+    the trusts' RIS receive the ORUs and, with ``options.orders``, send a trickle of orders).
+    Returns the thread and a function that stops it."""
+    options = options or SimulationOptions(duration=0.0)
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(simulate(runtime, options, stop))
+        except Exception:
+            logger.exception("RIS simulator stopped")
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=run, name="ris-simulator", daemon=True)
+    thread.start()
+
+    def stop_simulation() -> None:
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
+
+    return thread, stop_simulation

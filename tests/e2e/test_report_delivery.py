@@ -393,3 +393,31 @@ def test_a_third_party_hl7_server_receives_and_acknowledges_a_signed_report(
     finally:
         server.kill()
         server.wait(10)
+
+
+def test_the_demo_simulator_thread_plays_every_trusts_ris_and_stops_cleanly(
+    runtime: Runtime, clock: FixedClock
+) -> None:
+    import socket
+
+    from worklist.cli_reports import start_simulation_thread
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    region = Region(runtime, clock, port)
+    study, _ = region.study(claimed_by=region.consultant)
+    control_id = region.sign(study, region.consultant, "final", "Normal.")
+    thread, stop = start_simulation_thread(runtime)
+    try:
+        with MllpSender() as sender:
+            for _ in range(50):
+                if delivery.deliver_pending(runtime, sender=sender).delivered:
+                    break
+                clock.advance(timedelta(minutes=1))
+                time.sleep(0.05)
+    finally:
+        stop()
+    assert not thread.is_alive()
+    (row,) = region.outbox()
+    assert (row.control_id, row.state) == (control_id, "delivered")

@@ -557,3 +557,14 @@ def test_the_api_saves_signs_adds_an_addendum_and_lists_deliveries(
     assert r.status_code == 201 and r.json["control_id"] != rows[1]["control_id"]
     r = client.get(f"/api/v1/studies/{study}/report", headers=auth)
     assert [v["kind"] for v in r.json["versions"]] == ["final", "addendum"]
+
+
+def test_backoff_grows_exponentially_with_jitter_up_to_the_cap() -> None:
+    import random
+
+    rng = random.Random(5)
+    delays = [delivery.backoff_seconds(n, base=2.0, cap=60.0, rng=rng) for n in range(1, 9)]
+    assert 1.0 <= delays[0] < 2.0 and 2.0 <= delays[1] < 4.0 and 8.0 <= delays[3] < 16.0
+    assert all(30.0 <= d < 60.0 for d in delays[5:])
+    again = [delivery.backoff_seconds(3, base=2.0, cap=60.0, rng=rng) for _ in range(20)]
+    assert len(set(again)) > 10  # jittered, so many senders do not retry in step
