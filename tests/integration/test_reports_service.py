@@ -568,3 +568,19 @@ def test_backoff_grows_exponentially_with_jitter_up_to_the_cap() -> None:
     assert all(30.0 <= d < 60.0 for d in delays[5:])
     again = [delivery.backoff_seconds(3, base=2.0, cap=60.0, rng=rng) for _ in range(20)]
     assert len(set(again)) > 10  # jittered, so many senders do not retry in step
+
+
+def test_the_starting_text_is_the_procedures_template_with_placeholders_filled(
+    world: World,
+) -> None:
+    study = world.study(claimed_by=world.consultant_id)  # CHEAD, CT, by the factory
+    with world.runtime.session() as s:
+        row = s.get(Study, study)
+        assert row is not None
+        row.clinical_details = "Fall, GCS 14"
+        start = reports.starting_text(
+            s, study_id=study, user=world.user(s, world.consultant_id), now=world.clock.now()
+        )
+    assert start.template == "CT head"
+    assert "Clinical details: Fall, GCS 14" in start.text
+    assert "(23/11/2026)" in start.text and start.unfilled == ()

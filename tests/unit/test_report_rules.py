@@ -171,3 +171,8 @@ def test_personal_macros_expand_only_known_names() -> None:
     macros = {"normcxr": "The heart and lungs are normal.", "G": "never"}
     text = expand_macros(".NormCXR No change e.g. 0.5 cm .unknown", macros)
     assert text == "The heart and lungs are normal. No change e.g. 0.5 cm .unknown"
+
+
+def test_the_exam_date_placeholder_is_the_date_in_england_not_in_utc() -> None:
+    late = datetime(2026, 7, 1, 23, 30, tzinfo=UTC)  # 00:30 BST on 2 July
+    assert template_values(exam_time=late)["exam_date"] == "02/07/2026"

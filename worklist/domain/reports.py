@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from zoneinfo import ZoneInfo
 
 
 class VersionKind(StrEnum):
@@ -301,8 +302,11 @@ def template_values(
     clinical_details: str = "",
     radiologist: str = "",
     accession_number: str = "",
+    timezone: str = "Europe/London",
 ) -> dict[str, object]:
-    """The standard placeholders a template may use."""
+    """The standard placeholders a template may use (dates as the trust's wall clock reads)."""
+    if exam_time is not None and exam_time.tzinfo is not None:
+        exam_time = exam_time.astimezone(ZoneInfo(timezone))
     return {
         "patient_name": patient_name,
         "birth_date": birth_date.isoformat() if hasattr(birth_date, "isoformat") else birth_date,

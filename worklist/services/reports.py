@@ -149,6 +149,73 @@ def get_report(session: Session, *, study_id: int, user: User, now: datetime) ->
     )
 
 
+# --- templates ----------------------------------------------------------------------------
+
+# Region-wide starting texts; the most specific match wins (worklist.domain.reports).
+DEFAULT_TEMPLATES = (
+    rules.ReportTemplate(
+        "Generic",
+        "Clinical details: {{clinical_details}}\n\nFindings:\n\nImpression:\n",
+    ),
+    rules.ReportTemplate(
+        "CT",
+        "{{procedure}} ({{exam_date}})\nClinical details: {{clinical_details}}\n\n"
+        "Technique: \n\nFindings:\n\nImpression:\n",
+        modality="CT",
+    ),
+    rules.ReportTemplate(
+        "CT head",
+        "CT head without contrast ({{exam_date}})\nClinical details: {{clinical_details}}\n\n"
+        "Findings: No intracranial haemorrhage, mass effect or midline shift. Grey-white "
+        "differentiation is preserved. The ventricles and sulci are normal for age. No skull "
+        "fracture.\n\nImpression: No acute intracranial abnormality.",
+        procedure_code="CHEAD",
+    ),
+    rules.ReportTemplate(
+        "Chest radiograph",
+        "{{procedure}} ({{exam_date}})\nClinical details: {{clinical_details}}\n\n"
+        "Findings: The heart is not enlarged. The lungs and pleural spaces are clear.\n\n"
+        "Impression: Normal chest radiograph.",
+        procedure_code="XCHES",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class StartingText:
+    template: str
+    text: str
+    unfilled: tuple[str, ...]
+
+
+def starting_text(
+    session: Session,
+    *,
+    study_id: int,
+    user: User,
+    now: datetime,
+    templates: tuple[rules.ReportTemplate, ...] = DEFAULT_TEMPLATES,
+) -> StartingText:
+    """The template for this study's procedure/modality with its placeholders filled."""
+    study = _study_for(session, study_id=study_id, user=user, now=now, lock=False)
+    code = session.scalar(sa.select(Trust.code).where(Trust.id == study.trust_id))
+    template = rules.choose_template(
+        templates, procedure_code=study.procedure_code, modality=study.modality, trust_code=code
+    )
+    if template is None:
+        return StartingText("", "", ())
+    values = rules.template_values(
+        procedure_name=study.procedure_name or "",
+        modality=study.modality or "",
+        exam_time=study.performed_at,
+        clinical_details=study.clinical_details or "",
+        radiologist=user.full_name or user.username,
+        accession_number=study.accession_number,
+    )
+    filled = rules.fill_placeholders(template.text, values)
+    return StartingText(template.name, filled.text, filled.unfilled)
+
+
 # --- the draft ----------------------------------------------------------------------------
 
 

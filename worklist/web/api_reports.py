@@ -2,6 +2,7 @@
 
 PUT  /studies/<id>/report            {"text": ...}                  autosave the draft
 GET  /studies/<id>/report                                           draft and signed versions
+GET  /studies/<id>/report/template                                  starting text for the study
 POST /studies/<id>/report/sign       {"status": "preliminary"|"final", "urgent_finding": false,
                                       "text": optional (defaults to the saved draft)}
 POST /studies/<id>/addenda           {"text": ..., "urgent_finding": false}
@@ -63,6 +64,15 @@ def get_report(study_id: int):  # type: ignore[no-untyped-def]
         draft_saved_at=iso(view.draft_saved_at),
         versions=[reports.version_json(v) for v in view.versions],
     )
+
+
+@blueprint.get("/studies/<int:study_id>/report/template")
+def template(study_id: int):  # type: ignore[no-untyped-def]
+    """The starting text for this study (procedure/modality template, placeholders filled)."""
+    start = reports.starting_text(
+        db(), study_id=study_id, user=current_user(), now=runtime().clock.now()
+    )
+    return jsonify(template=start.template, text=start.text, unfilled=list(start.unfilled))
 
 
 @blueprint.put("/studies/<int:study_id>/report")
