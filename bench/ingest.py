@@ -259,10 +259,16 @@ async def _sender(port: int, messages: list[bytes], run: Run, interval: float) -
 
 def play(label: str, port: int, per_trust: dict[str, list[bytes]], *, rate: float = 0.0) -> Run:
     run = Run(label, messages=sum(len(m) for m in per_trust.values()))
-    interval = len(per_trust) / rate if rate else 0.0
+    # Paced: every sender spreads its share over the same span, so the total is `rate`.
+    span = run.messages / rate if rate else 0.0
 
     async def main() -> None:
-        await asyncio.gather(*(_sender(port, msgs, run, interval) for msgs in per_trust.values()))
+        await asyncio.gather(
+            *(
+                _sender(port, msgs, run, span / len(msgs) if rate else 0.0)
+                for msgs in per_trust.values()
+            )
+        )
 
     began = time.perf_counter()
     asyncio.run(main())

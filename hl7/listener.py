@@ -96,6 +96,7 @@ class MllpListener:
         apply: bool | str = "thread",
         store_batch: int = STORE_BATCH,
         apply_batch: int | None = None,
+        apply_workers: int = 1,
     ) -> None:
         self.runtime = runtime
         self.settings = runtime.settings
@@ -106,6 +107,8 @@ class MllpListener:
         if mode not in APPLY_MODES:
             raise ValueError(f"apply must be one of {APPLY_MODES}, not {apply!r}")
         self.apply_mode: str = mode
+        # Child processes applying in "process" mode, each serving a share of the trusts.
+        self.apply_workers = max(1, apply_workers)
         self.store_batch = store_batch
         # Messages applied per transaction: small on SQLite, whose one write lock the
         # store writer waits for; larger on PostgreSQL, where they do not block each other.
@@ -120,7 +123,7 @@ class MllpListener:
         self._tasks: list[asyncio.Task[None]] = []
         self._connections: set[asyncio.Task[None]] = set()
         self._signals: ApplySignals | None = None
-        self._worker: multiprocessing.process.BaseProcess | None = None
+        self._workers: list[multiprocessing.process.BaseProcess] = []
 
     @property
     def port(self) -> int:
@@ -137,13 +140,20 @@ class MllpListener:
         elif self.apply_mode == "process":
             context = multiprocessing.get_context("spawn")
             self._signals = ApplySignals.create(context)
-            self._worker = context.Process(
-                target=run_apply_worker,
-                args=(self.settings, self._signals, self.apply_batch),
-                name="hl7-apply",
-                daemon=True,
-            )
-            self._worker.start()
+            for index in range(self.apply_workers):
+                worker = context.Process(
+                    target=run_apply_worker,
+                    args=(
+                        self.settings,
+                        self._signals,
+                        self.apply_batch,
+                        (index, self.apply_workers),
+                    ),
+                    name=f"hl7-apply-{index}",
+                    daemon=True,
+                )
+                worker.start()
+                self._workers.append(worker)
         self._server = await asyncio.start_server(
             self._on_connection,
             self.host,
@@ -176,13 +186,14 @@ class MllpListener:
             except asyncio.CancelledError:
                 pass
         self._tasks.clear()
-        if self._worker is not None and self._signals is not None:
+        if self._workers and self._signals is not None:
             self._signals.stop.set()
             self._signals.wake.set()
-            await asyncio.to_thread(self._worker.join, grace)
-            if self._worker.is_alive():
-                self._worker.terminate()
-            self._worker = None
+            for worker in self._workers:
+                await asyncio.to_thread(worker.join, grace)
+                if worker.is_alive():
+                    worker.terminate()
+            self._workers.clear()
 
     async def drain(self, timeout: float = 30.0) -> None:
         """Return once everything stored so far is applied (tests, shutdown).
@@ -435,7 +446,9 @@ class ApplySignals:
             time.sleep(STORE_QUIET_SECONDS)
 
 
-def run_apply_worker(settings: Settings, signals: ApplySignals, batch: int) -> None:
+def run_apply_worker(
+    settings: Settings, signals: ApplySignals, batch: int, partition: tuple[int, int] = (0, 1)
+) -> None:
     """The apply worker as its own process: its own GIL, so applying (CPU-heavy ORM
     work) never delays an ACK; it applies in arrival order until told to stop."""
     from worklist.bootstrap import build_runtime
@@ -457,7 +470,11 @@ def run_apply_worker(settings: Settings, signals: ApplySignals, batch: int) -> N
             try:
                 with runtime.session() as session:
                     taken = messages.apply_pending(
-                        session, directory=directory, now=runtime.clock.now(), limit=batch
+                        session,
+                        directory=directory,
+                        now=runtime.clock.now(),
+                        limit=batch,
+                        partition=partition,
                     )
             except Exception:  # noqa: BLE001 - keep the worker alive; retry shortly
                 logger.exception("applying stored HL7 messages failed; retrying")
@@ -495,6 +512,7 @@ def serve_hl7(
     stop: threading.Event | None = None,
     ssl_context: ssl.SSLContext | None = None,
     apply: str | None = None,
+    apply_workers: int | None = None,
 ) -> None:
     """Run the MLLP listener until `stop` is set (blocking; call from a thread or a process).
 
@@ -507,10 +525,16 @@ def serve_hl7(
     """
     if apply is None:
         apply = "thread" if runtime.dialect == "sqlite" else "process"
+    if apply_workers is None:
+        # WORKLIST_HL7_APPLY_WORKERS: apply processes per listener (PostgreSQL; trusts are
+        # shared out between them, one trust's messages always applied in order).
+        apply_workers = int(os.environ.get("WORKLIST_HL7_APPLY_WORKERS", "1"))
     context = ssl_context if ssl_context is not None else ssl_context_from_env()
 
     async def main() -> None:
-        listener = MllpListener(runtime, host, port, ssl_context=context, apply=apply)
+        listener = MllpListener(
+            runtime, host, port, ssl_context=context, apply=apply, apply_workers=apply_workers
+        )
         await listener.start()
         if isinstance(ready, threading.Event):
             ready.set()

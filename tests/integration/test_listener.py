@@ -638,3 +638,39 @@ def test_a_listener_killed_mid_burst_loses_no_acknowledged_message_and_applies_r
     )  # each exactly once
     assert {state for _, state in states} <= {"applied", "duplicate"}
     assert studies == 160
+
+
+def test_random_bytes_on_the_socket_never_stop_the_listener(
+    runtime: Runtime, listener: RunningListener
+) -> None:
+    import random
+
+    rng = random.Random(3)
+    valid = fixture("orm-o01-v24-nw-ct-head.hl7")
+    for _ in range(25):
+        kind = rng.choice(["noise", "framed-noise", "mutated", "truncated"])
+        if kind == "noise":
+            blob = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 400)))
+        elif kind == "framed-noise":
+            blob = frame(bytes(rng.randrange(32, 127) for _ in range(rng.randrange(0, 300))))
+        elif kind == "mutated":
+            body = bytearray(valid)
+            for _ in range(rng.randrange(1, 10)):
+                body[rng.randrange(len(body))] = rng.choice(b"|^~\\&\r\n\x00\xff")
+            blob = frame(bytes(body).replace(b"\x0b", b"").replace(b"\x1c", b""))
+        else:
+            blob = frame(valid)[: rng.randrange(1, len(valid))]
+        client = Client(listener.port)
+        client.send_raw(blob)
+        client.sock.settimeout(0.2)
+        try:
+            while client.sock.recv(65536):
+                pass  # an ACK (AA/AE/AR) or nothing; either way no crash
+        except TimeoutError:
+            pass
+        client.close()
+    # Still serving (a fresh control id: a mutated copy of `valid` may hold the old one), and
+    # every framed message got an ACK stored with it.
+    fresh = valid.replace(b"RW6000123", b"RW6-AFTER").replace(b"RW6ACC0001", b"RW6ACC-AFTER")
+    assert msa(Client(listener.port).send(fresh))[1] == "AA"
+    assert all(r.ack is not None for r in rows(runtime))

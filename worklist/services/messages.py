@@ -69,6 +69,7 @@ STATES = (RECEIVED, APPLIED, DUPLICATE, FAILED, REJECTED)
 ERROR_QUEUE = (FAILED, REJECTED)
 
 APPLY_BATCH = 100
+APPLY_LOCK_CLASS = 0x484C37  # "HL7": the advisory-lock namespace of the apply workers
 _INBOUND: sa.Table = InboundMessage.__table__  # type: ignore[assignment]
 
 
@@ -607,12 +608,22 @@ def _apply_one(
 
 
 def apply_pending(
-    session: Session, *, directory: TrustDirectory, now: datetime, limit: int = APPLY_BATCH
+    session: Session,
+    *,
+    directory: TrustDirectory,
+    now: datetime,
+    limit: int = APPLY_BATCH,
+    partition: tuple[int, int] = (0, 1),
 ) -> int:
     """Apply up to `limit` received messages in arrival order; returns how many were taken.
 
-    On PostgreSQL the rows are locked with SKIP LOCKED, so several listener
-    processes share the queue without applying a message twice.
+    Messages of one order always come from one trust, so "in order per order"
+    holds if each trust's messages are applied by one worker at a time. On
+    PostgreSQL a worker first takes a transaction-scoped advisory lock on each
+    trust it will serve (`pg_try_advisory_xact_lock`, skipping trusts another
+    worker holds, in this or any other listener process or node), and
+    `partition=(k, n)` spreads trusts over n workers (trust id mod n). SQLite
+    has one writer at a time, so there the order is simply the arrival order.
     """
     query = (
         sa.select(InboundMessage)
@@ -621,7 +632,21 @@ def apply_pending(
         .limit(limit)
     )
     if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
+        index, count = partition
+        trust_query = sa.select(Trust.id).where(
+            sa.exists().where(
+                InboundMessage.trust_id == Trust.id, InboundMessage.state == RECEIVED
+            ),
+            sa.func.pg_try_advisory_xact_lock(APPLY_LOCK_CLASS, Trust.id),
+        )
+        if count > 1:
+            trust_query = trust_query.where(Trust.id % count == index)
+        trust_ids = list(session.scalars(trust_query))
+        if not trust_ids:
+            return 0
+        query = query.where(InboundMessage.trust_id.in_(trust_ids)).with_for_update(
+            skip_locked=True
+        )
     rows = list(session.scalars(query))
     for row in rows:
         _apply_one(session, row, directory=directory, now=now)
