@@ -471,3 +471,22 @@ def test_a_region_changes_its_rules_with_a_json_file_not_a_code_change(
     os.utime(path, (1, 1))  # a different modification time: the file is read again
     with pytest.raises(PriorityRulesError, match="trusts.RM3.classes.outpatient_routine.target"):
         wl.rules_for(SimpleNamespace(priority_rules_path=str(path)))
+
+
+def test_the_scheduler_job_raises_a_waiting_study_as_it_ages(runtime, clock):
+    with runtime.session() as s:
+        trust = make_trust(s, now=clock.now(), code="RW6")
+        old = make_study(s, trust=trust, now=clock.now(),
+                         performed_ago=timedelta(days=20, hours=23)).id  # fmt: skip
+    wl.reprioritise_job(runtime)
+    with runtime.session() as s:
+        before = s.get(Study, old).urgency
+        assert tier_from_urgency(before) == 3
+    clock.advance(timedelta(hours=2))
+    wl.reprioritise_job(runtime)
+    with runtime.session() as s:
+        study = s.get(Study, old)
+        assert tier_from_urgency(study.urgency) == 2 and study.urgency > before
+        assert study.priority_explanation["ageing"] == (
+            "raised from tier 3 to 2 after waiting 21 days"
+        )

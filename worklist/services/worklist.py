@@ -196,34 +196,51 @@ def reprioritise(
     """Recompute every ready study (or just `study_ids`, any status); returns how many changed.
 
     The orders service calls it with the studies an HL7 message touched; the
-    scheduler sweeps every ready study. Urgency only moves when an ageing step
-    is crossed (or the order or rules changed), so most rows are left alone.
+    scheduler sweeps every ready study (`reprioritise_job`, a transaction per batch).
+    Urgency only moves when an ageing step is crossed (or the order or rules
+    changed), so most rows are read and left alone.
     """
+    ids = list(study_ids) if study_ids is not None else ready_study_ids(session)
+    return sum(
+        reprioritise_batch(session, now=now, rules=rules, study_ids=ids[i : i + batch_size])
+        for i in range(0, len(ids), batch_size)
+    )
+
+
+def ready_study_ids(session: Session) -> list[int]:
+    """Every ready study's id (an index-only read of ix_study_status_urgency)."""
+    return list(session.scalars(sa.select(Study.id).where(Study.status == READY)))
+
+
+def reprioritise_batch(
+    session: Session, *, now: datetime, rules: RuleSet | None, study_ids: Sequence[int]
+) -> int:
     rules = rules or rules_for()
-    codes = dict(session.execute(sa.select(Trust.id, Trust.code)).all())
-    changed, last_id = 0, 0
-    while True:
-        query = sa.select(Study).where(Study.id > last_id).order_by(Study.id).limit(batch_size)
-        if study_ids is None:
-            query = query.where(Study.status == READY)
-        else:
-            query = query.where(Study.id.in_(list(study_ids)))
-        studies = session.scalars(query).all()
-        if not studies:
-            return changed
-        for study in studies:
-            facts = order_facts(study, codes.get(study.trust_id))
-            if _apply_priority(study, prioritise(facts, rules, now), effort_for(facts, rules)):
-                changed += 1
-        last_id = studies[-1].id
-        session.flush()
+    codes = _trust_codes(session)
+    changed = 0
+    for study in session.scalars(sa.select(Study).where(Study.id.in_(list(study_ids)))):
+        facts = order_facts(study, codes.get(study.trust_id))
+        if _apply_priority(study, prioritise(facts, rules, now), effort_for(facts, rules)):
+            changed += 1
+    session.flush()
+    return changed
 
 
-def reprioritise_job(runtime: Any) -> None:
+def reprioritise_job(runtime: Any, batch_size: int = 2000) -> None:
+    """The scheduler's sweep: one short transaction per batch, so that on SQLite claims
+    are never held up behind the whole sweep."""
+    rules = rules_for(runtime.settings)
     with runtime.session() as session:
-        changed = reprioritise(session, now=runtime.clock.now(), rules=rules_for(runtime.settings))
+        ids = ready_study_ids(session)
+    changed = 0
+    for start in range(0, len(ids), batch_size):
+        with runtime.session() as session:
+            changed += reprioritise_batch(
+                session, now=runtime.clock.now(), rules=rules,
+                study_ids=ids[start : start + batch_size],
+            )  # fmt: skip
     if changed:
-        logger.info("reprioritised %d ready studies", changed)
+        logger.info("reprioritised %d of %d ready studies", changed, len(ids))
 
 
 # --- eligibility inputs from rows -------------------------------------------------
