@@ -251,22 +251,50 @@ def deliver_trust(
     stop: threading.Event | None = None,
     linger: float = 0.0,
     poll: float = 0.1,
+    wake: threading.Event | None = None,
 ) -> TrustRound:
     """Deliver one trust's due messages, one at a time, each waiting for its ACK.
 
     With ``linger`` the worker keeps polling for ``linger`` seconds after the queue runs dry,
     so a report signed meanwhile leaves within ``poll`` seconds instead of waiting for the
-    next scheduler tick.
+    next scheduler tick; with ``wake`` it sleeps until woken (see `Deliverer`) instead of
+    querying the database every ``poll``.
     """
     rng = rng or random.Random()
     result = TrustRound(trust_id)
     idle_since: float | None = None
+    # An ACK's outcome is written in the same transaction that takes the next message: one
+    # write per message instead of two while a trust is busy (SQLite has one writer at a time).
+    unrecorded: dict[str, Any] | None = None
+
+    def record(session: Session) -> str:
+        nonlocal unrecorded
+        assert unrecorded is not None
+        u, unrecorded = unrecorded, None
+        verdict = _record_ack(
+            session, message_id=u["message_id"], ack=u["ack"], outcome=u["outcome"],
+            profile=u["profile"], now=u["done"], rng=rng,
+        )  # fmt: skip
+        if verdict == "delivered":
+            result.delivered += 1
+            result.latencies.append((u["done"] - u["created_at"]).total_seconds())
+        elif verdict == "parked":
+            result.parked += 1
+        elif verdict == "negative":
+            result.negative += 1
+        else:
+            result.failures += 1
+            result.stopped = f"ACK {u['outcome'].outcome}"
+        return verdict
+
     for _ in range(max_messages):
         if stop is not None and stop.is_set():
             result.stopped = "stopping"
             break
         now = runtime.clock.now()
         with runtime.session() as session:
+            if unrecorded is not None:
+                record(session)
             trust = session.get(Trust, trust_id)
             if trust is None:
                 result.stopped = "no such trust"
@@ -292,9 +320,14 @@ def deliver_trust(
                 payload, created_at = message.payload, message.created_at
         if message is None:
             idle_since = idle_since if idle_since is not None else time.monotonic()
-            if time.monotonic() - idle_since >= linger:
+            remaining = linger - (time.monotonic() - idle_since)
+            if remaining <= 0:
                 break
-            (stop or threading.Event()).wait(poll)
+            if wake is not None:
+                if wake.wait(remaining):
+                    wake.clear()
+            else:
+                (stop or threading.Event()).wait(min(poll, remaining))
             continue
         idle_since = None
         if not taken:
@@ -312,23 +345,17 @@ def deliver_trust(
             logger.info("trust %s RIS unavailable (%s); next try at %s", trust_id, exc, until)
             break
         outcome = read_ack(ack, control_id)
-        done = runtime.clock.now()
-        with runtime.session() as session:
-            verdict = _record_ack(
-                session, message_id=message_id, ack=ack, outcome=outcome, profile=profile,
-                now=done, rng=rng,
-            )  # fmt: skip
-        if verdict == "delivered":
-            result.delivered += 1
-            result.latencies.append((done - created_at).total_seconds())
-        elif verdict == "parked":
-            result.parked += 1
-        elif verdict == "negative":
-            result.negative += 1
-        else:
-            result.failures += 1
-            result.stopped = f"ACK {outcome.outcome}"
+        unrecorded = {
+            "message_id": message_id, "ack": ack, "outcome": outcome, "profile": profile,
+            "done": runtime.clock.now(), "created_at": created_at,
+        }  # fmt: skip
+        if outcome.outcome in ("mismatch", "unreadable"):
+            with runtime.session() as session:
+                record(session)
             break
+    if unrecorded is not None:
+        with runtime.session() as session:
+            record(session)
     return result
 
 
@@ -375,7 +402,10 @@ def deliver_pending(
 
 
 class Deliverer:
-    """Keeps one worker thread per trust that has due messages; `kick()` never blocks."""
+    """One worker thread per trust with due messages, and one dispatcher that looks for due
+    messages every ``poll`` seconds (one query for all trusts) and wakes or starts the
+    workers. `kick()` never blocks. Idle workers linger for ``linger`` seconds, so a busy
+    trust keeps its worker and its MLLP connection between scheduler ticks."""
 
     def __init__(
         self,
@@ -384,20 +414,34 @@ class Deliverer:
         sender: MllpSender | None = None,
         on_round: Callable[[TrustRound], None] | None = None,
         linger: float | None = None,
+        poll: float = 0.1,
     ) -> None:
         self.runtime = runtime
-        # a worker outlives a scheduler tick, so a busy trust's reports leave at once
         self.linger = (
             linger if linger is not None else 2 * runtime.settings.deliver_interval_seconds
         )
+        self.poll = poll
         self.sender = sender or MllpSender()
         self.stop = threading.Event()
         self.on_round = on_round
         self._workers: dict[int, threading.Thread] = {}
+        self._wake: dict[int, threading.Event] = {}
+        self._dispatcher: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def kick(self) -> int:
-        """Start a worker for each trust with due messages and none running; returns how many."""
+        """Wake or start the workers of trusts with due messages, and make sure the dispatcher
+        runs; returns how many workers were started."""
+        started = self._dispatch()
+        with self._lock:
+            if self._dispatcher is None or not self._dispatcher.is_alive():
+                self._dispatcher = threading.Thread(
+                    target=self._dispatch_loop, name="deliver-dispatch", daemon=True
+                )
+                self._dispatcher.start()
+        return started
+
+    def _dispatch(self) -> int:
         with self.runtime.session() as session:
             trust_ids = trusts_with_due_messages(session, now=self.runtime.clock.now())
         started = 0
@@ -405,23 +449,35 @@ class Deliverer:
             for trust_id in trust_ids:
                 worker = self._workers.get(trust_id)
                 if worker is not None and worker.is_alive():
+                    self._wake[trust_id].set()
                     continue
+                self._wake[trust_id] = threading.Event()
                 worker = threading.Thread(
-                    target=self._work,
-                    args=(trust_id,),
-                    name=f"deliver-trust-{trust_id}",
+                    target=self._work, args=(trust_id,), name=f"deliver-trust-{trust_id}",
                     daemon=True,
-                )
+                )  # fmt: skip
                 self._workers[trust_id] = worker
                 worker.start()
                 started += 1
         return started
 
+    def _dispatch_loop(self) -> None:
+        idle_since = time.monotonic()
+        while not self.stop.wait(self.poll):
+            try:
+                self._dispatch()
+            except Exception:
+                logger.exception("delivery dispatch failed; trying again")
+            if self.busy():
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since > self.linger:
+                return  # the next kick starts it again
+
     def _work(self, trust_id: int) -> None:
         try:
             r = deliver_trust(
                 self.runtime, trust_id, sender=self.sender, stop=self.stop,
-                linger=self.linger, max_messages=1_000_000,
+                linger=self.linger, max_messages=1_000_000, wake=self._wake[trust_id],
             )  # fmt: skip
             if self.on_round is not None:
                 self.on_round(r)
@@ -436,8 +492,13 @@ class Deliverer:
         self.stop.set()
         with self._lock:
             workers = list(self._workers.values())
+            for event in self._wake.values():
+                event.set()
+            dispatcher = self._dispatcher
         for w in workers:
             w.join(timeout)
+        if dispatcher is not None:
+            dispatcher.join(timeout)
         self.sender.close()
 
 
