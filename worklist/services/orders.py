@@ -227,19 +227,28 @@ def apply_events(
     """
     if control_id is None and source.startswith("hl7:"):
         control_id = source.removeprefix("hl7:") or None
-    run = _Run(session=session, trust=trust, source=source, now=now, control_id=control_id)
-    with session.begin_nested():
-        for event in events:
-            run.result.outcomes.append(run.apply(event))
-        session.flush()
-    _reprioritise(
-        session,
-        now=now,
-        study_ids=sorted(run.to_reprioritise),
-        result=run.result,
-        rules=priority_rules,
-    )
-    return run.result
+    for attempt in (1, 2):
+        run = _Run(session=session, trust=trust, source=source, now=now, control_id=control_id)
+        try:
+            with session.begin_nested():
+                for event in events:
+                    run.result.outcomes.append(run.apply(event))
+                session.flush()
+                _reprioritise(
+                    session,
+                    now=now,
+                    study_ids=sorted(run.to_reprioritise),
+                    result=run.result,
+                    rules=priority_rules,
+                )
+            return run.result
+        except sa.exc.IntegrityError:
+            # Another connection created the same study or patient since we looked
+            # (unique (trust, accession) / (trust, hospital number)). Once more, it is found.
+            if attempt == 2:
+                raise
+            logger.info("trust %s message %s raced another; applying again", trust.code, source)
+    raise AssertionError("unreachable")
 
 
 def mark_images_available(
@@ -421,16 +430,8 @@ class _Run:
         self._exam_times(study, event)
         if target == StudyStatus.READY:
             study.ready_at = min(event.message_time, self.now)
-        try:
-            with self.session.begin_nested():
-                self.session.add(study)
-                self.session.flush()
-        except sa.exc.IntegrityError:
-            # Another connection created the same (trust, accession) since we looked: apply to it.
-            if _find_study(self.session, trust=self.trust, order=order) is None:
-                raise
-            logger.info("accession %s created concurrently; applying to it", order.accession_number)
-            return self._order_event(event)
+        self.session.add(study)
+        self.session.flush()
         self.session.add(
             StudyStatusChange(
                 study_id=study.id,
@@ -849,8 +850,8 @@ def _reprioritise(
 ) -> None:
     """Ask the worklist engine to re-prioritise these studies, if it exists.
 
-    A failure there must not lose the RIS's message: it is logged, and the scheduler's
-    periodic re-prioritisation catches up.
+    A bug there must not lose the RIS's message: it is logged, and the scheduler's
+    periodic re-prioritisation catches up. A database error fails the message like any other.
     """
     if not study_ids:
         return
@@ -859,11 +860,12 @@ def _reprioritise(
         result.reprioritised = False
         return
     try:
-        with session.begin_nested():
-            if rules is None:
-                reprioritise(session, now=now, study_ids=study_ids)
-            else:
-                reprioritise(session, now=now, study_ids=study_ids, rules=rules)
+        if rules is None:
+            reprioritise(session, now=now, study_ids=study_ids)
+        else:
+            reprioritise(session, now=now, study_ids=study_ids, rules=rules)
+    except sa.exc.SQLAlchemyError:
+        raise
     except Exception:  # noqa: BLE001 - see docstring
         logger.exception(
             "re-prioritising studies %s failed; the scheduler will catch up", study_ids
@@ -930,17 +932,10 @@ def _create_patient(
                 value=identity.local_id, authority=identity.local_authority, type_code="MR"
             )
         )
-    try:
-        with session.begin_nested():
-            session.add(patient)
-            session.flush()
-    except sa.exc.IntegrityError:
-        # Created by another connection since we looked.
-        existing = _find_patient(session, trust=trust, identity=identity)
-        if existing is None:
-            raise
-        _update_patient(existing, identity, now=now)
-        return existing
+    # A record created by another connection meanwhile fails this insert on the unique
+    # (trust, local id); `apply_events` then applies the message again and finds it.
+    session.add(patient)
+    session.flush()
     return patient
 
 
