@@ -295,12 +295,15 @@ def radiologist_facts(session: Session, *, user: User, now: datetime) -> Radiolo
 
 def held_effort(session: Session, *, user_id: int) -> float:
     """Effort of the ready studies `user_id` holds now (what session capacity counts)."""
-    total = session.scalar(
-        sa.select(sa.func.coalesce(sa.func.sum(Study.effort), 0.0)).where(
-            Study.claimed_by_id == user_id, Study.status == READY
-        )
-    )
-    return float(total or 0.0)
+    held = session.execute(_held_by(user_id).with_only_columns(Study.effort, Study.status))
+    return float(sum(effort for effort, status in held if status == READY))
+
+
+def _held_by(user_id: int) -> sa.Select[Study]:
+    """The studies a user holds: a handful of rows, filtered and sorted in Python, so that
+    both planners reach them through ix_study_claimed_by alone (with a status term SQLite
+    may walk every ready study through ix_study_status_urgency instead)."""
+    return sa.select(Study).where(Study.claimed_by_id == user_id)
 
 
 def needs_double_reading(study: Study) -> bool:
@@ -453,11 +456,10 @@ def worklist(
         if len(rows) < chunk:
             break
         chunk *= 2
-    mine = session.scalars(
-        sa.select(Study)
-        .where(Study.claimed_by_id == user.id, Study.status == READY)
-        .order_by(*WORKLIST_ORDER)
-    ).all()
+    mine = sorted(
+        (s for s in session.scalars(_held_by(user.id)) if s.status == READY),
+        key=lambda s: (-s.urgency, -s.id),
+    )
     slot = current_session(radiologist.sessions, now)
     removed = session.scalars(
         sa.select(Assignment)
