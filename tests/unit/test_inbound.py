@@ -333,3 +333,19 @@ def test_every_inbound_error_is_an_hl7_error_with_an_ack_code() -> None:
         with pytest.raises(Hl7Error) as caught:
             message_events(fixture(name))
         assert caught.value.ack_code in ("AE", "AR")
+
+
+def test_the_routing_table_names_every_accepted_message_type() -> None:
+    from hl7.router import ROUTES
+
+    assert {
+        "ORM^O01",
+        "OMI^O23",
+        "ADT^A01",
+        "ADT^A04",
+        "ADT^A08",
+        "ADT^A31",
+        "ADT^A28",
+        "ADT^A40",
+    } <= set(ROUTES)
+    assert "ORU^R01" not in ROUTES

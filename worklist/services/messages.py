@@ -316,6 +316,10 @@ def interpret(
         verdict.events = route(verdict.message, trust.profile, received_at=arrival.received_at)
     except Hl7Error as error:
         verdict.error = error
+    except Exception as exc:  # noqa: BLE001 - a reader bug must cost one AE, not the batch
+        logger.exception("reading an HL7 message from %s failed unexpectedly", trust.code)
+        verdict.events = []
+        verdict.error = ApplicationError(f"the message could not be read: {type(exc).__name__}")
     return verdict
 
 
