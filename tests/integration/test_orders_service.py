@@ -935,3 +935,42 @@ def test_a_merge_the_other_way_round_makes_the_earlier_prior_record_the_survivor
     )
     assert (a.merged_into_id, b.merged_into_id) == (b.id, None)
     assert {study_of(session, trust, acc).patient_id for acc in ("ACC1", "ACC2")} == {b.id}
+
+
+def test_an_invalid_nhs_number_never_displaces_a_valid_one_but_is_kept(
+    session: Session, trust: Trust, clock: FixedClock
+) -> None:
+    apply(session, trust, clock, placed(who=patient(nhs_number=VALID_NHS)))
+    typo = PatientUpdated(
+        message_time=T0 + timedelta(days=1),
+        trigger="A08",
+        patient=PatientIdentity(local_id="RW6000001", nhs_number=INVALID_NHS, identifiers=()),
+    )
+
+    apply(session, trust, clock, typo, control="ADT1")
+
+    record = session.scalars(sa.select(Patient).where(Patient.local_id == "RW6000001")).one()
+    assert (record.nhs_number, record.link_nhs_number) == (VALID_NHS, VALID_NHS)
+    assert INVALID_NHS in {i.value for i in record.identifiers}
+
+
+def test_a_corrected_valid_nhs_number_replaces_an_invalid_one_and_links(
+    session: Session, trust: Trust, clock: FixedClock
+) -> None:
+    apply(session, trust, clock, placed(who=patient(nhs_number=INVALID_NHS)))
+    fixed = PatientUpdated(
+        message_time=T0 + timedelta(days=1),
+        patient=PatientIdentity(
+            local_id="RW6000001", nhs_number=VALID_NHS, nhs_number_status="NSTS01"
+        ),
+    )
+
+    apply(session, trust, clock, fixed, control="ADT1")
+
+    record = session.scalars(sa.select(Patient).where(Patient.local_id == "RW6000001")).one()
+    assert (record.nhs_number, record.nhs_number_valid, record.link_nhs_number) == (
+        VALID_NHS,
+        True,
+        VALID_NHS,
+    )
+    assert record.nhs_number_status == "NSTS01"

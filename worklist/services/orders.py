@@ -948,8 +948,21 @@ def _update_patient(patient: Patient, identity: PatientIdentity, *, now: datetim
             setattr(patient, name, value)
             changed = True
     number = normalise_nhs_number(identity.nhs_number)
-    if number is not None:
-        valid = is_valid_nhs_number(number)
+    valid = is_valid_nhs_number(number)
+    if (
+        number is not None
+        and not valid
+        and patient.nhs_number_valid
+        and patient.nhs_number != number
+    ):
+        # A number failing Modulus 11 never displaces a valid one (and its regional link):
+        # it is kept as an identifier of the record, for a person to look at.
+        logger.warning(
+            "patient %s: invalid NHS number sent; the valid one on record is kept",
+            patient.local_id,
+        )
+        changed |= _add_identifier(patient, Identifier(number, "NHS", "NH"), nhs_number=number)
+    elif number is not None:
         for name, value in (
             ("nhs_number", number),
             ("nhs_number_valid", valid),
@@ -962,7 +975,13 @@ def _update_patient(patient: Patient, identity: PatientIdentity, *, now: datetim
             logger.info(
                 "patient %s: NHS number fails Modulus 11; kept, not linked", patient.local_id
             )
-    if (
+        if (
+            identity.nhs_number_status is not None
+            and patient.nhs_number_status != identity.nhs_number_status
+        ):
+            patient.nhs_number_status = identity.nhs_number_status
+            changed = True
+    elif (
         identity.nhs_number_status is not None
         and patient.nhs_number_status != identity.nhs_number_status
     ):
