@@ -232,6 +232,7 @@ def upgrade() -> None:
     sa.Column('last_message_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('last_control_id', sa.String(length=64), nullable=True),
     sa.Column('order_placed_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('status_message_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('ignored_stale_messages', sa.Integer(), server_default='0', nullable=False),
     sa.Column('priority_class', sa.String(length=32), nullable=True),
     sa.Column('due_at', sa.DateTime(timezone=True), nullable=True),

@@ -974,3 +974,48 @@ def test_a_corrected_valid_nhs_number_replaces_an_invalid_one_and_links(
         VALID_NHS,
     )
     assert record.nhs_number_status == "NSTS01"
+
+
+def test_a_cancel_overtaken_by_a_later_change_still_cancels_but_keeps_the_newer_values(
+    session: Session, trust: Trust, clock: FixedClock
+) -> None:
+    apply(session, trust, clock, placed(), control="MSG1")
+    newer_change = OrderChanged(
+        message_time=T0 + timedelta(hours=3),
+        order_control="XO",
+        patient=patient(),
+        order=order(order_priority="U"),
+    )
+    apply(session, trust, clock, newer_change, control="MSG3")
+    late_cancel = OrderCancelled(
+        message_time=T0 + timedelta(hours=2),
+        order_control="CA",
+        patient=None,
+        order=order(order_priority="R"),
+        reason="duplicate request",
+    )
+
+    result = apply(session, trust, clock, late_cancel, control="MSG2")
+
+    study = study_of(session, trust)
+    assert result.outcomes[0].action == orders.UPDATED
+    assert (study.status, study.order_priority) == ("cancelled", "U")
+    assert study.last_message_at == T0 + timedelta(hours=3)
+
+
+def test_a_hold_delivered_after_its_release_does_not_leave_the_study_held(
+    session: Session, trust: Trust, clock: FixedClock
+) -> None:
+    apply(session, trust, clock, placed(), exam("CM", at=T0 + timedelta(minutes=30)))
+    release = OrderReleased(
+        message_time=T0 + timedelta(hours=2), order_control="RL", patient=None, order=order()
+    )
+    hold = OrderHeld(
+        message_time=T0 + timedelta(hours=1), order_control="HD", patient=None, order=order()
+    )
+
+    apply(session, trust, clock, release, control="MSG3")
+    result = apply(session, trust, clock, hold, control="MSG2")
+
+    assert result.outcomes[0].action == orders.STALE
+    assert study_of(session, trust).status == "ready"

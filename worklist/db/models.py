@@ -295,6 +295,9 @@ class Study(Base):
     # MSH-7 of the NW that placed the order; NULL while the study exists only because a later
     # message (e.g. SC/CM) arrived before its NW. A second NW for a placed order is a duplicate.
     order_placed_at: Mapped[datetime | None]
+    # MSH-7 of the message that last spoke about the status (NW, SC, CA, DC, HD, RL). Status and
+    # order details are ordered separately: a late CA still cancels after a newer XO.
+    status_message_at: Mapped[datetime | None]
     # Messages older than last_message_at that were recorded but not allowed to overwrite.
     ignored_stale_messages: Mapped[int] = mapped_column(default=0, server_default="0")
     # Prioritisation, recomputed as time passes.

@@ -18,10 +18,12 @@ Rules (DESIGN.md "Identity", "Order lifecycle"):
   - the same message applied twice changes nothing (recognised by MSH-10/MSH-7
     of the last message applied to the study; the HL7 layer's MSH-10 log is the
     first line of defence);
-  - a message older (MSH-7) than the last one applied to the study is *stale*:
-    it is recorded (`Study.ignored_stale_messages`, outcome "stale") and may fill
-    order fields that are still empty, but never overwrites a value or moves
-    the status;
+  - a message older (MSH-7) than the last one applied to the study never
+    overwrites an order value (it may fill one that is still empty). Its status
+    word (CA, DC, HD, RL, SC) still applies when it is newer than the message
+    that last set the status (`Study.status_message_at`), so a CA overtaken by
+    an XO still cancels; otherwise it is *stale*: recorded
+    (`Study.ignored_stale_messages`, outcome "stale") and nothing moves;
   - an exam status change (ORC-1 SC) for an order we have not seen creates the
     study when it carries the accession number and the patient, because the
     exam may need reporting and the NW may never come (or come later: it is
@@ -71,6 +73,7 @@ from worklist.domain.events import (
     ExamStatusChanged,
     Identifier,
     OrderCancelled,
+    OrderChanged,
     OrderDiscontinued,
     OrderEvent,
     OrderFields,
@@ -350,7 +353,11 @@ class _Run:
             return self._outcome(name, DUPLICATE, study, notes=("message already applied",))
         self.touched.add(study.id)
         if study.last_message_at is not None and event.message_time < study.last_message_at:
-            return self._stale(event, study)
+            if not _speaks_about_status(event) or (
+                study.status_message_at is not None and event.message_time < study.status_message_at
+            ):
+                return self._stale(event, study)
+            return self._late_status(event, study)
         if isinstance(event, OrderPlaced) and study.order_placed_at == event.message_time:
             # The same NW (same MSH-7) resent under a new MSH-10: a resend, not a second order.
             return self._outcome(name, DUPLICATE, study, notes=("NW resent with a new control id",))
@@ -379,6 +386,8 @@ class _Run:
 
         moved, status_notes = self._status_for(event, study)
         notes.extend(status_notes)
+        if _speaks_about_status(event) or isinstance(event, OrderPlaced):
+            study.status_message_at = event.message_time
         study.last_message_at = event.message_time
         study.last_control_id = self._control_id_column()
         if moved or changed:
@@ -422,6 +431,7 @@ class _Run:
             last_message_at=event.message_time,
             last_control_id=self._control_id_column(),
             order_placed_at=event.message_time if isinstance(event, OrderPlaced) else None,
+            status_message_at=event.message_time,
             ignored_stale_messages=0,
             created_at=self.now,
             updated_at=self.now,
@@ -445,6 +455,23 @@ class _Run:
         self.touched.add(study.id)
         self.to_reprioritise.add(study.id)
         return self._outcome(type(event).__name__, CREATED, study)
+
+    def _late_status(self, event: OrderEvent, study: Study) -> EventOutcome:
+        """Older than the last message but newer than the last word on the status (e.g. a CA
+        overtaken by an XO): the status applies as it would have in MSH-7 order; the order's
+        values only fill blanks."""
+        filled = _copy_order_fields(study, event.order, only_blanks=True)
+        moved, notes = self._status_for(event, study)
+        study.status_message_at = event.message_time
+        notes.insert(0, "late message: status applied, newer values kept")
+        if filled:
+            notes.append("filled empty " + ", ".join(filled))
+        if moved or filled:
+            study.updated_at = self.now
+        if filled or (moved and study.status == StudyStatus.READY):
+            self.to_reprioritise.add(study.id)
+        action = UPDATED if (moved or filled) else UNCHANGED
+        return self._outcome(type(event).__name__, action, study, notes=tuple(notes))
 
     def _stale(self, event: OrderEvent, study: Study) -> EventOutcome:
         filled = _copy_order_fields(study, event.order, only_blanks=True)
@@ -739,6 +766,19 @@ def _find_study(session: Session, *, trust: Trust, order: OrderFields) -> Study 
         if found:
             return found[0]
     return None
+
+
+def _speaks_about_status(event: OrderEvent) -> bool:
+    """Whether the event says where the order is (ORC-1 CA/DC/HD/RL/SC, or ORC-5 SC/IP/CM on XO).
+
+    A NW is not counted: a NW older than the last message is always stale.
+    """
+    if isinstance(
+        event,
+        OrderCancelled | OrderDiscontinued | OrderHeld | OrderReleased | ExamStatusChanged,
+    ):
+        return True
+    return isinstance(event, OrderChanged) and event.order_status in _EXAM_STATUSES
 
 
 def _copy_order_fields(study: Study, order: OrderFields, *, only_blanks: bool) -> list[str]:
