@@ -384,8 +384,12 @@ def bench_next_case(runtime: Runtime, url: str, user_ids: list[int], concurrency
             "claims_per_second": round(len(latencies) / elapsed, 1)}  # fmt: skip
 
 
-def bench_floor(runtime: Runtime, url: str, user_ids: list[int], threads: int, claims: int) -> dict:
-    """The bare claim loop through the driver, one connection per thread."""
+def bench_floor(runtime: Runtime, url: str, user_ids: list[int], threads: int, claims: int,
+                history: bool = False) -> dict:  # fmt: skip
+    """The bare claim loop through the driver, one connection per thread.
+
+    With `history`, each claim also inserts its assignment row and its audit row, as the
+    service must: the database's share of the service's work, without any Python."""
     per_thread = max(1, claims // threads)
     connections: list[Any] = []
     if runtime.dialect == "postgresql":
@@ -403,10 +407,22 @@ def bench_floor(runtime: Runtime, url: str, user_ids: list[int], threads: int, c
             if row is None:
                 conn.rollback()
                 return False
+            user_id = user_ids[index % len(user_ids)]
             conn.execute(
                 "UPDATE study SET claimed_by_id = %s, claimed_at = now() WHERE id = %s",
-                (user_ids[index % len(user_ids)], row[0]),
+                (user_id, row[0]),
             )
+            if history:
+                conn.execute(
+                    "INSERT INTO assignment (study_id, user_id, kind, started_at, explanation) "
+                    "VALUES (%s, %s, 'pull', now(), '{}')",
+                    (row[0], user_id),
+                )
+                conn.execute(
+                    "INSERT INTO audit_event (at, user_id, action, object_type, object_id, "
+                    "detail) VALUES (now(), %s, 'claim', 'study', %s, '{}')",
+                    (user_id, str(row[0])),
+                )
             conn.commit()
             return True
     else:
@@ -428,11 +444,23 @@ def bench_floor(runtime: Runtime, url: str, user_ids: list[int], threads: int, c
             if row is None:
                 conn.execute("ROLLBACK")
                 return False
+            user_id = user_ids[index % len(user_ids)]
             conn.execute(
                 "UPDATE study SET claimed_by_id = ?, claimed_at = CURRENT_TIMESTAMP "
                 "WHERE id = ? AND claimed_by_id IS NULL",
-                (user_ids[index % len(user_ids)], row[0]),
+                (user_id, row[0]),
             )
+            if history:
+                conn.execute(
+                    "INSERT INTO assignment (study_id, user_id, kind, started_at, explanation) "
+                    "VALUES (?, ?, 'pull', CURRENT_TIMESTAMP, '{}')",
+                    (row[0], user_id),
+                )
+                conn.execute(
+                    "INSERT INTO audit_event (at, user_id, action, object_type, object_id, "
+                    "detail) VALUES (CURRENT_TIMESTAMP, ?, 'claim', 'study', ?, '{}')",
+                    (user_id, str(row[0])),
+                )
             conn.execute("COMMIT")
             return True
 
@@ -574,8 +602,12 @@ def run(kind: str, args: argparse.Namespace) -> dict:
                                         args.repeats, args.seed)  # fmt: skip
         print(f"priors: {result['priors']}", flush=True)
         result["next_case"], result["floor"], result["ratio"] = {}, {}, {}
+        result["floor_with_history"] = {}
         for threads in (1, 8, 32):
             floor = bench_floor(runtime, url, user_ids, threads, args.claims)
+            with_history = bench_floor(runtime, url, user_ids, threads, args.claims, history=True)
+            result["floor_with_history"][threads] = with_history
+            print(f"{threads:>2} threads  floor + assignment and audit rows: {with_history}")
             served = bench_next_case(runtime, url, user_ids, threads, args.claims)
             ratio = round(served["claims_per_second"] / floor["claims_per_second"], 3)
             result["floor"][threads], result["next_case"][threads] = floor, served
