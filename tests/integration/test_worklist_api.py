@@ -184,3 +184,40 @@ def test_a_manager_is_warned_of_reporting_agreements_about_to_end(client, world,
     assert client.get("/api/v1/agreements/expiring?days=7",
                       headers=auth["manager"]).get_json()["agreements"] == []  # fmt: skip
     assert client.get("/api/v1/agreements/expiring", headers=auth["reader"]).status_code == 403
+
+
+def test_a_double_read_study_goes_to_a_second_reader_through_the_api(client, runtime, clock):
+    now = clock.now()
+    with runtime.session() as s:
+        trust = make_trust(s, now=now, code="RW6")
+        tokens = []
+        for name in ("one", "two"):
+            user = make_user(s, now=now, username=name, trusts=("RW6",), credentials=("MG",),
+                             on_duty=True)  # fmt: skip
+            tokens.append({"Authorization": f"Bearer {make_token(s, user=user, now=now)}"})
+        study_id = make_study(s, trust=trust, now=now, modality="MG", body_area="BREAST",
+                              pathway="bsp").id  # fmt: skip
+        wl.reprioritise(s, now=now)
+    one, two = tokens
+    assert client.post("/api/v1/worklist/next", headers=one).get_json()["study"]["id"] == study_id
+    first = client.post(f"/api/v1/studies/{study_id}/reading", headers=one,
+                        json={"outcome": "normal"})  # fmt: skip
+    assert first.get_json() == {"study_id": study_id, "stage": "second"}
+    assert client.post("/api/v1/worklist/next", headers=one).status_code == 204
+    assert client.post("/api/v1/worklist/next", headers=two).get_json()["study"]["id"] == study_id
+    second = client.post(f"/api/v1/studies/{study_id}/reading", headers=two,
+                         json={"outcome": "normal"})  # fmt: skip
+    assert second.get_json()["stage"] == "agreed"
+
+
+def test_next_case_off_duty_answers_204_with_the_reason(client, runtime, clock):
+    now = clock.now()
+    with runtime.session() as s:
+        trust = make_trust(s, now=now, code="RW6")
+        user = make_user(s, now=now, trusts=("RW6",), credentials=("CT",))
+        token = make_token(s, user=user, now=now)
+        make_study(s, trust=trust, now=now)
+        wl.reprioritise(s, now=now)
+    response = client.post("/api/v1/worklist/next", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 204
+    assert response.headers["X-Worklist-Reason"] == "not on a duty session now"
