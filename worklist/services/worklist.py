@@ -761,7 +761,11 @@ def _claim_patient_studies(
     by: User | None = None,
 ) -> list[Study]:
     """Keep a patient's unread studies with one reader, where the rules allow."""
-    same_person = Study.patient_id.in_(same_person_patient_ids(anchor.patient_id))
+    # The ids as a list, not a subquery: given a short IN list SQLite reaches the rows
+    # through ix_study_patient_id; given the subquery it walked every ready study.
+    same_person = Study.patient_id.in_(
+        list(session.scalars(same_person_patient_ids(anchor.patient_id)))
+    )
     # No ORDER BY: the planner must reach these few rows through the patient index, not
     # walk the ready pool in worklist order; they are sorted here instead.
     others_query = sa.select(Study).where(
