@@ -257,8 +257,9 @@ def test_the_cli_lists_the_outbox_and_resends_a_parked_oru(
         sim.behaviour = RisBehaviour()
         resent = run("deliveries", "resend", str(row["id"]), "--by", "boss")
         assert resent.returncode == 0, resent.stderr
-        assert run("deliveries", "run").returncode == 0
-        assert [m.answered for m in sim.messages()] == ["AR", "AA"]
+        ran = run("deliveries", "run")
+        assert ran.returncode == 0, ran.stderr
+        assert [m.answered for m in sim.messages()] == ["AR", "AA"], (ran.stdout, ran.stderr)
         assert run("deliveries", "resend", str(row["id"]), "--by", "okafor").returncode == 1
 
 

@@ -433,6 +433,8 @@ class Deliverer:
         """Wake or start the workers of trusts with due messages, and make sure the dispatcher
         runs; returns how many workers were started."""
         started = self._dispatch()
+        if not self.busy():
+            return started  # nothing due: an idle service makes one query per tick, no more
         with self._lock:
             if self._dispatcher is None or not self._dispatcher.is_alive():
                 self._dispatcher = threading.Thread(
