@@ -88,6 +88,7 @@ def upgrade() -> None:
     sa.Column('nhs_number_status', sa.String(length=16), nullable=True),
     sa.Column('link_nhs_number', sa.String(length=10), nullable=True),
     sa.Column('merged_into_id', sa.Integer(), nullable=True),
+    sa.Column('last_message_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
     sa.CheckConstraint('link_nhs_number IS NULL OR nhs_number_valid', name=op.f('ck_patient_link_only_valid_nhs_number')),
     sa.ForeignKeyConstraint(['merged_into_id'], ['patient.id'], name=op.f('fk_patient_merged_into_id_patient')),
@@ -261,6 +262,7 @@ def upgrade() -> None:
     op.create_table('alert',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('kind', sa.String(length=32), nullable=False),
+    sa.Column('user_id', sa.Integer(), nullable=True),
     sa.Column('study_id', sa.Integer(), nullable=True),
     sa.Column('trust_id', sa.Integer(), nullable=True),
     sa.Column('message', sa.String(length=1000), nullable=False),
@@ -270,10 +272,12 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['acknowledged_by_id'], ['user_account.id'], name=op.f('fk_alert_acknowledged_by_id_user_account')),
     sa.ForeignKeyConstraint(['study_id'], ['study.id'], name=op.f('fk_alert_study_id_study')),
     sa.ForeignKeyConstraint(['trust_id'], ['trust.id'], name=op.f('fk_alert_trust_id_trust')),
+    sa.ForeignKeyConstraint(['user_id'], ['user_account.id'], name=op.f('fk_alert_user_id_user_account')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_alert'))
     )
     with op.batch_alter_table('alert', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_alert_study_id'), ['study_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_alert_user_id'), ['user_id'], unique=False)
 
     op.create_table('assignment',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -394,6 +398,7 @@ def downgrade() -> None:
 
     op.drop_table('assignment')
     with op.batch_alter_table('alert', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_alert_user_id'))
         batch_op.drop_index(batch_op.f('ix_alert_study_id'))
 
     op.drop_table('alert')

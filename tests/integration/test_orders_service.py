@@ -345,6 +345,7 @@ def test_cancelling_a_claimed_study_takes_it_off_the_radiologist_and_alerts_them
     assert (
         alert.kind == "claim_withdrawn" and "dr_ada" in alert.message and alert.trust_id == trust.id
     )
+    assert alert.user_id == radiologist.id
     assert radiologist.id == assignment.user_id
     assert history(session, study)[-1] == ("ready", "cancelled")
     last = session.scalars(
@@ -753,6 +754,32 @@ def test_a_patient_update_changes_demographics_but_never_erases_what_it_does_not
     assert len(record.identifiers) == 3
     again = apply(session, trust, clock, update, control="ADT1")
     assert again.outcomes[0].action == orders.PATIENT_UNCHANGED
+
+
+def test_an_older_patient_update_arriving_late_does_not_undo_a_newer_one(
+    session: Session, trust: Trust, clock: FixedClock
+) -> None:
+    apply(session, trust, clock, placed(who=patient(nhs_number=VALID_NHS)))
+
+    def a08(hours: int, family_name: str, nhs_number: str | None = None) -> PatientUpdated:
+        return PatientUpdated(
+            message_time=T0 + timedelta(hours=hours),
+            trigger="A08",
+            patient=PatientIdentity.with_nhs_number(
+                nhs_number=nhs_number, local_id="RW6000001", family_name=family_name,
+                sex="M" if hours == 1 else None,
+            ),
+        )
+
+    apply(session, trust, clock, a08(5, "Newer-Name"), control="ADT5")
+    apply(session, trust, clock, a08(1, "Older-Name", nhs_number="4010232137"), control="ADT1")
+
+    record = session.scalars(sa.select(Patient).where(Patient.local_id == "RW6000001")).one()
+    assert record.family_name == "Newer-Name"
+    assert record.sex == "F"  # already known: the older message does not overwrite it
+    assert record.link_nhs_number == VALID_NHS
+    assert record.last_message_at == T0 + timedelta(hours=5)
+    assert ("4010232137", "NH") in {(i.value, i.type_code) for i in record.identifiers}
 
 
 def test_a_patient_update_for_an_unknown_patient_registers_them(

@@ -112,6 +112,8 @@ class Patient(Base):
     link_nhs_number: Mapped[str | None] = mapped_column(sa.String(10), index=True)
     # Set when an ADT merge folded this record into another; nothing is deleted.
     merged_into_id: Mapped[int | None] = mapped_column(sa.ForeignKey("patient.id"))
+    # MSH-7 of the newest message applied to this record: an older one never overwrites it.
+    last_message_at: Mapped[datetime | None]
     updated_at: Mapped[datetime]
 
     identifiers: Mapped[list[PatientIdentifier]] = relationship(
@@ -421,6 +423,8 @@ class Alert(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     kind: Mapped[str] = mapped_column(sa.String(32))
+    # Whom it is for (e.g. the radiologist whose claim was withdrawn); None = the managers.
+    user_id: Mapped[int | None] = mapped_column(sa.ForeignKey("user_account.id"), index=True)
     study_id: Mapped[int | None] = mapped_column(sa.ForeignKey("study.id"), index=True)
     trust_id: Mapped[int | None] = mapped_column(sa.ForeignKey("trust.id"))
     message: Mapped[str] = mapped_column(sa.String(1000))

@@ -370,7 +370,7 @@ class _Run:
         notes: list[str] = []
         changed = False
         if event.patient is not None:
-            patient, patient_changed = self._patient_for(event.patient)
+            patient, patient_changed = self._patient_for(event.patient, event.message_time)
             changed |= patient_changed
             if patient.id != study.patient_id:
                 notes.append(f"study moved to patient {patient.local_id}")
@@ -421,7 +421,7 @@ class _Run:
             if event.order_status in _EXAM_STATUSES:
                 target = self._exam_target(event, study=None)
             reason = f"order placed (ORC-1 {event.order_control or 'NW'})"
-        patient, _ = self._patient_for(event.patient)
+        patient, _ = self._patient_for(event.patient, event.message_time)
         study = Study(
             trust_id=self.trust.id,
             patient_id=patient.id,
@@ -624,14 +624,17 @@ class _Run:
 
     # --- patients ---
 
-    def _patient_for(self, identity: PatientIdentity) -> tuple[Patient, bool]:
+    def _patient_for(
+        self, identity: PatientIdentity, message_time: datetime
+    ) -> tuple[Patient, bool]:
         """The trust's (surviving) record for `identity`, created or brought up to date."""
         patient = _find_patient(self.session, trust=self.trust, identity=identity)
         if patient is None:
             return _create_patient(
-                self.session, trust=self.trust, identity=identity, now=self.now
+                self.session, trust=self.trust, identity=identity, now=self.now,
+                message_time=message_time,
             ), True
-        changed = _update_patient(patient, identity, now=self.now)
+        changed = _update_patient(patient, identity, now=self.now, message_time=message_time)
         return patient, changed
 
     def _patient_updated(self, event: PatientUpdated) -> EventOutcome:
@@ -639,13 +642,16 @@ class _Run:
         patient = _find_patient(self.session, trust=self.trust, identity=event.patient)
         if patient is None:
             patient = _create_patient(
-                self.session, trust=self.trust, identity=event.patient, now=self.now
+                self.session, trust=self.trust, identity=event.patient, now=self.now,
+                message_time=event.message_time,
             )
             action = PATIENT_CREATED
         else:
             action = (
                 PATIENT_UPDATED
-                if _update_patient(patient, event.patient, now=self.now)
+                if _update_patient(
+                    patient, event.patient, now=self.now, message_time=event.message_time
+                )
                 else PATIENT_UNCHANGED
             )
         return EventOutcome(
@@ -662,7 +668,9 @@ class _Run:
                 self.session, trust=self.trust, identity=event.surviving, now=self.now
             )
         else:
-            _update_patient(survivor, event.surviving, now=self.now)
+            _update_patient(
+                survivor, event.surviving, now=self.now, message_time=event.message_time
+            )
             if survivor.merged_into_id is not None:
                 # The RIS now says this record survives: an earlier merge the other way is reversed.
                 notes.append(f"{survivor.local_id} had been merged away; it survives now")
@@ -845,6 +853,7 @@ def _withdraw_claim(session: Session, study: Study, *, end_reason: str, now: dat
         session.add(
             Alert(
                 kind="claim_withdrawn",
+                user_id=user_id,
                 study_id=study.id,
                 trust_id=study.trust_id,
                 message=(
@@ -955,7 +964,12 @@ def _survivor(session: Session, patient: Patient) -> Patient:
 
 
 def _create_patient(
-    session: Session, *, trust: Trust, identity: PatientIdentity, now: datetime
+    session: Session,
+    *,
+    trust: Trust,
+    identity: PatientIdentity,
+    now: datetime,
+    message_time: datetime | None = None,
 ) -> Patient:
     if not identity.local_id:
         raise IncompleteOrder(
@@ -965,7 +979,7 @@ def _create_patient(
     patient = Patient(
         trust_id=trust.id, local_id=identity.local_id, nhs_number_valid=False, updated_at=now
     )
-    _update_patient(patient, identity, now=now)
+    _update_patient(patient, identity, now=now, message_time=message_time)
     if not any(i.value == identity.local_id for i in patient.identifiers):
         patient.identifiers.append(
             PatientIdentifier(
@@ -979,27 +993,45 @@ def _create_patient(
     return patient
 
 
-def _update_patient(patient: Patient, identity: PatientIdentity, *, now: datetime) -> bool:
-    """Bring demographics up to date from what was sent; a value not sent is never erased."""
+def _update_patient(
+    patient: Patient,
+    identity: PatientIdentity,
+    *,
+    now: datetime,
+    message_time: datetime | None = None,
+) -> bool:
+    """Bring demographics up to date from what was sent; a value not sent is never erased.
+
+    A message older (MSH-7) than the last one applied to this record only fills
+    empty values: a late ADT^A08 must not undo a newer update.
+    """
     changed = False
+    stale = (
+        message_time is not None
+        and patient.last_message_at is not None
+        and message_time < patient.last_message_at
+    )
     for name in ("local_authority", "family_name", "given_name", "birth_date", "sex"):
         value = getattr(identity, name)
-        if value is not None and getattr(patient, name) != value:
+        current = getattr(patient, name)
+        if value is not None and current != value and (current is None or not stale):
             setattr(patient, name, value)
             changed = True
     number = normalise_nhs_number(identity.nhs_number)
     valid = is_valid_nhs_number(number)
     if (
         number is not None
-        and not valid
-        and patient.nhs_number_valid
+        and patient.nhs_number is not None
         and patient.nhs_number != number
+        and ((not valid and patient.nhs_number_valid) or stale)
     ):
-        # A number failing Modulus 11 never displaces a valid one (and its regional link):
-        # it is kept as an identifier of the record, for a person to look at.
+        # A number failing Modulus 11 never displaces a valid one (and its regional link),
+        # nor does one from an older message: it is kept as an identifier of the record,
+        # for a person to look at.
         logger.warning(
-            "patient %s: invalid NHS number sent; the valid one on record is kept",
+            "patient %s: NHS number %s; the one on record is kept",
             patient.local_id,
+            "from an older message" if stale else "fails Modulus 11",
         )
         changed |= _add_identifier(patient, Identifier(number, "NHS", "NH"), nhs_number=number)
     elif number is not None:
@@ -1031,6 +1063,10 @@ def _update_patient(patient: Patient, identity: PatientIdentity, *, now: datetim
         changed |= _add_identifier(patient, identifier, nhs_number=number)
     if changed:
         patient.updated_at = now
+    if message_time is not None and (
+        patient.last_message_at is None or message_time > patient.last_message_at
+    ):
+        patient.last_message_at = message_time
     return changed
 
 
