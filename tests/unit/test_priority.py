@@ -268,3 +268,13 @@ def test_the_tier_is_recoverable_from_the_urgency_score_and_floors_separate_tier
         assert score > urgency_floor(tier)
         assert tier == 1 or score <= urgency_floor(tier - 1)
     assert tier_from_urgency(0.0) == 9
+
+
+def test_the_stored_explanation_carries_a_summary_for_the_worklist_page():
+    scan = NOW - timedelta(minutes=20)
+    p = prioritise(facts(patient_class="E", modality="CT", body_area="head", performed_at=scan),
+                   RULES, NOW)  # fmt: skip
+    assert p.explanation()["summary"] == (
+        "Stat / emergency department (tier 1): rule 'ED head CT'; target 1 hour from the "
+        "examination; due 23 Nov 10:40"
+    )

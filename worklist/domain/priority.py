@@ -300,7 +300,24 @@ class Priority:
             "ageing": self.ageing_reason,
             "review_at": _iso(self.review_at),
             "urgency": self.urgency,
+            "summary": self.summary(),
         }
+
+    def summary(self, tz: tzinfo | None = None) -> str:
+        """The explanation without the time left (which `describe` adds at read time)."""
+        due = self.due_at.astimezone(tz or ZoneInfo("Europe/London")).strftime("%d %b %H:%M")
+        start_word = _CLOCK_START_WORDS.get(self.clock_start_field, "first seen")
+        text = (
+            f"{self.class_label} (tier {self.tier}): rule '{self.rule_name}'; target "
+            f"{format_duration(self.target)} from {start_word}; due {due}"
+        )
+        if self.due_reason == "outer_bound":
+            text += " (the national 28-day maximum)"
+        elif self.due_reason == "pathway" and self.pathway_name:
+            text += f" ({self.pathway_name} clock)"
+        if self.ageing_reason:
+            text += f"; {self.ageing_reason}"
+        return text
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -159,7 +159,7 @@ def _apply_priority(study: Study, priority: Priority, effort: float) -> bool:
         or study.due_at != priority.due_at
         or study.priority_class != priority.class_code
         or study.effort != effort
-        or (study.priority_explanation or {}).get("rule") != explanation["rule"]
+        or (study.priority_explanation or {}) != explanation
     )
     if changed:
         study.priority_class = priority.class_code
