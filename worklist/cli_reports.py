@@ -194,7 +194,11 @@ async def simulate(runtime: Runtime, options: SimulationOptions,
                                    silent=options.silent, refuse_first=options.refuse_first),
             dump_path=(options.dump_dir / f"{t['code']}.json") if options.dump_dir else None,
         )  # fmt: skip
-        await sim.start()
+        try:
+            await sim.start()
+        except OSError as exc:  # one busy port must not stop the other trusts' RIS
+            print(f"RIS {t['code']} cannot listen on {sim.host}:{sim.port}: {exc}", flush=True)
+            continue
         sims.append(sim)
         print(f"RIS {t['code']} listening on {sim.host}:{sim.port}", flush=True)
     stop = stop or asyncio.Event()
