@@ -181,7 +181,9 @@ class OutboundProfile:
     +hhmm), ``ack_timeout_seconds``, ``negative_ack_retries`` (AE/AR answers
     before the message is parked for a person), ``retry_base_seconds`` and
     ``retry_max_seconds`` (exponential backoff with jitter between tries),
-    ``tls``/``tls_verify``/``tls_ca_file``.
+    ``study_uid_obx`` (the Study Instance UID, when known, in a first OBX
+    ``113014^DICOM Study^DCM`` of type ST, as dcm4che's IHE RAD-28 examples do; off by default
+    because some RIS print every OBX-5 into the report), ``tls``/``tls_verify``/``tls_ca_file``.
     """
 
     version: str = "2.4"
@@ -212,6 +214,7 @@ class OutboundProfile:
     negative_ack_retries: int = 3
     retry_base_seconds: float = 5.0
     retry_max_seconds: float = 600.0
+    study_uid_obx: bool = False
     tls: bool = False
     tls_verify: bool = True
     tls_ca_file: str = ""
@@ -329,6 +332,7 @@ class OruInput:
     impression: str = ""
     addenda: Sequence[Addendum] = ()
     urgent: bool = False
+    study_instance_uid: str = ""
 
 
 # --- building -------------------------------------------------------------------------------
@@ -510,9 +514,25 @@ def build_oru(inp: OruInput, profile: OutboundProfile, *, validate: bool = True)
         sections.append(("addendum", f"{heading}:\n{add.text}"))
 
     set_id = 0
+    report_ts = _ts(inp.report_time, profile)
+    if profile.study_uid_obx and inp.study_instance_uid:
+        if (
+            not re.fullmatch(r"[0-9]+(\.[0-9]+)*", inp.study_instance_uid)
+            or len(inp.study_instance_uid) > 64
+        ):
+            raise OutboundError(
+                "the Study Instance UID is not a DICOM UID (digits and dots, <= 64)"
+            )
+        set_id += 1
+        segments.append(
+            _fields(
+                "OBX",
+                {1: str(set_id), 2: "ST", 3: "113014^DICOM Study^DCM", 4: "0",
+                 5: inp.study_instance_uid, 11: status, 14: report_ts},
+            )
+        )  # fmt: skip
     abnormal = profile.urgent_abnormal_flag if inp.urgent else ""
     observer = _clinician_xcn(inp.radiologist, cs) if profile.responsible_observer_in_obx16 else ""
-    report_ts = _ts(inp.report_time, profile)
     for sub_id, (section, text) in enumerate(sections, start=1):
         code = profile.observation_ids[section]
         obx3 = _cx(*code, charset=cs)

@@ -526,3 +526,16 @@ def test_a_remembered_shape_still_sends_a_longer_value_through_hl7apy() -> None:
         build_oru(oru_input(patient_family_name="N" * 300), profile())
     with pytest.raises(InvalidOru):  # an unescaped delimiter in OBX-5 is checked every time
         validate_oru("MSH|^~\\&|A|B|C|D|20260101||ORU^R01^ORU_R01|X|P|2.4\rOBX|1|TX|c||a^b", "2.4")
+
+
+def test_the_study_instance_uid_goes_in_a_first_obx_only_when_the_profile_asks() -> None:
+    uid = "1.2.826.0.1.3680043.8.498.12345"
+    with_uid = segments(
+        build_oru(oru_input(study_instance_uid=uid), profile(study_uid_obx=True)).text
+    )
+    first = next(s for s in with_uid if s[0] == "OBX")
+    assert (first[2], first[3], first[5]) == ("ST", "113014^DICOM Study^DCM", uid)
+    without = segments(build_oru(oru_input(study_instance_uid=uid), profile()).text)
+    assert all(uid not in "|".join(s) for s in without)
+    with pytest.raises(OutboundError):
+        build_oru(oru_input(study_instance_uid="1.2.x|y"), profile(study_uid_obx=True))

@@ -517,6 +517,7 @@ def oru_input_for(
         modality=study.modality or "",
         exam_time=study.performed_at,
         urgent=any(v.urgent_finding for v in versions),
+        study_instance_uid=study.study_instance_uid or "",
     )  # fmt: skip
 
 
