@@ -584,3 +584,27 @@ def test_the_starting_text_is_the_procedures_template_with_placeholders_filled(
     assert start.template == "CT head"
     assert "Clinical details: Fall, GCS 14" in start.text
     assert "(23/11/2026)" in start.text and start.unfilled == ()
+
+
+def test_two_simultaneous_signings_of_one_study_make_one_final_and_one_oru(world: World) -> None:
+    study = world.study(claimed_by=world.consultant_id)
+    barrier = threading.Barrier(2)
+    outcomes: list[str] = []
+
+    def sign() -> None:
+        barrier.wait()
+        try:
+            world.sign(study, world.consultant_id, "final", "Normal.")
+            outcomes.append("signed")
+        except (Conflict, Forbidden) as exc:
+            outcomes.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=sign) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(outcomes) == 2 and outcomes.count("signed") == 1  # the other: a clean 409/403
+    assert len(world.outbox(study)) == 1
+    with world.runtime.session() as s:
+        assert len(s.scalars(sa.select(ReportVersion)).all()) == 1
