@@ -539,3 +539,21 @@ def test_the_study_instance_uid_goes_in_a_first_obx_only_when_the_profile_asks()
     assert all(uid not in "|".join(s) for s in without)
     with pytest.raises(OutboundError):
         build_oru(oru_input(study_instance_uid="1.2.x|y"), profile(study_uid_obx=True))
+
+
+@pytest.mark.parametrize("value_type", ["TX", "FT"])
+def test_our_inbound_er7_reader_reads_the_report_back_unchanged(value_type: str) -> None:
+    from hl7.er7 import Er7Message
+
+    built = build_oru(oru_input(impression=""), profile(text_value_type=value_type))
+    message = Er7Message(built.payload)
+    assert [s.name for s in message.segments].count("MSH") == 1
+    obx = [s for s in message.segments if s.name == "OBX"]
+    text = [s.get(5, component=0) or "" for s in obx]
+    lines = expected_lines(NASTY_REPORT)
+    if value_type == "FT":
+        assert text[0].split("\n") == lines  # \.br\ read as a line break
+    else:
+        assert text == lines
+    pid = next(s for s in message.segments if s.name == "PID")
+    assert pid.get(3, repetition=2) == "RW6-123&45"
