@@ -26,6 +26,10 @@ EXTENSION_MODULES = ("worklist.cli_messages", "worklist.cli_reports", "worklist.
 
 Handler = Callable[[argparse.Namespace, Runtime], int]
 
+# `serve --demo`: how many orders the simulated RIS systems send, and how fast (per second).
+DEMO_ORDERS = 2000
+DEMO_ORDER_RATE = 0.5
+
 
 def _port(text: str) -> int:
     try:
@@ -324,6 +328,7 @@ def cmd_serve(args: argparse.Namespace, runtime: Runtime) -> int:
     ]
     hl7_host = args.hl7_host or runtime.settings.hl7_host
     hl7_port = runtime.settings.hl7_port if args.hl7_port is None else args.hl7_port
+    listening = threading.Event()
     try:
         serve_hl7 = _listener()
     except ConfigurationError as exc:
@@ -331,8 +336,8 @@ def cmd_serve(args: argparse.Namespace, runtime: Runtime) -> int:
     else:
         threads.append(
             threading.Thread(
-                target=serve_hl7, args=(runtime, hl7_host, hl7_port), kwargs={"stop": stop},
-                name="hl7-listener", daemon=True,
+                target=serve_hl7, args=(runtime, hl7_host, hl7_port),
+                kwargs={"stop": stop, "ready": listening}, name="hl7-listener", daemon=True,
             )
         )
     app = create_app(runtime=runtime)
@@ -341,7 +346,19 @@ def cmd_serve(args: argparse.Namespace, runtime: Runtime) -> int:
     for thread in [*threads, web]:
         thread.start()
     print(f"worklist: web on http://{args.host}:{server.server_port}/ · HL7 MLLP on {hl7_host}:{hl7_port}")
+    stop_ris = None
+    if args.demo and listening.wait(timeout=30):
+        # The trusts' RIS systems, played for real: they receive the ORUs and send a
+        # trickle of new orders, changes, cancellations and completed exams.
+        from worklist.cli_reports import SimulationOptions, start_simulation_thread
+
+        _, stop_ris = start_simulation_thread(
+            runtime,
+            SimulationOptions(orders=DEMO_ORDERS, rate=DEMO_ORDER_RATE, listener=(hl7_host, hl7_port)),
+        )
     stop.wait()
+    if stop_ris is not None:
+        stop_ris()
     server.shutdown()
     for thread in threads:
         thread.join(timeout=10)

@@ -63,6 +63,15 @@ def test_serve_with_demo_data_shows_a_populated_regional_worklist(env) -> None:
         status, body = _get(f"http://127.0.0.1:{port}/api/v1/studies?status=ready&limit=5", token)
         assert status == 200
         assert body["total"] > 100 and len(body["studies"]) == 5
+        # The simulated RIS systems send orders over MLLP, and the listener applies them.
+        admin = subprocess.run([WORKLIST, "token", "create", "admin"], env=env, capture_output=True,
+                               text=True, timeout=60).stdout.strip()
+        deadline, applied = time.monotonic() + 30, []
+        while time.monotonic() < deadline and not applied:
+            time.sleep(1)
+            _, log = _get(f"http://127.0.0.1:{port}/api/v1/messages?state=applied", admin)
+            applied = log["messages"]
+        assert applied, "no order from the simulated RIS was applied"
     finally:
         process.terminate()
         output, _ = process.communicate(timeout=30)
