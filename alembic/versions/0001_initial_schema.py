@@ -187,6 +187,36 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_patient_identifier_patient_id'), ['patient_id'], unique=False)
         batch_op.create_index('ix_patient_identifier_value', ['value', 'authority'], unique=False)
 
+    op.create_table('report_macro',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('user_id', sa.Integer(), nullable=False),
+    sa.Column('name', sa.String(length=40), nullable=False),
+    sa.Column('text', sa.Text(), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['user_id'], ['user_account.id'], name=op.f('fk_report_macro_user_id_user_account')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_report_macro')),
+    sa.UniqueConstraint('user_id', 'name', name=op.f('uq_report_macro_user_id_name'))
+    )
+    op.create_table('report_template',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('name', sa.String(length=100), nullable=False),
+    sa.Column('trust_id', sa.Integer(), nullable=True),
+    sa.Column('procedure_code', sa.String(length=64), nullable=True),
+    sa.Column('modality', sa.String(length=16), nullable=True),
+    sa.Column('text', sa.Text(), nullable=False),
+    sa.Column('active', sa.Boolean(), nullable=False),
+    sa.Column('created_by_id', sa.Integer(), nullable=True),
+    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['created_by_id'], ['user_account.id'], name=op.f('fk_report_template_created_by_id_user_account')),
+    sa.ForeignKeyConstraint(['trust_id'], ['trust.id'], name=op.f('fk_report_template_trust_id_trust')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_report_template')),
+    sa.UniqueConstraint('name', 'trust_id', name=op.f('uq_report_template_name_trust_id'))
+    )
+    with op.batch_alter_table('report_template', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_report_template_trust_id'), ['trust_id'], unique=False)
+
     op.create_table('reporting_permission',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('user_id', sa.Integer(), nullable=False),
@@ -415,6 +445,11 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_reporting_permission_user_id'))
 
     op.drop_table('reporting_permission')
+    with op.batch_alter_table('report_template', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_report_template_trust_id'))
+
+    op.drop_table('report_template')
+    op.drop_table('report_macro')
     with op.batch_alter_table('patient_identifier', schema=None) as batch_op:
         batch_op.drop_index('ix_patient_identifier_value')
         batch_op.drop_index(batch_op.f('ix_patient_identifier_patient_id'))

@@ -433,6 +433,42 @@ class Alert(Base):
     acknowledged_at: Mapped[datetime | None]
 
 
+class ReportTemplateRow(Base):
+    """A stored report template: starting text per procedure/modality, for one trust or the
+    region (trust_id None). The rules that pick one are `worklist.domain.reports`."""
+
+    __tablename__ = "report_template"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(100))
+    trust_id: Mapped[int | None] = mapped_column(sa.ForeignKey("trust.id"), index=True)
+    procedure_code: Mapped[str | None] = mapped_column(sa.String(64))  # None = any procedure
+    modality: Mapped[str | None] = mapped_column(sa.String(16))  # None = any modality
+    text: Mapped[str] = mapped_column(sa.Text)  # with {{placeholders}}
+    active: Mapped[bool] = mapped_column(default=True)
+    created_by_id: Mapped[int | None] = mapped_column(sa.ForeignKey("user_account.id"))
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+    # NULLs are distinct in a unique key, so the service also refuses a second regional name.
+    __table_args__ = (sa.UniqueConstraint("name", "trust_id"),)
+
+
+class ReportMacro(Base):
+    """A radiologist's personal macro: typing the trigger (e.g. ".normchest") inserts the text."""
+
+    __tablename__ = "report_macro"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("user_account.id"))
+    name: Mapped[str] = mapped_column(sa.String(40))  # the trigger word, lower case, with its dot
+    text: Mapped[str] = mapped_column(sa.Text)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+    __table_args__ = (sa.UniqueConstraint("user_id", "name"),)
+
+
 # --- HL7 messages -------------------------------------------------------------------------
 
 
