@@ -92,25 +92,34 @@ def test_next_case_passes_over_studies_it_may_not_give_and_records_the_reasons(
     session, clock, region
 ):
     rw6, rm3 = region
-    reader = radiologist(session, clock, credentials=("CT:NEURO", "MG"))
-    read_before = ready(session, clock, rw6, order_priority="S", modality="MG",
-                        body_area="BREAST", pathway="bsp")  # fmt: skip
-    assert wl.next_case(session, user=reader, now=clock.now()).study is read_before
-    wl.record_reading(session, study_id=read_before.id, user=reader, outcome="normal",
-                      now=clock.now())  # fmt: skip
+    creds = ("CT:NEURO", "MG")
+    one, two = (
+        radiologist(session, clock, credentials=creds),
+        radiologist(session, clock, credentials=creds),
+    )
+    trainee = radiologist(session, clock, credentials=creds, can_finalise=False)
+    disputed = ready(session, clock, rw6, order_priority="S", modality="MG",
+                     body_area="BREAST", pathway="bsp")  # fmt: skip
+    for reader, outcome in ((one, "normal"), (two, "recall")):
+        assert wl.next_case(session, user=reader, now=clock.now()).study is disputed
+        wl.record_reading(session, study_id=disputed.id, user=reader, outcome=outcome,
+                          now=clock.now())  # fmt: skip
     chest = ready(session, clock, rw6, order_priority="S", body_area="CHEST")
     ready(session, clock, rm3, order_priority="S")  # no agreement for RM3
     head = ready(session, clock, rw6)
-    result = wl.next_case(session, user=reader, now=clock.now())
+    result = wl.next_case(session, user=trainee, now=clock.now())
     assert result.study is head
     skipped = result.assignment.explanation["skipped"]
     assert [(s["study_id"], s["reasons"]) for s in skipped] == [
-        (read_before.id, ["gave reading 1 of this double read"])
+        (disputed.id, ["arbitration of a double read needs a consultant"])
     ]
+    assert disputed.claimed_by_id is None  # the refused claim was undone
     assert chest.claimed_by_id is None  # no credential for CT chest: never a candidate
-    assert wl.eligibility_for(session, study=chest, user=reader, now=clock.now()).explain() == (
+    assert wl.eligibility_for(session, study=chest, user=trainee, now=clock.now()).explain() == (
         "no credential for CT CHEST"
     )
+    # A reader never gets back a study they have already read.
+    assert wl.next_case(session, user=one, now=clock.now()).study is not disputed
 
 
 def test_next_case_gives_nothing_off_duty_and_only_stat_work_over_capacity(session, clock, region):

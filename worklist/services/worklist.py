@@ -358,12 +358,23 @@ def _trust_codes(session: Session) -> dict[int, str]:
 def _pool_query(radiologist: Radiologist, now: datetime) -> sa.Select[Study]:
     """Ready, unclaimed studies the radiologist may read, most urgent first.
 
-    The agreement and credential rules written in SQL, so that the index scan
-    stops at the first row that qualifies; `may_report` still decides each row
-    (it alone knows double-read exclusions, duty and capacity).
+    The agreement and credential rules, and "not one you already read", written in
+    SQL so that the index scan stops at the first row that qualifies; `may_report`
+    still decides each row (it alone also knows arbitration, duty and capacity).
     """
     today = now.astimezone(LONDON).date()
     trusts = sorted({a.trust_id for a in radiologist.agreements if a.in_force(today)} | {-1})
+    already_read = (
+        sa.select(Assignment.id)
+        .where(
+            Assignment.study_id == Study.id,
+            # "+ 0" keeps the planner on ix_assignment_study_id (a study has a few rows)
+            # rather than ix_assignment_user_id (a reader has years of them).
+            Assignment.user_id + 0 == radiologist.user_id,
+            Assignment.end_reason.like("read:%"),
+        )
+        .exists()
+    )
     return (
         sa.select(Study)
         .where(
@@ -371,6 +382,7 @@ def _pool_query(radiologist: Radiologist, now: datetime) -> sa.Select[Study]:
             Study.claimed_by_id.is_(None),
             Study.trust_id.in_(trusts),
             _credential_clause(radiologist.credentials),
+            ~already_read,
         )
         .order_by(*WORKLIST_ORDER)
     )
