@@ -17,6 +17,26 @@ messages acknowledged per second, messages applied per second (until the last on
 is applied), p50/p99 ACK latency, each as a ratio to the floors; then a paced run
 at 200 messages/second offered for p99 latency.
 
+What we measured and chose (2 cores, shared with other work: load average 3-5 during
+the runs, so figures move by a third from run to run; 3,000 ORM^O01 of ~1 KB):
+
+* reading: `hl7.er7` parses ~21,000 ORM/s per core, ~6,600/s with the events
+  (`hl7.inbound`), ~5,000/s with the ACK too; hl7apy's full parse is ~85/s, so it
+  stays off the hot path (it is used in tests to read our ACKs back).
+* SQLite: floor (a) ~22,000/s, floor (b) 2,200-2,700/s; the listener acknowledged
+  940-1,250/s (35-55 % of floor (b)), applied 175-220/s, p99 ACK 32-90 ms in the
+  burst and 42-46 ms at 200/s offered.
+* PostgreSQL: floor (b) 1,160-1,750/s; the listener acknowledged 405-795/s (35-45 %),
+  applied 65-125/s (1-2 apply workers), p99 ACK 24-58 ms, 40-56 ms at 200/s offered.
+* Choices: the raw message is committed before its ACK, many connections' frames in
+  one transaction (group commit); parsing, checking and building the ACK happen in
+  the event loop while the store thread waits on the database; applying is off the
+  ACK path (a thread on SQLite, 3 messages a transaction; niced child processes on
+  PostgreSQL, trusts shared between them by advisory lock so each trust's messages
+  stay in order). The applied rate is bound by `worklist.services.orders.apply_events`
+  (~3.7 ms a message on SQLite, ~6.5 ms on PostgreSQL: ~15 statements, a third of
+  the time in re-prioritising each study one message at a time).
+
     .venv/bin/python bench/ingest.py                      # both databases, 4000 messages
     .venv/bin/python bench/ingest.py --db sqlite --messages 2000
     WORKLIST_BENCH_POSTGRES_URL=postgresql+psycopg://postgres@127.0.0.1:5432/postgres ...
