@@ -51,6 +51,7 @@ from worklist.domain.reports import Decision, Signer, StudyFacts, VersionKind
 from worklist.domain.study import StudyStatus, check_move
 from worklist.errors import Conflict, Forbidden, InvalidInput, NotFound
 from worklist.services import audit
+from worklist.services import templates as template_service
 from worklist.services import worklist as worklist_service
 
 logger = logging.getLogger(__name__)
@@ -188,23 +189,22 @@ class StartingText:
     unfilled: tuple[str, ...]
 
 
-def starting_text(
-    session: Session,
-    *,
-    study_id: int,
-    user: User,
-    now: datetime,
-    templates: tuple[rules.ReportTemplate, ...] = DEFAULT_TEMPLATES,
-) -> StartingText:
-    """The template for this study's procedure/modality with its placeholders filled."""
+def starting_text(session: Session, *, study_id: int, user: User, now: datetime) -> StartingText:
+    """The template for this study's procedure/modality with its placeholders filled: the
+    stored templates (`worklist.services.templates`) first, ours when none of them fits."""
     study = _study_for(session, study_id=study_id, user=user, now=now, lock=False)
     code = session.scalar(sa.select(Trust.code).where(Trust.id == study.trust_id))
-    template = rules.choose_template(
-        templates, procedure_code=study.procedure_code, modality=study.modality, trust_code=code
-    )
+    template = template_service.template_for_study(
+        session, trust_id=study.trust_id, trust_code=code, procedure_code=study.procedure_code,
+        modality=study.modality, defaults=DEFAULT_TEMPLATES,
+    )  # fmt: skip
     if template is None:
         return StartingText("", "", ())
+    patient = session.get(Patient, study.patient_id)
+    names = (patient.given_name, patient.family_name) if patient else ()
     values = rules.template_values(
+        patient_name=" ".join(n for n in names if n),
+        birth_date=patient.birth_date if patient else None,
         procedure_name=study.procedure_name or "",
         modality=study.modality or "",
         exam_time=study.performed_at,
@@ -238,7 +238,7 @@ def save_draft(
 ) -> Report:
     """Autosave: the claim holder (or a manager) keeps the working text; saving also renews the
     claim's lease, since someone typing is working on it."""
-    text = _check_text(text)
+    text = _check_text(template_service.expand(session, user=user, text=_check_text(text)))
     study = _study_for(session, study_id=study_id, user=user, now=now, lock=True)
     _enforce(rules.may_edit_draft(_signer(user), _facts(session, study), now))
     report = _report_for(session, study)
@@ -324,7 +324,8 @@ def _sign(
         if kind is VersionKind.ADDENDUM:
             raise InvalidInput("an addendum needs its text")
         text = report.draft_text if report else ""
-    text = _check_text(text)
+    # The signed text never carries a shorthand: the signer's macros are expanded.
+    text = _check_text(template_service.expand(session, user=user, text=_check_text(text)))
     versions = _versions(session, report)
     verdict = rules.may_sign(
         kind, _signer(user), _facts(session, study), [v.kind for v in versions], text, now

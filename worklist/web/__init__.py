@@ -21,6 +21,7 @@ BLUEPRINT_MODULES = (
     "worklist.web.api_worklist",
     "worklist.web.api_reports",
     "worklist.web.api_messages",
+    "worklist.web.api_templates",
 )
 
 
