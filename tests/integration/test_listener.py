@@ -364,6 +364,18 @@ def test_a_trust_in_enhanced_mode_gets_commit_acks(runtime: Runtime, trust: int)
         running.stop()
 
 
+def test_a_profile_in_auto_mode_follows_msh15(runtime: Runtime, trust: int) -> None:
+    with runtime.session() as session:
+        session.get(Trust, trust).hl7_profile = {"inbound": {"ack_mode": "auto"}}  # type: ignore[union-attr]
+    running = RunningListener(runtime)
+    try:
+        client = Client(running.port)
+        assert msa(client.send(fixture("orm-o01-v24-nw-ct-head.hl7")))[1] == "CA"  # MSH-15 AL
+        assert msa(client.send(fixture("orm-o01-v24-sc-cm.hl7")))[1] == "AA"  # MSH-15/16 empty
+    finally:
+        running.stop()
+
+
 def test_a_source_address_outside_the_trusts_allowlist_is_rejected(
     runtime: Runtime, trust: int
 ) -> None:

@@ -186,8 +186,8 @@ def test_a_rejected_message_from_a_trust_added_later_applies_on_replay(
     assert replayed.json["trust"] == "RM3P"
 
 
-def test_the_cli_lists_shows_and_replays_messages(
-    runtime: Runtime, admin_token: str, capsys
+def test_the_cli_lists_shows_edits_and_replays_messages(
+    runtime: Runtime, admin_token: str, capsys, tmp_path: Path
 ) -> None:
     from worklist.cli import main
 
@@ -206,5 +206,13 @@ def test_the_cli_lists_shows_and_replays_messages(
         assert main(["messages", "replay", str(failed.message_id)]) == 0
         assert "applied" in capsys.readouterr().out
         assert main(["messages", "replay", str(failed.message_id)]) == 1
+        [rejected] = receive(runtime, "oru-r01-v24-unsupported.hl7")
+        corrected = tmp_path / "corrected.hl7"
+        corrected.write_bytes(fixture("orm-o01-v24-sc-cm.hl7").replace(b"RW6000124", b"RW6-FIXED"))
+        assert main(["messages", "edit", str(rejected.message_id), "--file", str(corrected)]) == 0
+        assert main(["messages", "replay", str(rejected.message_id)]) == 0
+        capsys.readouterr()
+        assert main(["messages", "list", "--control-id", "RW6-FIXED", "--json"]) == 0
+        assert '"state": "applied"' in capsys.readouterr().out
     finally:
         del os.environ["WORKLIST_DATABASE_URL"]
