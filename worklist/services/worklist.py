@@ -449,6 +449,8 @@ def worklist(
     query = _filtered(_pool_query(radiologist, now), filters, codes, now)
     wanted = offset + limit + 1
     accepted: list[Study] = []
+    if not _filters_can_match(radiologist, filters, codes, now):
+        wanted = 0  # e.g. a modality they hold no credential for: skip walking the pool
     # The SQL already applies the agreement and credential rules, so nearly every row
     # fetched is shown; read a little more than a page, and more only when rows drop out.
     chunk = wanted + 10
@@ -507,6 +509,23 @@ def worklist(
         free_choice=bool(slot and slot.free_choice),
         removed=list(removed),
     )
+
+
+def _filters_can_match(
+    radiologist: Radiologist, filters: WorklistFilters, codes: dict[int, str], now: datetime
+) -> bool:
+    """False when a filter excludes every trust or modality the radiologist may report:
+    the SQL would otherwise walk the whole ready pool to find nothing."""
+    today = now.astimezone(LONDON).date()
+    if filters.trusts:
+        agreed = {codes.get(a.trust_id, "") for a in radiologist.agreements if a.in_force(today)}
+        if not agreed & {c.upper() for c in filters.trusts}:
+            return False
+    if filters.modalities:
+        held = {c.modality.strip().upper() for c in radiologist.credentials}
+        if "*" not in held and not held & {m.upper() for m in filters.modalities}:
+            return False
+    return True
 
 
 def _filtered(
