@@ -247,6 +247,7 @@ def test_saving_a_draft_and_signing_expand_the_authors_macros(client, world, run
     report_url = f"/api/v1/studies/{world.studies['rw6']}/report"
     saved = client.put(report_url, json={"text": "Findings: .normchest"}, headers=reader)
     assert saved.status_code == 200
+    assert saved.get_json()["text"] == "Findings: The lungs are clear."
     draft = client.get(report_url, headers=reader).get_json()["draft_text"]
     assert draft == "Findings: The lungs are clear."
     signed = client.post(f"{report_url}/sign", headers=reader, json={
