@@ -265,3 +265,65 @@ def _err_segments(problems: Sequence[AckProblem], d: Delimiters, vt: tuple[int, 
         ]
         segments.append(fs.join(fields))
     return segments
+
+
+def build_batch_ack(
+    batch: bytes,
+    acks: Sequence[bytes],
+    *,
+    now: datetime,
+    sending_application: str = DEFAULT_APPLICATION,
+    sending_facility: str = DEFAULT_FACILITY,
+) -> bytes:
+    """The response to an FHS/BHS batch: our BHS (and FHS if they sent one) around one ACK
+    per message, in order, then BTS/FTS with the count (HL7 v2.5.1 section 2.10.3).
+
+    BHS-12 / FHS-12 (reference control id) carry the received BHS-11 / FHS-11.
+    """
+    lines = [line for line in batch.replace(b"\r\n", b"\r").replace(b"\n", b"\r").split(b"\r")]
+    received = {line[:3]: line for line in lines if line[:3] in (b"FHS", b"BHS")}
+    delimiters = STANDARD_DELIMITERS
+    header_line = received.get(b"FHS") or received.get(b"BHS") or b""
+    if len(header_line) >= 8:
+        try:
+            fs = chr(header_line[3])
+            encoding = header_line[4:].split(header_line[3:4])[0].decode("latin-1")
+            delimiters = Delimiters.from_msh(fs, encoding)
+        except Exception:  # noqa: BLE001 - odd envelope: answer with the standard delimiters
+            delimiters = STANDARD_DELIMITERS
+    fs = delimiters.field
+    stamp = now.astimezone(_LONDON).strftime("%Y%m%d%H%M%S%z")
+
+    def envelope(name: bytes) -> str:
+        fields = received[name].decode("latin-1").split(fs) if name in received else []
+
+        def f(n: int) -> str:  # FHS/BHS are numbered like MSH: field 1 is the separator
+            return fields[n - 1] if 0 < n - 1 < len(fields) else ""
+
+        return fs.join(
+            [
+                name.decode(),
+                delimiters.encoding_characters,
+                escape(sending_application, delimiters),
+                escape(sending_facility, delimiters),
+                f(3),
+                f(4),
+                stamp,
+                "",
+                "",
+                "",
+                "",
+                f(11),
+            ]
+        )
+
+    out: list[str] = []
+    if b"FHS" in received:
+        out.append(envelope(b"FHS"))
+    out.append(envelope(b"BHS"))
+    body = [ack.rstrip(b"\r").decode("latin-1") for ack in acks]
+    out.extend(body)
+    out.append(f"BTS{fs}{len(acks)}")
+    if b"FHS" in received:
+        out.append(f"FTS{fs}1")
+    return ("\r".join(out) + "\r").encode("latin-1", errors="replace")

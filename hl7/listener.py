@@ -8,7 +8,8 @@ The work is split three ways:
 * one per connection (`_serve_connection`): reads with an idle timeout, feeds
   `hl7.mllp.MllpDecoder` (junk skipped and counted, oversize frames answered
   with AR and the connection kept), hands each frame to the store writer and
-  writes the ACK it gets back;
+  writes the ACK it gets back (an FHS/BHS batch: each message on its own, one
+  batch of ACKs back);
 * the store writer (`_store_loop`): takes every frame waiting from any
   connection, stores them in one transaction (group commit: one fsync for the
   batch) through `worklist.services.messages.store_messages`, then releases
@@ -46,8 +47,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hl7.ack import build_error_ack, minimal_header
-from hl7.er7 import read_header
+from hl7.ack import build_batch_ack, build_error_ack, minimal_header
+from hl7.er7 import is_batch, read_header, split_batch
 from hl7.errors import Hl7Error, ServiceUnavailable
 from hl7.mllp import Frame, MllpDecoder, Oversize, frame
 from worklist.bootstrap import Runtime
@@ -281,6 +282,28 @@ class MllpListener:
                 self.stats.acks += 1
 
     async def _submit(self, event: Frame | Oversize, peer: str | None) -> bytes:
+        if isinstance(event, Frame) and is_batch(event.payload):
+            return await self._submit_batch(event.payload, peer)
+        return await self._submit_one(event, peer)
+
+    async def _submit_batch(self, payload: bytes, peer: str | None) -> bytes:
+        """An FHS/BHS batch is processed message by message: each is stored (and
+        duplicate-checked) on its own, and one batch of ACKs goes back. A batch with
+        no MSH, or content before its first MSH, is refused whole (AR) by the store."""
+        try:
+            parts = split_batch(payload)
+        except Hl7Error:
+            return await self._submit_one(Frame(payload), peer)
+        acks = [await self._submit_one(Frame(part), peer) for part in parts]
+        return build_batch_ack(
+            payload,
+            acks,
+            now=self.runtime.clock.now(),
+            sending_application=self.settings.hl7_application,
+            sending_facility=self.settings.hl7_facility,
+        )
+
+    async def _submit_one(self, event: Frame | Oversize, peer: str | None) -> bytes:
         assert self._queue is not None
         now = self.runtime.clock.now()
         if isinstance(event, Oversize):

@@ -364,6 +364,38 @@ def test_a_trust_in_enhanced_mode_gets_commit_acks(runtime: Runtime, trust: int)
         running.stop()
 
 
+def test_a_batch_is_stored_message_by_message_and_answered_with_a_batch_of_acks(
+    runtime: Runtime, listener: RunningListener
+) -> None:
+    client = Client(listener.port)
+    reply = client.send(fixture("batch-fhs-bhs-2x-adt-a08-v25.hl7"))
+    segments = [s for s in reply.decode().split("\r") if s]
+    assert [s[:3] for s in segments] == ["FHS", "BHS", "MSH", "MSA", "MSH", "MSA", "BTS", "FTS"]
+    assert segments[1].split("|")[11] == "RW6-BATCH-7"
+    assert [s.split("|")[1:3] for s in segments if s.startswith("MSA")] == [
+        ["AA", "RW6-B7-1"],
+        ["AA", "RW6-B7-2"],
+    ]
+    assert segments[6] == "BTS|2"
+    listener.drain()
+    assert [(r.control_id, r.state) for r in rows(runtime)] == [
+        ("RW6-B7-1", "applied"),
+        ("RW6-B7-2", "applied"),
+    ]
+    # The same batch again: each message is a duplicate, answered as before.
+    assert client.send(fixture("batch-fhs-bhs-2x-adt-a08-v25.hl7")).count(b"MSA|AA|RW6-B7-") == 2
+    assert [r.state for r in rows(runtime)][2:] == ["duplicate", "duplicate"]
+
+
+def test_a_batch_without_msh_is_refused_whole_with_its_reason(
+    runtime: Runtime, listener: RunningListener
+) -> None:
+    ack = Client(listener.port).send(b"BHS|^~\\&|CRIS|RW6\rEVN|A04\rPID|1||X\rBTS|1\r")
+    assert msa(ack)[1] == "AR"
+    assert b"before its first MSH" in ack
+    assert rows(runtime)[0].state == "rejected"
+
+
 def test_a_profile_in_auto_mode_follows_msh15(runtime: Runtime, trust: int) -> None:
     with runtime.session() as session:
         session.get(Trust, trust).hl7_profile = {"inbound": {"ack_mode": "auto"}}  # type: ignore[union-attr]
@@ -517,18 +549,24 @@ def test_every_corpus_order_and_adt_gets_an_ack_over_the_socket(runtime: Runtime
     try:
         client = Client(running.port)
         for path in files:
-            ack = client.send(path.read_bytes().replace(b"\x0b", b"").replace(b"\x1c", b""))
-            table.append((str(path.relative_to(CORPUS)), msa(ack)[1]))
+            reply = client.send(path.read_bytes().replace(b"\x0b", b"").replace(b"\x1c", b""))
+            # One ACK per message (a batch gets one per message inside its envelope).
+            codes = [s.split(b"|")[1].decode() for s in reply.split(b"\r") if s.startswith(b"MSA|")]
+            table.append((str(path.relative_to(CORPUS)), codes))
         running.drain()
     finally:
         running.stop()
-    states = {r.id: (r.state, r.error) for r in rows(runtime)}
-    assert len(states) == len(files)
-    assert all(code in ("AA", "AE", "AR", "CA", "CE", "CR") for _, code in table)
+    stored = rows(runtime)
+    assert len(stored) == sum(len(codes) for _, codes in table)  # every message kept
+    assert all(codes and set(codes) <= {"AA", "AE", "AR", "CA", "CE", "CR"} for _, codes in table)
+    assert not [r for r in stored if r.state == "received"]
     # Shown with `pytest -s` (tests/conformance/test_corpus.py always prints its table).
     print("\ncorpus over MLLP (ACK, then stored state):")
-    for (name, code), (state, error) in zip(table, states.values(), strict=True):
-        print(f"  {name:<72} {code:<3} {state:<9} {(error or '')[:70]}")
+    states = iter(stored)
+    for name, codes in table:
+        for code in codes:
+            row = next(states)
+            print(f"  {name:<72} {code:<3} {row.state:<9} {(row.error or '')[:70]}")
 
 
 def _free_port() -> int:

@@ -39,7 +39,14 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from hl7.ack import ack_is_enhanced, build_ack, build_error_ack, minimal_header
-from hl7.er7 import Er7Message, ReceivedHeader, decode_payload, is_batch, read_header
+from hl7.er7 import (
+    Er7Message,
+    ReceivedHeader,
+    decode_payload,
+    is_batch,
+    read_header,
+    split_batch,
+)
 from hl7.errors import (
     ApplicationError,
     Hl7Error,
@@ -259,14 +266,18 @@ def interpret(
     """
     payload = arrival.payload
     if is_batch(payload):
-        return Verdict(
-            header=minimal_header(),
-            error=MalformedMessage(
-                "batch envelopes (FHS/BHS) are not accepted over MLLP; send one message per frame",
+        # The listener splits well-formed batches before they get here; what is left is
+        # a batch that cannot be split (no MSH, or segments before the first MSH).
+        try:
+            split_batch(payload)
+            problem = MalformedMessage(
+                "an FHS/BHS batch must be split into its messages before it is stored",
                 segment=payload.lstrip()[:3].decode("latin-1"),
                 sequence=1,
-            ),
-        )
+            )
+        except MalformedMessage as error:
+            problem = error
+        return Verdict(header=minimal_header(), error=problem)
     try:
         header = read_header(payload)
     except Hl7Error as error:
