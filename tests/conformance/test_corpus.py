@@ -111,7 +111,15 @@ def test_print_what_each_corpus_message_got(capsys: pytest.CaptureFixture[str]) 
             kind = read_header(raw).message_type
         except Hl7Error:
             kind = "(batch)" if is_batch(raw) else "(unreadable)"
-        summary, _ = outcome(raw)
+        if is_batch(raw):
+            try:
+                parts = split_batch(raw)  # the listener answers a batch message by message
+            except Hl7Error as error:
+                summary = f"{error.ack_code} {error.error_code}"
+            else:
+                summary = "batch: " + "; ".join(outcome(part)[0] for part in parts)
+        else:
+            summary, _ = outcome(raw)
         rows.append((str(path.relative_to(CORPUS)), kind, summary))
     orders_and_adt = [r for r in rows if r[1].split("^")[0] in ORDER_AND_ADT]
     assert orders_and_adt, "the corpus holds no ORM/OMI/ADT"

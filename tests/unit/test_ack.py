@@ -10,7 +10,15 @@ from datetime import UTC, datetime
 import pytest
 from hl7apy.parser import parse_message
 
-from hl7.ack import AckProblem, ack_is_enhanced, build_ack, build_error_ack, escape, minimal_header
+from hl7.ack import (
+    AckProblem,
+    ack_is_enhanced,
+    build_ack,
+    build_batch_ack,
+    build_error_ack,
+    escape,
+    minimal_header,
+)
 from hl7.er7 import Delimiters, Er7Message, read_header
 from hl7.errors import RequiredFieldMissing, UnsupportedMessageType, UnsupportedVersion
 
@@ -157,3 +165,13 @@ def test_an_ack_code_outside_the_original_set_is_refused() -> None:
 
 def test_escape_without_an_escape_character_blanks_delimiters() -> None:
     assert escape("a|b", Delimiters("|", "^", "~", None, None)) == "a b"
+
+
+def test_a_batch_gets_our_envelope_around_one_ack_per_message() -> None:
+    batch = b"BHS|^~\\&|CRIS|RW6|WL|REG|2026||||B-11\rMSH|^~\\&|CRIS|RW6\rBTS|1\r"
+    acks = [build_ack(header("MSH|^~\\&|CRIS|RW6|||2026||ADT^A08|M1|P|2.5"), code="AA", now=NOW)]
+    reply = build_batch_ack(batch, acks, now=NOW).decode().split("\r")
+    assert reply[0].split("|")[:6] == ["BHS", "^~\\&", "WORKLIST", "REGION", "CRIS", "RW6"]
+    assert reply[0].split("|")[11] == "B-11"
+    assert reply[2] == "MSA|AA|M1"
+    assert reply[3] == "BTS|1"
