@@ -547,10 +547,11 @@ def plans(runtime: Runtime, user_id: int, study_id: int) -> dict[str, str]:
     with runtime.session() as s:
         user = s.get(User, user_id)
         radiologist = service.radiologist_facts(s, user=user, now=NOW)
-        candidate = service._pool_query(radiologist, NOW).limit(1)
+        # As the service runs them: ids only (the claim's subquery; the page's first step).
+        candidate = service._pool_query(radiologist, NOW).with_only_columns(Study.id).limit(1)
         if runtime.dialect == "postgresql":
-            candidate = candidate.with_for_update(skip_locked=True, of=Study)
-        page = service._pool_query(radiologist, NOW).limit(101)
+            candidate = candidate.with_for_update(skip_locked=True)
+        page = service._pool_query(radiologist, NOW).with_only_columns(Study.id).limit(61)
         study = s.get(Study, study_id)
         patient_ids = [study.patient_id]
         exam_time = sa.func.coalesce(Study.performed_at, Study.requested_at, Study.created_at)

@@ -284,7 +284,7 @@ def upgrade() -> None:
     with op.batch_alter_table('study', schema=None) as batch_op:
         batch_op.create_index('ix_study_claimed_by', ['claimed_by_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_study_patient_id'), ['patient_id'], unique=False)
-        batch_op.create_index('ix_study_ready_pool', ['status', 'urgency', 'id'], unique=False, postgresql_where=sa.text("status = 'ready' AND claimed_by_id IS NULL"), sqlite_where=sa.text("status = 'ready' AND claimed_by_id IS NULL"))
+        batch_op.create_index('ix_study_ready_pool', ['status', 'urgency', 'id', 'trust_id', 'modality', 'body_area', 'claimed_by_id'], unique=False, postgresql_where=sa.text("status = 'ready' AND claimed_by_id IS NULL"), sqlite_where=sa.text("status = 'ready' AND claimed_by_id IS NULL"))
         batch_op.create_index('ix_study_status_urgency', ['status', 'urgency'], unique=False)
         batch_op.create_index('ix_study_trust_filler', ['trust_id', 'filler_order_number'], unique=False)
         batch_op.create_index('ix_study_trust_placer', ['trust_id', 'placer_order_number'], unique=False)

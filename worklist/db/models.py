@@ -329,13 +329,18 @@ class Study(Base):
         # The shared pool: ready, unclaimed studies in worklist order (next case and the
         # worklist page read it top-down with ORDER BY urgency DESC, id DESC; a backward
         # scan of this small partial index instead of the whole study history). The constant
-        # leading status column makes both planners prefer it to ix_study_status_urgency,
-        # which would walk past every claimed study at the top of the list.
+        # leading status column lets PostgreSQL use it for the order; the trailing columns
+        # make it cover the candidate query (ids only), so SQLite too prefers it to
+        # ix_study_status_urgency, which walks past every claimed study at the top.
         sa.Index(
             "ix_study_ready_pool",
             "status",
             "urgency",
             "id",
+            "trust_id",
+            "modality",
+            "body_area",
+            "claimed_by_id",
             postgresql_where=sa.text("status = 'ready' AND claimed_by_id IS NULL"),
             sqlite_where=sa.text("status = 'ready' AND claimed_by_id IS NULL"),
         ),

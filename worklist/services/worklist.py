@@ -456,8 +456,11 @@ def worklist(
     chunk = wanted + 10
     position = 0
     while len(accepted) < wanted:
-        rows = session.scalars(query.limit(chunk).offset(position)).all()
-        position += len(rows)
+        # Ids first (ix_study_ready_pool covers that query on both databases), then rows.
+        ids = session.scalars(query.with_only_columns(Study.id).limit(chunk).offset(position)).all()
+        by_id = {s.id: s for s in session.scalars(sa.select(Study).where(Study.id.in_(ids)))}
+        rows = [by_id[i] for i in ids if i in by_id]
+        position += len(ids)
         readings = readings_of(session, [s.id for s in rows if needs_double_reading(s)])
         for study in rows:
             facts = study_to_read(
@@ -467,7 +470,7 @@ def worklist(
             verdict = may_report(radiologist, facts, now)
             if not (verdict.codes - _LIST_IGNORES):
                 accepted.append(study)
-        if len(rows) < chunk:
+        if len(ids) < chunk:
             break
         chunk *= 2
     mine = sorted(
