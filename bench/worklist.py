@@ -132,6 +132,7 @@ def fresh_database(kind: str) -> tuple[str, Any]:
         def drop() -> None:
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{path}{suffix}").unlink(missing_ok=True)
+            directory.rmdir()
 
         return f"sqlite:///{path}", drop
     admin_url = os.environ.get("WORKLIST_BENCH_POSTGRES_URL", DEFAULT_PG)
@@ -343,15 +344,19 @@ def _next_case_child(url: str, user_id: int, claims: int, ready, go, out) -> Non
         s.get(User, user_id)
     ready.release()
     go.wait()
-    latencies, started = [], time.time()
+    latencies, started, errors = [], time.time(), 0
     for _ in range(claims):
         t0 = time.perf_counter()
-        with runtime.session() as s:
-            found = service.next_case(s, user=s.get(User, user_id), now=NOW).study is not None
+        try:
+            with runtime.session() as s:
+                found = service.next_case(s, user=s.get(User, user_id), now=NOW).study is not None
+        except sa.exc.OperationalError:  # SQLite: waited longer than its busy timeout
+            errors += 1
+            continue
         if not found:
             break
         latencies.append(time.perf_counter() - t0)
-    out.put((latencies, started, time.time()))
+    out.put((latencies, started, time.time(), errors))
     runtime.dispose()
 
 
@@ -381,7 +386,8 @@ def bench_next_case(runtime: Runtime, url: str, user_ids: list[int], concurrency
     elapsed = max(r[2] for r in results) - min(r[1] for r in results)
     return_all_claims(runtime)
     return {**summary_ms(latencies), "concurrency": concurrency, "processes": True,
-            "claims_per_second": round(len(latencies) / elapsed, 1)}  # fmt: skip
+            "claims_per_second": round(len(latencies) / elapsed, 1),
+            "lock_timeouts": sum(r[3] for r in results)}  # fmt: skip
 
 
 def bench_floor(runtime: Runtime, url: str, user_ids: list[int], threads: int, claims: int,
@@ -464,12 +470,27 @@ def bench_floor(runtime: Runtime, url: str, user_ids: list[int], threads: int, c
             conn.execute("COMMIT")
             return True
 
-    latencies, elapsed = run_concurrently(threads, per_thread, claim)
+    def tolerant(index: int) -> bool:
+        try:
+            return claim(index)
+        except Exception as exc:  # noqa: BLE001 - SQLite "database is locked"
+            if "locked" not in str(exc):
+                raise
+            timeouts.append(1)
+            try:
+                connections[index].rollback()
+            except Exception:  # noqa: BLE001
+                pass
+            return True
+
+    timeouts: list[int] = []
+    latencies, elapsed = run_concurrently(threads, per_thread, tolerant)
     for conn in connections:
         conn.close()
     return_all_claims(runtime)
     return {**summary_ms(latencies), "threads": threads,
-            "claims_per_second": round(len(latencies) / elapsed, 1)}  # fmt: skip
+            "claims_per_second": round(len(latencies) / elapsed, 1),
+            "lock_timeouts": len(timeouts)}  # fmt: skip
 
 
 def bench_top50_floor(runtime: Runtime, repeats: int) -> dict:
