@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sending-application", default=None, help="MSH-3 of the trust's RIS")
     t.add_argument("--ris-host", default=None, help="where ORU reports are sent")
     t.add_argument("--ris-port", type=_port, default=None)
-    t.add_argument("--ack-mode", choices=("original", "enhanced"), default="original")
+    t.add_argument("--ack-mode", choices=("original", "enhanced", "auto"), default="original",
+                   help="original AA/AE/AR, enhanced CA/CE/CR, or auto (as MSH-15/16 ask)")
     t.set_defaults(handler=cmd_trust_add)
     tsub.add_parser("list", help="list trusts").set_defaults(handler=cmd_trust_list)
 

@@ -69,6 +69,12 @@ def test_a_radiologist_may_not_add_a_trust_but_an_admin_may(runtime, client, clo
     assert again.status_code == 409 and "already exists" in again.json["message"]
     bad = client.post("/api/v1/trusts", json={"code": "RWJ"}, headers=_auth(admin))
     assert bad.status_code == 400 and "name" in bad.json["message"]
+    mode = client.post("/api/v1/trusts", headers=_auth(admin), json={
+        "code": "RMP", "name": "Tameside", "sending_facility": "RMP", "ack_mode": "sometimes"})
+    assert mode.status_code == 400 and "ack mode must be one of" in mode.json["message"]
+    auto = client.post("/api/v1/trusts", headers=_auth(admin), json={
+        "code": "RMP", "name": "Tameside", "sending_facility": "RMP", "ack_mode": "auto"})
+    assert auto.status_code == 201 and auto.json["ack_mode"] == "auto"
 
 
 def test_a_radiologist_sees_only_studies_of_trusts_they_may_report_for(runtime, client, clock) -> None:

@@ -76,7 +76,7 @@ class Trust(Base):
     ris_tls: Mapped[bool] = mapped_column(default=False)
     # Per-trust HL7 profile as data: {"inbound": {...}, "outbound": {...}}.
     hl7_profile: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    # "original" (AA/AE/AR) or "enhanced" (CA/CE/CR) acknowledgement, HL7 v2 ch. 2.
+    # "original" (AA/AE/AR), "enhanced" (CA/CE/CR) or "auto" (as MSH-15/16 ask), HL7 v2 ch. 2.
     ack_mode: Mapped[str] = mapped_column(sa.String(16), default="original")
     # Source addresses allowed to send as this trust; empty = any.
     allowed_addresses: Mapped[list[str]] = mapped_column(sa.JSON, default=list)

@@ -9,6 +9,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from hl7.ack import ACK_MODES  # original AA/AE/AR, enhanced CA/CE/CR, auto as MSH-15/16 ask
+
 from worklist.db.models import Trust
 from worklist.errors import Conflict, InvalidInput
 
@@ -39,8 +41,8 @@ def add_trust(
         raise InvalidInput("give both --ris-host and --ris-port, or neither")
     if ris_port is not None and not 0 < ris_port < 65536:
         raise InvalidInput(f"RIS port {ris_port} is out of range")
-    if ack_mode not in {"original", "enhanced"}:
-        raise InvalidInput("ack mode must be original or enhanced")
+    if ack_mode not in ACK_MODES:
+        raise InvalidInput(f"ack mode must be one of {', '.join(ACK_MODES)}, not {ack_mode!r}")
     if session.scalar(sa.select(Trust.id).where(Trust.code == code)) is not None:
         raise Conflict(f"trust {code} already exists")
     clash = session.scalar(

@@ -85,6 +85,7 @@ def add_trust():  # type: ignore[no-untyped-def]
         sending_application=body.get("sending_application"),
         ris_host=body.get("ris_host"),
         ris_port=body.get("ris_port"),
+        ack_mode=body.get("ack_mode", "original"),
         now=runtime().clock.now(),
     )
     return jsonify(trust_json(trust)), 201
