@@ -22,6 +22,7 @@ import sqlalchemy as sa
 
 from hl7.sender import MllpSender
 from tests.factories import make_study, make_trust, make_user
+from tests.third_party import python_hl7_server
 from worklist.bootstrap import Runtime
 from worklist.clock import FixedClock
 from worklist.db.models import OutboundMessage, Study, Trust, User
@@ -301,78 +302,10 @@ def test_simulate_ris_plays_the_trusts_ris_and_reports_what_it_received(
 
 # --- a receiver we did not write ----------------------------------------------------------
 
-THIRD_PARTY = Path(os.environ.get("WORKLIST_THIRD_PARTY_DIR", "/tmp/worklist-third-party"))
-SERVER = r"""
-import asyncio, json, hl7
-from hl7.mllp import start_hl7_server
-
-async def process(reader, writer):
-    while not writer.is_closing():
-        try:
-            msg = await reader.readmessage()
-        except asyncio.IncompleteReadError:
-            break
-        print(json.dumps({"control": str(msg.segment('MSH')[10]),
-                          "status": str(msg.segment('OBR')[25]),
-                          "obx5": [msg.unescape(str(s[5])) for s in msg.segments('OBX')]}),
-              flush=True)
-        writer.writemessage(msg.create_ack())
-        await writer.drain()
-    writer.close()
-
-async def main():
-    server = await start_hl7_server(process, host="127.0.0.1", port=0, encoding="latin-1")
-    async with server:
-        print(server.sockets[0].getsockname()[1], flush=True)
-        await server.serve_forever()
-
-asyncio.run(main())
-"""
-
-
-def python_hl7() -> Path:
-    """python-hl7 (PyPI `hl7`) in its own venv under /tmp, never in .venv (it would shadow hl7/)."""
-    venv = THIRD_PARTY / "python-hl7"
-    python = venv / "bin" / "python"
-    if not python.exists():
-        made = subprocess.run(
-            [sys.executable, "-m", "venv", "--without-pip", str(venv)],
-            capture_output=True,
-            text=True,
-        )
-        if made.returncode != 0:
-            pytest.skip(f"cannot make a venv for python-hl7: {made.stderr[-300:]}")
-    if (
-        subprocess.run(
-            [str(python), "-I", "-c", "import hl7.mllp"], cwd="/tmp", capture_output=True
-        ).returncode
-        != 0
-    ):
-        done = subprocess.run(
-            [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "hl7==0.4.5"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        if done.returncode != 0:
-            pytest.skip(f"pip install hl7 into {venv} failed: {done.stderr[-300:]}")
-    return python
-
-
 def test_a_third_party_hl7_server_receives_and_acknowledges_a_signed_report(
     runtime: Runtime, clock: FixedClock
 ) -> None:
-    python = python_hl7()
-    server = subprocess.Popen(
-        [str(python), "-I", "-u", "-c", SERVER],
-        cwd="/tmp",
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert server.stdout is not None
-        port = int(server.stdout.readline())
+    with python_hl7_server("latin-1") as (port, server):
         region = Region(runtime, clock, port)  # default profile: 8859/1, TX lines
         study, _ = region.study(claimed_by=region.consultant)
         control_id = region.sign(
@@ -391,9 +324,6 @@ def test_a_third_party_hl7_server_receives_and_acknowledges_a_signed_report(
         }
         (row,) = region.outbox()
         assert (row.state, row.last_ack_code) == ("delivered", "AA")
-    finally:
-        server.kill()
-        server.wait(10)
 
 
 def test_the_demo_simulator_thread_plays_every_trusts_ris_and_stops_cleanly(

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -32,6 +30,7 @@ from hl7.outbound import (
     read_ack,
 )
 from hl7.sender import AckTimeout, ConnectionLost, ConnectionRefused, Endpoint, MllpSender
+from tests.third_party import python_hl7_server
 from worklist.ris_simulator import (
     RisBehaviour,
     RisSimulator,
@@ -242,86 +241,16 @@ def test_tls_refuses_a_ris_certificate_we_do_not_trust(
 
 # --- a receiver we did not write ----------------------------------------------------------
 
-THIRD_PARTY = Path(os.environ.get("WORKLIST_THIRD_PARTY_DIR", "/tmp/worklist-third-party"))
-
-PYTHON_HL7_SERVER = r"""
-import asyncio, json, sys, hl7
-from hl7.mllp import start_hl7_server
-
-async def process(reader, writer):
-    while not writer.is_closing():
-        try:
-            msg = await reader.readmessage()
-        except asyncio.IncompleteReadError:
-            break
-        obx = [msg.unescape(str(s[5])) for s in msg.segments('OBX')]
-        print(json.dumps({"control": str(msg.segment('MSH')[10]),
-                          "status": str(msg.segment('OBR')[25]), "obx5": obx}), flush=True)
-        writer.writemessage(msg.create_ack())
-        await writer.drain()
-    writer.close()
-
-async def main():
-    server = await start_hl7_server(process, host="127.0.0.1", port=0, encoding="utf-8")
-    async with server:
-        print(server.sockets[0].getsockname()[1], flush=True)
-        await server.serve_forever()
-
-asyncio.run(main())
-"""
-
-
-def python_hl7() -> Path:
-    venv = THIRD_PARTY / "python-hl7"
-    python = venv / "bin" / "python"
-    if not python.exists():
-        made = subprocess.run(
-            [sys.executable, "-m", "venv", "--without-pip", str(venv)],
-            capture_output=True,
-            text=True,
-        )
-        if made.returncode != 0:
-            pytest.skip(f"cannot make a venv for python-hl7: {made.stderr[-300:]}")
-    if (
-        subprocess.run(
-            [str(python), "-I", "-c", "import hl7.mllp"], cwd="/tmp", capture_output=True
-        ).returncode
-        != 0
-    ):
-        done = subprocess.run(
-            [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "hl7==0.4.5"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        if done.returncode != 0:
-            pytest.skip(f"pip install hl7 into {venv} failed: {done.stderr[-300:]}")
-    return python
-
-
 def test_python_hl7s_mllp_server_receives_our_oru_and_acknowledges_it(
     sender: MllpSender,
 ) -> None:
-    python = python_hl7()
-    server = subprocess.Popen(
-        [str(python), "-I", "-u", "-c", PYTHON_HL7_SERVER],
-        cwd="/tmp",
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert server.stdout is not None
-        port = int(server.stdout.readline())
+    with python_hl7_server("utf-8") as (port, server):
         ack = sender.send(
             Endpoint("127.0.0.1", port), oru("WL77", "Zoë: a | b ^ c\nline 2"), timeout=10
         )
         assert read_ack(ack, "WL77").delivered
         seen = json.loads(server.stdout.readline())
         assert seen == {"control": "WL77", "status": "F", "obx5": ["Zoë: a | b ^ c", "line 2"]}
-    finally:
-        server.kill()
-        server.wait(10)
 
 
 # --- order traffic from the simulator -----------------------------------------------------

@@ -14,13 +14,9 @@ numbers with namespaces) and on NHS PID-3 conventions (HL7-NOTES section 6).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from dataclasses import replace
 from datetime import UTC, date, datetime
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -41,6 +37,7 @@ from hl7.outbound import (
     read_ack,
     validate_oru,
 )
+from tests.third_party import node_env, python_hl7
 
 NASTY_REPORT = (
     "CT head: no acute | haemorrhage ^ or ~ infarct & no mass\\shift.\n"
@@ -397,65 +394,6 @@ def test_garbage_or_an_ack_without_msa_is_unreadable() -> None:
 
 # --- third-party parsers, each in its own environment -------------------------------------
 
-THIRD_PARTY = Path(os.environ.get("WORKLIST_THIRD_PARTY_DIR", "/tmp/worklist-third-party"))
-
-
-def node_env() -> Path:
-    """node-hl7-client (npm) installed under /tmp, never in the project."""
-    if not shutil.which("node") or not shutil.which("npm"):
-        pytest.skip("node/npm not installed: cannot check the ORU with node-hl7-client")
-    where = THIRD_PARTY / "node"
-    if not (where / "node_modules" / "node-hl7-client").is_dir():
-        where.mkdir(parents=True, exist_ok=True)
-        (where / "package.json").write_text('{"name": "wl-third-party", "private": true}')
-        done = subprocess.run(
-            [
-                "npm",
-                "install",
-                "--no-audit",
-                "--no-fund",
-                "node-hl7-client@3.2.0",
-                "simple-hl7@3.3.0",
-            ],
-            cwd=where,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        if done.returncode != 0:
-            pytest.skip(f"npm install failed (registry unreachable?): {done.stderr[-300:]}")
-    return where
-
-
-def python_hl7_env() -> Path:
-    """python-hl7 (PyPI `hl7`) in its own venv under /tmp: it must never enter .venv, where its
-    import name would shadow our hl7/ package."""
-    venv = THIRD_PARTY / "python-hl7"
-    python = venv / "bin" / "python"
-    if not python.exists():
-        made = subprocess.run(
-            [sys.executable, "-m", "venv", "--without-pip", str(venv)],
-            capture_output=True,
-            text=True,
-        )
-        if made.returncode != 0:
-            pytest.skip(f"cannot make a venv for python-hl7: {made.stderr[-300:]}")
-    # -I: isolated, so our own hl7/ package in the working directory cannot answer instead
-    ok = subprocess.run(
-        [str(python), "-I", "-c", "import hl7.mllp"], capture_output=True, cwd="/tmp"
-    )
-    if ok.returncode != 0:
-        done = subprocess.run(
-            [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "hl7==0.4.5"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        if done.returncode != 0:
-            pytest.skip(f"pip install hl7 into {venv} failed: {done.stderr[-300:]}")
-    return python
-
-
 NODE_READER = r"""
 const {Message} = require('node-hl7-client');
 const fs = require('fs');
@@ -497,7 +435,7 @@ print(json.dumps(out))
 
 @pytest.mark.parametrize("value_type", ["TX", "FT"])
 def test_python_hl7_in_its_own_venv_parses_the_oru_and_unescapes_the_text(value_type: str) -> None:
-    python = python_hl7_env()
+    python = python_hl7()
     built = build_oru(oru_input(impression=""), profile(text_value_type=value_type))
     done = subprocess.run(
         [str(python), "-I", "-c", PYTHON_HL7_READER],
