@@ -153,6 +153,30 @@ def test_a_cancel_that_came_before_its_order_applies_when_replayed_after_it(
         assert study is not None and study.status == "cancelled"
 
 
+def test_one_bad_message_in_an_apply_batch_fails_alone_and_the_others_are_applied_and_prioritised(
+    runtime: Runtime, admin_token: str
+) -> None:
+    # One apply batch: a cancel for an order not yet placed (fails), then the order and
+    # its exam-complete (applied; the study re-prioritised once, after the batch).
+    cancel, placed, complete = receive(
+        runtime, "orm-o01-v24-ca.hl7", "orm-o01-v24-nw-ct-head.hl7", "orm-o01-v24-sc-cm.hl7"
+    )
+    assert cancel.state == placed.state == complete.state == "received"
+    with runtime.session() as session:
+        failed = messages.get_message(session, cancel.message_id)  # type: ignore[arg-type]
+        assert failed.state == "failed"
+        assert failed.error is not None and failed.error.startswith("AE 204 OrderNotFound")
+        assert failed.applied_at is None
+        for outcome in (placed, complete):
+            row = messages.get_message(session, outcome.message_id)  # type: ignore[arg-type]
+            assert row.state == "applied" and row.applied_at is not None
+            assert row.accession_number == "RW6ACC0001"
+        study = session.scalars(sa.select(Study)).one()
+        assert study.status == "ready"
+        assert study.priority_class is not None and study.due_at is not None
+        assert messages.count_pending(session) == 0
+
+
 def test_an_applied_message_cannot_be_edited(runtime: Runtime, client, admin_token: str) -> None:
     [outcome] = receive(runtime, "orm-o01-v24-nw-ct-head.hl7")
     response = client.put(

@@ -892,6 +892,33 @@ def test_a_study_that_becomes_ready_is_prioritised_at_once(
     assert study.urgency > 0
 
 
+def test_without_reprioritising_the_studies_to_prioritise_come_back_for_the_caller(
+    session: Session, trust: Trust, clock: FixedClock
+) -> None:
+    urgent = placed(order_priority="S", patient_class="E")
+
+    result = apply_events(
+        session,
+        trust=trust,
+        events=[urgent, exam("CM", at=T0 + timedelta(minutes=5))],
+        source="hl7:MSG1",
+        now=clock.now(),
+        reprioritise=False,
+    )
+
+    study = study_of(session, trust)
+    assert result.reprioritised is None
+    assert result.to_reprioritise == [study.id]
+    assert study.priority_class is None and study.due_at is None
+    assert orders.reprioritise_studies(session, now=clock.now(), study_ids=result.to_reprioritise)
+    assert study.due_at is not None and study.priority_class is not None
+    assert study.urgency > 0
+
+
+def test_reprioritising_no_studies_does_nothing(session: Session, clock: FixedClock) -> None:
+    assert orders.reprioritise_studies(session, now=clock.now(), study_ids=[]) is None
+
+
 def test_a_new_order_resent_under_a_new_control_id_is_a_duplicate_not_an_error(
     session: Session, trust: Trust, clock: FixedClock
 ) -> None:

@@ -578,26 +578,65 @@ def _describe(error: Hl7Error | WorklistError | Exception) -> str:
 # --- Applying ------------------------------------------------------------------------------
 
 
-def _apply_one(
-    session: Session, row: InboundMessage, *, directory: TrustDirectory, now: datetime
-) -> None:
-    """Apply one stored message; on failure it becomes ``failed`` with why.
+@dataclass(frozen=True)
+class _Applied:
+    """What applying one stored message came to: its new state and search keys."""
 
-    No savepoint of our own: nothing is written here before `apply_events`, which
-    runs in its own savepoint and leaves nothing behind when it raises (a round
-    trip fewer per message on PostgreSQL).
+    state: str
+    error: str | None = None
+    accession_number: str | None = None
+    patient_identifier: str | None = None
+    to_reprioritise: tuple[int, ...] = ()
+
+
+class _Trusts:
+    """The trusts (and their parsed inbound profiles) of one apply batch.
+
+    Held strongly here: the session's identity map is weak, so `session.get` alone
+    would load the trust again for every message.
     """
-    try:
-        if row.trust_id is None:
+
+    def __init__(self, session: Session, settings: Settings) -> None:
+        self.session = session
+        self.settings = settings
+        self._found: dict[int, tuple[Trust, InboundProfile | None, str | None]] = {}
+
+    def get(self, trust_id: int | None) -> tuple[Trust, InboundProfile]:
+        if trust_id is None:
             raise UnknownSender("the message has no trust")
-        trust = session.get(Trust, row.trust_id)
-        if trust is None:
-            raise UnknownSender(f"trust {row.trust_id} no longer exists")
-        profile, problem = _profile_for(trust, directory.settings)
+        if trust_id not in self._found:
+            trust = self.session.get(Trust, trust_id)
+            if trust is None:
+                raise UnknownSender(f"trust {trust_id} no longer exists")
+            self._found[trust_id] = (trust, *_profile_for(trust, self.settings))
+        trust, profile, problem = self._found[trust_id]
         if profile is None:
             raise ApplicationError(problem or "invalid trust profile")
-        message = Er7Message.parse(row.raw)
-        events = route(message, profile, received_at=row.received_at)
+        return trust, profile
+
+
+def _apply_stored(
+    session: Session,
+    *,
+    message_id: int,
+    trust_id: int | None,
+    raw: bytes,
+    received_at: datetime,
+    trusts: _Trusts,
+    now: datetime,
+    reprioritise: bool = True,
+) -> _Applied:
+    """Apply one stored message; on failure it is to become ``failed`` with why.
+
+    No savepoint of our own: nothing is written here before `apply_events`, which
+    runs in its own savepoint and leaves nothing behind when it raises, so one bad
+    message in a batch fails alone. With `reprioritise=False` the studies to
+    re-prioritise come back for the caller to do once per batch.
+    """
+    try:
+        trust, profile = trusts.get(trust_id)
+        message = Er7Message.parse(raw)
+        events = route(message, profile, received_at=received_at)
         control_id = message.control_id
         result = orders.apply_events(
             session,
@@ -606,24 +645,46 @@ def _apply_one(
             source=f"hl7:{control_id}"[:120],
             now=now,
             control_id=control_id or None,
+            reprioritise=reprioritise,
         )
-        row.state = APPLIED
-        row.applied_at = now
-        row.error = "; ".join(result.notes)[:2000] or None
-        if row.accession_number is None and result.accession_numbers:
-            row.accession_number = result.accession_numbers[0][:64]
-        if row.patient_identifier is None and result.patient_local_ids:
-            row.patient_identifier = result.patient_local_ids[0][:64]
     except (Hl7Error, WorklistError) as error:
-        row.state = FAILED
-        row.error = _describe(error)
-        logger.warning("inbound message %s failed: %s", row.id, row.error)
+        logger.warning("inbound message %s failed: %s", message_id, _describe(error))
+        return _Applied(FAILED, _describe(error))
     except sa.exc.OperationalError:
         raise  # the database itself: leave it received, the worker retries
     except Exception as error:  # noqa: BLE001 - one bad message must not stop the queue
-        row.state = FAILED
-        row.error = f"AE 207 application internal error: {type(error).__name__}: {error}"
-        logger.exception("inbound message %s failed unexpectedly", row.id)
+        logger.exception("inbound message %s failed unexpectedly", message_id)
+        return _Applied(
+            FAILED, f"AE 207 application internal error: {type(error).__name__}: {error}"
+        )
+    return _Applied(
+        APPLIED,
+        "; ".join(result.notes)[:2000] or None,
+        result.accession_numbers[0][:64] if result.accession_numbers else None,
+        result.patient_local_ids[0][:64] if result.patient_local_ids else None,
+        tuple(result.to_reprioritise),
+    )
+
+
+def _apply_one(
+    session: Session, row: InboundMessage, *, directory: TrustDirectory, now: datetime
+) -> None:
+    """Apply one stored message (an ORM row: replay), re-prioritising its studies at once."""
+    applied = _apply_stored(
+        session,
+        message_id=row.id,
+        trust_id=row.trust_id,
+        raw=row.raw,
+        received_at=row.received_at,
+        trusts=_Trusts(session, directory.settings),
+        now=now,
+    )
+    row.state = applied.state
+    row.error = applied.error
+    if applied.state == APPLIED:
+        row.applied_at = now
+        row.accession_number = row.accession_number or applied.accession_number
+        row.patient_identifier = row.patient_identifier or applied.patient_identifier
 
 
 def apply_pending(
@@ -643,13 +704,19 @@ def apply_pending(
     worker holds, in this or any other listener process or node), and
     `partition=(k, n)` spreads trusts over n workers (trust id mod n). SQLite
     has one writer at a time, so there the order is simply the arrival order.
+
+    Each message is applied in its own savepoint (a bad one fails alone, with its
+    reason); the studies the batch touched are re-prioritised once, after the
+    last message, and the messages' new states are written in one statement.
     """
+    table = _INBOUND
     query = (
-        sa.select(InboundMessage)
-        .where(InboundMessage.state == RECEIVED)
-        .order_by(InboundMessage.id)
+        sa.select(table.c.id, table.c.trust_id, table.c.raw, table.c.received_at,
+                  table.c.accession_number, table.c.patient_identifier)
+        .where(table.c.state == RECEIVED)
+        .order_by(table.c.id)
         .limit(limit)
-    )
+    )  # fmt: skip
     if session.get_bind().dialect.name == "postgresql":
         index, count = partition
         trust_query = sa.select(Trust.id).where(
@@ -663,12 +730,49 @@ def apply_pending(
         trust_ids = list(session.scalars(trust_query))
         if not trust_ids:
             return 0
-        query = query.where(InboundMessage.trust_id.in_(trust_ids)).with_for_update(
-            skip_locked=True
-        )
-    rows = list(session.scalars(query))
+        query = query.where(table.c.trust_id.in_(trust_ids)).with_for_update(skip_locked=True)
+    rows = session.connection().execute(query).all()
+    if not rows:
+        return 0
+    trusts = _Trusts(session, directory.settings)
+    updates: list[dict[str, Any]] = []
+    to_reprioritise: list[int] = []
     for row in rows:
-        _apply_one(session, row, directory=directory, now=now)
+        applied = _apply_stored(
+            session,
+            message_id=row.id,
+            trust_id=row.trust_id,
+            raw=row.raw,
+            received_at=row.received_at,
+            trusts=trusts,
+            now=now,
+            reprioritise=False,
+        )
+        to_reprioritise.extend(applied.to_reprioritise)
+        updates.append(
+            {
+                "b_id": row.id,
+                "b_state": applied.state,
+                "b_error": applied.error,
+                "b_applied_at": now if applied.state == APPLIED else None,
+                "b_accession_number": row.accession_number or applied.accession_number,
+                "b_patient_identifier": row.patient_identifier or applied.patient_identifier,
+            }
+        )
+    orders.reprioritise_studies(session, now=now, study_ids=to_reprioritise)
+    session.flush()
+    session.connection().execute(
+        table.update()
+        .where(table.c.id == sa.bindparam("b_id"))
+        .values(
+            state=sa.bindparam("b_state"),
+            error=sa.bindparam("b_error"),
+            applied_at=sa.bindparam("b_applied_at"),
+            accession_number=sa.bindparam("b_accession_number"),
+            patient_identifier=sa.bindparam("b_patient_identifier"),
+        ),
+        updates,
+    )
     return len(rows)
 
 

@@ -171,6 +171,9 @@ class AppliedResult:
 
     outcomes: list[EventOutcome] = field(default_factory=list)
     reprioritised: bool | None = None
+    # With `apply_events(..., reprioritise=False)`: the studies the caller must re-prioritise
+    # (once for a whole batch of messages, `reprioritise_studies`); empty otherwise.
+    to_reprioritise: list[int] = field(default_factory=list)
 
     @property
     def study_ids(self) -> list[int]:
@@ -219,6 +222,7 @@ def apply_events(
     now: datetime,
     control_id: str | None = None,
     priority_rules: RuleSet | None = None,
+    reprioritise: bool = True,
 ) -> AppliedResult:
     """Apply the events of one inbound message, in order, for `trust`; all or nothing.
 
@@ -227,6 +231,9 @@ def apply_events(
     recognised. Runs in a savepoint: on any exception nothing of this call remains.
     `priority_rules` (the region's, `worklist.services.worklist.rules_for(settings)`) are
     passed to the re-prioritisation of the studies touched; None = the engine's defaults.
+    `reprioritise=False` leaves that to the caller: the studies to re-prioritise come back
+    in `AppliedResult.to_reprioritise` (the apply worker does it once per batch of messages,
+    a third of the cost of a message on PostgreSQL).
     """
     if control_id is None and source.startswith("hl7:"):
         control_id = source.removeprefix("hl7:") or None
@@ -237,13 +244,16 @@ def apply_events(
                 for event in events:
                     run.result.outcomes.append(run.apply(event))
                 session.flush()
-                _reprioritise(
-                    session,
-                    now=now,
-                    study_ids=sorted(run.to_reprioritise),
-                    result=run.result,
-                    rules=priority_rules,
-                )
+                if reprioritise:
+                    _reprioritise(
+                        session,
+                        now=now,
+                        study_ids=sorted(run.to_reprioritise),
+                        result=run.result,
+                        rules=priority_rules,
+                    )
+                else:
+                    run.result.to_reprioritise = sorted(run.to_reprioritise)
             return run.result
         except sa.exc.IntegrityError:
             # Another connection created the same study or patient since we looked
@@ -252,6 +262,34 @@ def apply_events(
                 raise
             logger.info("trust %s message %s raced another; applying again", trust.code, source)
     raise AssertionError("unreachable")
+
+
+def reprioritise_studies(
+    session: Session,
+    *,
+    now: datetime,
+    study_ids: Sequence[int],
+    priority_rules: RuleSet | None = None,
+) -> bool | None:
+    """Re-prioritise studies that `apply_events(..., reprioritise=False)` left to the caller.
+
+    Runs in a savepoint: a failure (even of the database) is logged and leaves the
+    messages applied; the scheduler's periodic re-prioritisation catches up. Returns as
+    `AppliedResult.reprioritised`: None (nothing to do), False (failed or no engine), True.
+    """
+    ids = sorted(set(study_ids))
+    if not ids:
+        return None
+    result = AppliedResult()
+    try:
+        with session.begin_nested():
+            _reprioritise(session, now=now, study_ids=ids, result=result, rules=priority_rules)
+    except sa.exc.OperationalError:
+        raise  # the connection itself: the caller's transaction is gone anyway
+    except sa.exc.SQLAlchemyError:
+        logger.exception("re-prioritising studies %s failed; the scheduler will catch up", ids)
+        return False
+    return result.reprioritised
 
 
 def mark_images_available(
@@ -1130,4 +1168,5 @@ __all__ = [
     "UnsupportedOrderStatus",
     "apply_events",
     "mark_images_available",
+    "reprioritise_studies",
 ]
