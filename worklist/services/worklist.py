@@ -800,13 +800,15 @@ def _claim_patient_studies(
     same_person = Study.patient_id.in_(
         list(session.scalars(same_person_patient_ids(anchor.patient_id)))
     )
-    # No ORDER BY: the planner must reach these few rows through the patient index, not
-    # walk the ready pool in worklist order; they are sorted here instead.
+    # The planner must reach these few rows through ix_study_patient_id, never walk the
+    # ready studies: so no ORDER BY (they are sorted here), and the status and claim terms
+    # are wrapped in coalesce(), which no index serves (given a plain `status = ?` and two
+    # patient ids, SQLite scanned every ready study through ix_study_status_urgency).
     others_query = sa.select(Study).where(
         same_person,
         Study.id != anchor.id,
-        Study.status == READY,
-        Study.claimed_by_id.is_(None),
+        sa.func.coalesce(Study.status, "") == READY,
+        sa.func.coalesce(Study.claimed_by_id, 0) == 0,
     )
     candidates = sorted(
         _lock_candidates(session, others_query, 20), key=lambda s: (-s.urgency, -s.id)
