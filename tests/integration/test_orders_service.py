@@ -915,6 +915,68 @@ def test_without_reprioritising_the_studies_to_prioritise_come_back_for_the_call
     assert study.urgency > 0
 
 
+def test_read_ahead_answers_a_batchs_study_and_patient_look_ups_without_a_query_each(
+    session: Session, trust: Trust, clock: FixedClock
+) -> None:
+    apply(session, trust, clock, placed("ACC1"), control="NW1")
+    lookups = orders.Lookups()
+    complete = exam("CM", "ACC1", at=T0 + timedelta(minutes=5))
+    new_order = placed("ACC2", at=T0 + timedelta(minutes=6), who=patient("RW6000002"))
+    lookups.read_ahead(session, trust=trust, events=[complete, new_order])
+    statements: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    engine = session.get_bind()
+    sa.event.listen(engine, "before_cursor_execute", seen)
+    try:
+        for control, event in (("SC1", complete), ("NW2", new_order)):
+            apply_events(
+                session,
+                trust=trust,
+                events=[event],
+                source=f"hl7:{control}",
+                now=clock.now(),
+                reprioritise=False,
+                lookups=lookups,
+            )
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", seen)
+
+    lookups_by_query = [
+        s for s in statements if s.lstrip().upper().startswith("SELECT")
+        and ("FROM study " in s or "FROM patient " in s)
+    ]  # fmt: skip
+    assert lookups_by_query == []
+    assert study_of(session, trust, "ACC1").status == "ready"
+    assert study_of(session, trust, "ACC2").patient.local_id == "RW6000002"
+
+
+def test_after_a_failed_message_the_read_ahead_forgets_what_its_savepoint_took_back(
+    session: Session, trust: Trust, clock: FixedClock
+) -> None:
+    lookups = orders.Lookups()
+    order = placed("ACC1", who=patient("RW6000009"))
+    bad_status = exam("ZZ", "ACC1", at=T0 + timedelta(minutes=1))
+    lookups.read_ahead(session, trust=trust, events=[order])
+
+    with pytest.raises(orders.UnsupportedOrderStatus):
+        apply_events(
+            session, trust=trust, events=[order, bad_status], source="hl7:BAD",
+            now=clock.now(), lookups=lookups,
+        )  # fmt: skip
+    assert lookups.studies == {} and lookups.patients == {}
+    result = apply_events(
+        session, trust=trust, events=[order], source="hl7:GOOD", now=clock.now(), lookups=lookups
+    )
+
+    assert [o.action for o in result.outcomes] == [orders.CREATED]
+    study = study_of(session, trust)
+    assert study.patient.local_id == "RW6000009"
+    assert session.scalar(sa.select(sa.func.count()).select_from(Patient)) == 1
+
+
 def test_reprioritising_no_studies_does_nothing(session: Session, clock: FixedClock) -> None:
     assert orders.reprioritise_studies(session, now=clock.now(), study_ids=[]) is None
 

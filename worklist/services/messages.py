@@ -615,18 +615,49 @@ class _Trusts:
         return trust, profile
 
 
-def _apply_stored(
+@dataclass(frozen=True)
+class _Read:
+    """A stored message read back: its trust and events, ready to apply."""
+
+    message_id: int
+    trust: Trust
+    events: list[DomainEvent]
+    control_id: str
+
+
+def _failure(message_id: int, error: Exception) -> _Applied:
+    """The error-queue entry for a message that could not be read or applied."""
+    if isinstance(error, Hl7Error | WorklistError):
+        logger.warning("inbound message %s failed: %s", message_id, _describe(error))
+        return _Applied(FAILED, _describe(error))
+    logger.error("inbound message %s failed unexpectedly", message_id, exc_info=error)
+    return _Applied(FAILED, f"AE 207 application internal error: {type(error).__name__}: {error}")
+
+
+def _read_stored(
+    *, message_id: int, trust_id: int | None, raw: bytes, received_at: datetime, trusts: _Trusts
+) -> _Read | _Applied:
+    """Parse a stored message into its events (no writes); an `_Applied` failure if it cannot."""
+    try:
+        trust, profile = trusts.get(trust_id)
+        message = Er7Message.parse(raw)
+        events = route(message, profile, received_at=received_at)
+    except sa.exc.OperationalError:
+        raise  # the database itself: leave it received, the worker retries
+    except Exception as error:  # noqa: BLE001 - one bad message must not stop the queue
+        return _failure(message_id, error)
+    return _Read(message_id, trust, events, message.control_id)
+
+
+def _apply_read(
     session: Session,
+    read: _Read,
     *,
-    message_id: int,
-    trust_id: int | None,
-    raw: bytes,
-    received_at: datetime,
-    trusts: _Trusts,
     now: datetime,
     reprioritise: bool = True,
+    lookups: orders.Lookups | None = None,
 ) -> _Applied:
-    """Apply one stored message; on failure it is to become ``failed`` with why.
+    """Apply one read message; on failure it is to become ``failed`` with why.
 
     No savepoint of our own: nothing is written here before `apply_events`, which
     runs in its own savepoint and leaves nothing behind when it raises, so one bad
@@ -634,29 +665,20 @@ def _apply_stored(
     re-prioritise come back for the caller to do once per batch.
     """
     try:
-        trust, profile = trusts.get(trust_id)
-        message = Er7Message.parse(raw)
-        events = route(message, profile, received_at=received_at)
-        control_id = message.control_id
         result = orders.apply_events(
             session,
-            trust=trust,
-            events=events,
-            source=f"hl7:{control_id}"[:120],
+            trust=read.trust,
+            events=read.events,
+            source=f"hl7:{read.control_id}"[:120],
             now=now,
-            control_id=control_id or None,
+            control_id=read.control_id or None,
             reprioritise=reprioritise,
+            lookups=lookups,
         )
-    except (Hl7Error, WorklistError) as error:
-        logger.warning("inbound message %s failed: %s", message_id, _describe(error))
-        return _Applied(FAILED, _describe(error))
     except sa.exc.OperationalError:
         raise  # the database itself: leave it received, the worker retries
     except Exception as error:  # noqa: BLE001 - one bad message must not stop the queue
-        logger.exception("inbound message %s failed unexpectedly", message_id)
-        return _Applied(
-            FAILED, f"AE 207 application internal error: {type(error).__name__}: {error}"
-        )
+        return _failure(read.message_id, error)
     return _Applied(
         APPLIED,
         "; ".join(result.notes)[:2000] or None,
@@ -670,15 +692,14 @@ def _apply_one(
     session: Session, row: InboundMessage, *, directory: TrustDirectory, now: datetime
 ) -> None:
     """Apply one stored message (an ORM row: replay), re-prioritising its studies at once."""
-    applied = _apply_stored(
-        session,
+    read = _read_stored(
         message_id=row.id,
         trust_id=row.trust_id,
         raw=row.raw,
         received_at=row.received_at,
         trusts=_Trusts(session, directory.settings),
-        now=now,
     )
+    applied = read if isinstance(read, _Applied) else _apply_read(session, read, now=now)
     row.state = applied.state
     row.error = applied.error
     if applied.state == APPLIED:
@@ -706,8 +727,9 @@ def apply_pending(
     has one writer at a time, so there the order is simply the arrival order.
 
     Each message is applied in its own savepoint (a bad one fails alone, with its
-    reason); the studies the batch touched are re-prioritised once, after the
-    last message, and the messages' new states are written in one statement.
+    reason); the studies and patients the batch names are read ahead (`orders.Lookups`),
+    the studies it touched are re-prioritised once, after the last message, and the
+    messages' new states are written in one statement.
     """
     table = _INBOUND
     query = (
@@ -735,18 +757,31 @@ def apply_pending(
     if not rows:
         return 0
     trusts = _Trusts(session, directory.settings)
-    updates: list[dict[str, Any]] = []
-    to_reprioritise: list[int] = []
-    for row in rows:
-        applied = _apply_stored(
-            session,
+    reads = [
+        _read_stored(
             message_id=row.id,
             trust_id=row.trust_id,
             raw=row.raw,
             received_at=row.received_at,
             trusts=trusts,
-            now=now,
-            reprioritise=False,
+        )
+        for row in rows
+    ]
+    # The batch's studies and patients in one query each per trust, not two per message.
+    lookups = orders.Lookups()
+    by_trust: dict[int, tuple[Trust, list[DomainEvent]]] = {}
+    for read in reads:
+        if isinstance(read, _Read):
+            by_trust.setdefault(read.trust.id, (read.trust, []))[1].extend(read.events)
+    for trust, events in by_trust.values():
+        lookups.read_ahead(session, trust=trust, events=events)
+    updates: list[dict[str, Any]] = []
+    to_reprioritise: list[int] = []
+    for row, read in zip(rows, reads, strict=True):
+        applied = (
+            read
+            if isinstance(read, _Applied)
+            else _apply_read(session, read, now=now, reprioritise=False, lookups=lookups)
         )
         to_reprioritise.extend(applied.to_reprioritise)
         updates.append(
