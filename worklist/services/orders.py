@@ -56,7 +56,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from worklist.db.models import (
     Alert,
@@ -323,9 +323,10 @@ class Lookups:
             found_patients = {
                 patient.local_id: patient
                 for patient in session.scalars(
-                    sa.select(Patient).where(
-                        Patient.trust_id == trust.id, Patient.local_id.in_(local_ids)
-                    )
+                    sa.select(Patient)
+                    .where(Patient.trust_id == trust.id, Patient.local_id.in_(local_ids))
+                    # Their identifiers too (each message compares PID-3 with them).
+                    .options(selectinload(Patient.identifiers))
                 )
             }
             for local_id in local_ids:
@@ -534,10 +535,11 @@ class _Run:
             if event.order_status in _EXAM_STATUSES:
                 target = self._exam_target(event, study=None)
             reason = f"order placed (ORC-1 {event.order_control or 'NW'})"
-        patient, _ = self._patient_for(event.patient, event.message_time)
+        # A new patient is inserted by the study's flush below: one flush for both.
+        patient, _ = self._patient_for(event.patient, event.message_time, flush=False)
         study = Study(
             trust_id=self.trust.id,
-            patient_id=patient.id,
+            patient=patient,
             accession_number=order.accession_number,
             status=target.value,
             status_changed_at=self.now,
@@ -740,16 +742,20 @@ class _Run:
     # --- patients ---
 
     def _patient_for(
-        self, identity: PatientIdentity, message_time: datetime
+        self, identity: PatientIdentity, message_time: datetime, *, flush: bool = True
     ) -> tuple[Patient, bool]:
-        """The trust's (surviving) record for `identity`, created or brought up to date."""
+        """The trust's (surviving) record for `identity`, created or brought up to date.
+
+        `flush=False`: a new record is not written yet (no id); the caller links it by
+        relationship and flushes it with its own row.
+        """
         patient = _find_patient(
             self.session, trust=self.trust, identity=identity, lookups=self.lookups
         )
         if patient is None:
             return _create_patient(
                 self.session, trust=self.trust, identity=identity, now=self.now,
-                message_time=message_time, lookups=self.lookups,
+                message_time=message_time, lookups=self.lookups, flush=flush,
             ), True
         changed = _update_patient(patient, identity, now=self.now, message_time=message_time)
         return patient, changed
@@ -1111,6 +1117,7 @@ def _create_patient(
     now: datetime,
     message_time: datetime | None = None,
     lookups: Lookups | None = None,
+    flush: bool = True,
 ) -> Patient:
     if not identity.local_id:
         raise IncompleteOrder(
@@ -1130,7 +1137,8 @@ def _create_patient(
     # A record created by another connection meanwhile fails this insert on the unique
     # (trust, local id); `apply_events` then applies the message again and finds it.
     session.add(patient)
-    session.flush()
+    if flush:
+        session.flush()
     if lookups is not None:
         lookups.patients[(trust.id, patient.local_id)] = patient
     return patient
