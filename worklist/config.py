@@ -55,6 +55,9 @@ class Settings:
     auto_assign_interval_seconds: int = 60
     # SQLAlchemy pool size per process (PostgreSQL).
     db_pool_size: int = 5
+    # A JSON prioritisation rules document (`worklist rules defaults` prints the shape);
+    # empty = the built-in UK defaults. Re-read when the file changes.
+    priority_rules_path: str = ""
 
     @property
     def is_production(self) -> bool:
@@ -91,6 +94,7 @@ class Settings:
                 claim_lease_minutes=int(get("CLAIM_LEASE_MINUTES", "30")),
                 scheduler_lease_seconds=int(get("SCHEDULER_LEASE_SECONDS", "30")),
                 db_pool_size=int(get("DB_POOL_SIZE", "5")),
+                priority_rules_path=get("PRIORITY_RULES", ""),
             )
         except ValueError as exc:
             raise ConfigurationError(f"a WORKLIST_* setting is not a number: {exc}") from exc
@@ -116,6 +120,10 @@ class Settings:
             raise ConfigurationError(f"unknown timezone {self.timezone!r}") from exc
         if not 0 < self.hl7_port < 65536 and self.hl7_port != 0:
             raise ConfigurationError(f"HL7 port {self.hl7_port} is out of range")
+        if self.priority_rules_path and not Path(self.priority_rules_path).is_file():
+            raise ConfigurationError(
+                f"WORKLIST_PRIORITY_RULES names {self.priority_rules_path!r}, which is not a file"
+            )
         if self.claim_lease_minutes <= 0:
             raise ConfigurationError("WORKLIST_CLAIM_LEASE_MINUTES must be positive")
         return self

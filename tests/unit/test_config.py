@@ -34,3 +34,11 @@ def test_a_port_that_is_not_a_number_is_a_clear_error() -> None:
 def test_an_unknown_timezone_is_refused() -> None:
     with pytest.raises(ConfigurationError, match="unknown timezone"):
         Settings.from_env({"WORKLIST_TIMEZONE": "Europe/Atlantis"})
+
+
+def test_a_priority_rules_file_that_does_not_exist_is_refused_at_start_up(tmp_path) -> None:
+    with pytest.raises(ConfigurationError, match="not a file"):
+        Settings.from_env({"WORKLIST_PRIORITY_RULES": str(tmp_path / "missing.json")})
+    rules = tmp_path / "rules.json"
+    rules.write_text("{}")
+    assert Settings.from_env({"WORKLIST_PRIORITY_RULES": str(rules)}).priority_rules_path == str(rules)
