@@ -288,6 +288,7 @@ def upgrade() -> None:
         batch_op.create_index('ix_study_status_urgency', ['status', 'urgency'], unique=False)
         batch_op.create_index('ix_study_trust_filler', ['trust_id', 'filler_order_number'], unique=False)
         batch_op.create_index('ix_study_trust_placer', ['trust_id', 'placer_order_number'], unique=False)
+        batch_op.create_index('ix_study_verification_pool', ['status', 'urgency', 'id', 'trust_id', 'modality', 'body_area', 'claimed_by_id'], unique=False, postgresql_where=sa.text("status = 'preliminary' AND claimed_by_id IS NULL"), sqlite_where=sa.text("status = 'preliminary' AND claimed_by_id IS NULL"))
 
     op.create_table('alert',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -433,6 +434,7 @@ def downgrade() -> None:
 
     op.drop_table('alert')
     with op.batch_alter_table('study', schema=None) as batch_op:
+        batch_op.drop_index('ix_study_verification_pool', postgresql_where=sa.text("status = 'preliminary' AND claimed_by_id IS NULL"), sqlite_where=sa.text("status = 'preliminary' AND claimed_by_id IS NULL"))
         batch_op.drop_index('ix_study_trust_placer')
         batch_op.drop_index('ix_study_trust_filler')
         batch_op.drop_index('ix_study_status_urgency')

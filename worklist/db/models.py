@@ -344,6 +344,20 @@ class Study(Base):
             postgresql_where=sa.text("status = 'ready' AND claimed_by_id IS NULL"),
             sqlite_where=sa.text("status = 'ready' AND claimed_by_id IS NULL"),
         ),
+        # The verification pool: preliminary reports awaiting a consultant, unclaimed, in
+        # worklist order (worklist.services.verification reads it like the ready pool).
+        sa.Index(
+            "ix_study_verification_pool",
+            "status",
+            "urgency",
+            "id",
+            "trust_id",
+            "modality",
+            "body_area",
+            "claimed_by_id",
+            postgresql_where=sa.text("status = 'preliminary' AND claimed_by_id IS NULL"),
+            sqlite_where=sa.text("status = 'preliminary' AND claimed_by_id IS NULL"),
+        ),
     )
 
 
