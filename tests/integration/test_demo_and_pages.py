@@ -72,3 +72,48 @@ def test_a_login_form_without_its_csrf_token_is_refused(runtime, client, clock) 
     _load(runtime, clock)
     response = client.post("/login", data={"username": "asingh", "password": demo.DEMO_PASSWORD})
     assert response.status_code == 400
+
+
+def test_a_manager_sees_an_urgent_finding_on_the_worklist_page_until_it_is_acknowledged(
+    runtime, client, clock
+) -> None:
+    from worklist.db.models import Alert
+
+    _load(runtime, clock)
+    with runtime.session() as session:
+        session.add(Alert(kind="urgent_finding", message="Urgent finding on accession RW620260001",
+                          created_at=clock.now()))
+    _sign_in(client, "manager", demo.DEMO_PASSWORD)
+    page = client.get("/").get_data(as_text=True)
+    assert "Urgent finding on accession RW620260001" in page
+    alert_id = re.search(r'/alerts/(\d+)/acknowledge', page).group(1)
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+    response = client.post(f"/alerts/{alert_id}/acknowledge", data={"csrf_token": csrf})
+    assert response.status_code == 302
+    assert "RW620260001" not in client.get("/").get_data(as_text=True)
+    with runtime.session() as session:
+        assert session.get(Alert, int(alert_id)).acknowledged_by_id is not None
+
+
+def test_a_radiologist_sees_only_the_alerts_addressed_to_them_and_may_dismiss_them(
+    runtime, client, clock
+) -> None:
+    from worklist.db.models import Alert
+
+    _load(runtime, clock)
+    with runtime.session() as session:
+        me = session.scalar(sa.select(User).where(User.username == "gpatel"))
+        session.add(Alert(kind="claim_withdrawn", user_id=me.id, created_at=clock.now(),
+                          message="Accession RBV1 was taken off gpatel's list: cancelled by RIS"))
+        session.add(Alert(kind="urgent_finding", created_at=clock.now(), message="for managers"))
+    _sign_in(client, "gpatel", demo.DEMO_PASSWORD)
+    page = client.get("/").get_data(as_text=True)
+    assert "taken off gpatel" in page and "for managers" not in page
+    alert_id = re.search(r'/alerts/(\d+)/acknowledge', page).group(1)
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+    assert client.post(f"/alerts/{alert_id}/acknowledge", data={"csrf_token": csrf}).status_code == 302
+    assert "taken off gpatel" not in client.get("/").get_data(as_text=True)
+    with runtime.session() as session:
+        managers_alert = session.scalar(sa.select(Alert.id).where(Alert.message == "for managers"))
+    refused = client.post(f"/alerts/{managers_alert}/acknowledge", data={"csrf_token": csrf})
+    assert refused.status_code == 403

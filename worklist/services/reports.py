@@ -591,11 +591,11 @@ def open_alerts(session: Session, *, kinds: tuple[str, ...] = ()) -> list[Alert]
 def acknowledge_alert(
     session: Session, *, alert_id: int, user: User, now: datetime, remote_addr: str | None = None
 ) -> Alert:
-    if user.role not in ("manager", "admin"):
-        raise Forbidden("only a manager acknowledges alerts")
     alert = session.get(Alert, alert_id)
     if alert is None:
         raise NotFound(f"no alert {alert_id}")
+    if user.role not in ("manager", "admin") and alert.user_id != user.id:
+        raise Forbidden("only a manager, or the person it is addressed to, acknowledges an alert")
     if alert.acknowledged_at is None:
         alert.acknowledged_at = now
         alert.acknowledged_by_id = user.id

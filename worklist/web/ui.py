@@ -10,9 +10,9 @@ import sqlalchemy as sa
 from flask import Blueprint, g, redirect, render_template, request, session, url_for
 from sqlalchemy.orm import joinedload
 
-from worklist.db.models import Study, Trust, User
+from worklist.db.models import Alert, Study, Trust, User
 from worklist.domain.study import StudyStatus
-from worklist.services import accounts, audit
+from worklist.services import accounts, audit, reports
 from worklist.web.context import db, remote_addr, runtime
 
 blueprint = Blueprint("ui", __name__, template_folder="templates")
@@ -100,6 +100,7 @@ def worklist_page():  # type: ignore[no-untyped-def]
     )
     return render_template(
         "worklist.html",
+        alerts=_alerts_for(session_, user),
         user=user,
         studies=studies,
         now=now,
@@ -110,3 +111,27 @@ def worklist_page():  # type: ignore[no-untyped-def]
         counts=counts,
         tz=runtime().settings.tz,
     )
+
+
+def _alerts_for(session_: sa.orm.Session, user: User) -> list[Alert]:
+    """Managers see every open alert (urgent findings, parked reports); a radiologist sees
+    the ones addressed to them (e.g. a claim the RIS took away)."""
+    if user.role in {"manager", "admin"}:
+        return reports.open_alerts(session_)[:50]
+    return list(
+        session_.scalars(
+            sa.select(Alert)
+            .where(Alert.user_id == user.id, Alert.acknowledged_at.is_(None))
+            .order_by(Alert.id.desc())
+            .limit(50)
+        )
+    )
+
+
+@blueprint.post("/alerts/<int:alert_id>/acknowledge")
+@login_required
+def acknowledge_alert(alert_id: int):  # type: ignore[no-untyped-def]
+    reports.acknowledge_alert(
+        db(), alert_id=alert_id, user=g.user, now=runtime().clock.now(), remote_addr=remote_addr()
+    )
+    return redirect(url_for("ui.worklist_page"))
