@@ -682,6 +682,15 @@ def next_case(
     if over_capacity:
         # Only stat work bypasses the cap.
         query = query.where(Study.urgency > urgency_floor(1))
+    if user.can_finalise:  # consultants also verify preliminary reports, in the same order
+        from worklist.services import verification
+
+        verify = verification.claim_if_more_urgent(
+            session, ready_query=query, user=user, radiologist=radiologist, now=now,
+            lease=lease, remote_addr=remote_addr,
+        )  # fmt: skip
+        if verify is not None:
+            return verify
     # The pool holds only trusts with an agreement, so their codes come with it.
     codes = {a.trust_id: a.trust_code or "" for a in radiologist.agreements}
     skipped: list[dict[str, Any]] = []
@@ -901,6 +910,12 @@ def claim_study(
     Claiming a study one already holds renews its lease.
     """
     study = visible_study(session, study_id=study_id, user=user, now=now)
+    if study.status == StudyStatus.PRELIMINARY.value:  # a consultant verifying it
+        from worklist.services import verification
+
+        return verification.claim_for_verification(
+            session, study=study, user=user, now=now, lease=lease, remote_addr=remote_addr
+        )
     if study.claimed_by_id == user.id:
         renew_claim(session, study_id=study.id, user=user, now=now, lease=lease)
         current = _open_assignment(session, study.id)
@@ -955,7 +970,11 @@ def renew_claim(
     """Extend the lease while the radiologist works on the report (the editor calls this)."""
     result = session.execute(
         sa.update(Study)
-        .where(Study.id == study_id, Study.claimed_by_id == user.id, Study.status == READY)
+        .where(
+            Study.id == study_id,
+            Study.claimed_by_id == user.id,
+            Study.status.in_((READY, StudyStatus.PRELIMINARY.value)),  # a verification claim too
+        )
         .values(claim_expires_at=now + lease, updated_at=now)
         .execution_options(synchronize_session=False)
     )

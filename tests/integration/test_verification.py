@@ -1,0 +1,300 @@
+"""Verification: a trainee's preliminary report, claimed and signed final by a consultant.
+
+Through the public services (`worklist.services.worklist` next case / claim / leases,
+`worklist.services.reports` signing) and the JSON API, on SQLite or PostgreSQL
+(WORKLIST_TEST_DATABASE_URL). The RIS's view is the outbox rows (the ORUs queued).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from tests.factories import make_study, make_token, make_trust, make_user
+from worklist.bootstrap import Runtime
+from worklist.clock import FixedClock
+from worklist.db.models import Assignment, OutboundMessage, ReportVersion, Study, User
+from worklist.errors import Conflict, Forbidden, NotFound
+from worklist.services import reports, verification
+from worklist.services import worklist as wl
+
+
+def obr(payload: str) -> list[str]:
+    return next(s.split("|") for s in payload.split("\r") if s.startswith("OBR|"))
+
+
+@dataclass
+class World:
+    runtime: Runtime
+    clock: FixedClock
+    users: dict[str, int]
+
+    def user(self, s: sa.orm.Session, name: str) -> User:
+        user = s.get(User, self.users[name])
+        assert user is not None
+        return user
+
+    def ready_study(self, **kw: object) -> int:
+        with self.runtime.session() as s:
+            from worklist.db.models import Trust
+
+            trust = s.scalars(sa.select(Trust).where(Trust.code == "RW6")).one()
+            study = make_study(s, trust=trust, now=self.clock.now(), **kw)  # type: ignore[arg-type]
+            wl.prioritise_study(s, study=study, now=self.clock.now())
+            return study.id
+
+    def next_case(self, name: str) -> wl.ClaimResult:
+        with self.runtime.session() as s:
+            result = wl.next_case(s, user=self.user(s, name), now=self.clock.now())
+            return result
+
+    def claim(self, name: str, study_id: int) -> Assignment:
+        with self.runtime.session() as s:
+            return wl.claim_study(
+                s, study_id=study_id, user=self.user(s, name), now=self.clock.now()
+            )
+
+    def sign(self, name: str, study_id: int, status: str, text: str) -> reports.Signed:
+        with self.runtime.session() as s:
+            return reports.sign_report(
+                s, study_id=study_id, user=self.user(s, name), status=status, text=text,
+                now=self.clock.now(),
+            )  # fmt: skip
+
+    def preliminary(self, **kw: object) -> int:
+        """A ready study the trainee takes by next case and signs as preliminary."""
+        study_id = self.ready_study(**kw)
+        taken = self.next_case("lee")
+        assert taken.study is not None and taken.study.id == study_id
+        self.sign("lee", study_id, "preliminary", "Small subdural haematoma.")
+        return study_id
+
+    def study(self, study_id: int) -> Study:
+        with self.runtime.session() as s:
+            study = s.get(Study, study_id)
+            assert study is not None
+            s.expunge(study)
+            return study
+
+
+@pytest.fixture
+def world(runtime: Runtime, clock: FixedClock) -> World:
+    now = clock.now()
+    users = {}
+    with runtime.session() as s:
+        make_trust(s, now=now, code="RW6", sending_application="CRIS")
+        make_trust(s, now=now, code="RM3")
+
+        def person(name: str, full: str, pid: str, **kw: object) -> None:
+            kw.setdefault("trusts", ("RW6",))
+            kw.setdefault("credentials", ("CT",))
+            user = make_user(
+                s, now=now, username=name, full_name=full, professional_id=pid, on_duty=True,
+                **kw,  # type: ignore[arg-type]
+            )  # fmt: skip
+            users[name] = user.id
+
+        person("okafor", "Dr Ngozi Okafor", "C4567890")
+        person("patel", "Dr Asha Patel", "C1111111")
+        person("lee", "Dr Sam Lee", "T7654321", can_finalise=False)
+        person("chen", "Dr Wei Chen", "T2222222", can_finalise=False)
+        person("mrkhan", "Dr Omar Khan", "C3333333", credentials=("MR",))
+        person("jones", "Dr Ann Jones", "C4444444", trusts=("RM3",))
+    return World(runtime, clock, users)
+
+
+def test_a_consultant_verifies_a_trainees_preliminary_from_next_case_and_the_ris_gets_p_then_f(
+    world: World,
+) -> None:
+    study_id = world.preliminary()
+    after_preliminary = world.study(study_id)
+    assert (after_preliminary.status, after_preliminary.claimed_by_id) == ("preliminary", None)
+
+    taken = world.next_case("okafor")
+    assert taken.study is not None and taken.study.id == study_id
+    assert taken.assignment is not None
+    assert taken.assignment.explanation["verification"]["preliminary_by"] == "lee"
+    world.sign("okafor", study_id, "final", "Small acute subdural haematoma. No mass effect.")
+
+    done = world.study(study_id)
+    assert (done.status, done.claimed_by_id) == ("final", None)
+    with world.runtime.session() as s:
+        versions = list(s.scalars(sa.select(ReportVersion).order_by(ReportVersion.sequence)))
+        final = versions[-1]
+        assert [v.kind for v in versions] == ["preliminary", "final"]
+        assert (final.author_id, final.verifier_id) == (world.users["lee"], world.users["okafor"])
+        claims = list(s.scalars(sa.select(Assignment).order_by(Assignment.id)))
+        assert [(c.user_id, c.end_reason) for c in claims] == [
+            (world.users["lee"], "signed"), (world.users["okafor"], "signed"),
+        ]  # fmt: skip
+        out = list(
+            s.scalars(
+                sa.select(OutboundMessage)
+                .where(OutboundMessage.study_id == study_id)
+                .order_by(OutboundMessage.id)
+            )
+        )
+    assert [obr(m.payload)[25] for m in out] == ["P", "F"]
+    assert obr(out[0].payload)[32].startswith("T7654321&Lee&Sam")  # the trainee's own P
+    final_obr = obr(out[1].payload)
+    assert final_obr[32].startswith("C4567890&Okafor&Ngozi")  # the verifier is responsible
+    assert final_obr[33].startswith("T7654321&Lee&Sam")  # the trainee author assists
+    assert world.next_case("okafor").study is None  # nothing left to verify
+
+
+def test_a_trainee_is_never_offered_a_preliminary_study_to_verify(world: World) -> None:
+    study_id = world.preliminary()
+    result = world.next_case("chen")  # another trainee, eligible for the study otherwise
+    assert result.study is None
+    with pytest.raises(Forbidden, match="right to finalise"):
+        world.claim("chen", study_id)
+    with world.runtime.session() as s:
+        assert (
+            verification.verification_pool(s, user=world.user(s, "chen"), now=world.clock.now())
+            == []
+        )
+        pool = verification.verification_pool(
+            s, user=world.user(s, "okafor"), now=world.clock.now()
+        )
+        assert [p.id for p in pool] == [study_id]
+    assert world.study(study_id).claimed_by_id is None
+
+
+def test_a_consultant_without_the_credential_or_the_agreement_is_refused_with_the_reason(
+    world: World,
+) -> None:
+    study_id = world.preliminary()
+    assert world.next_case("mrkhan").study is None
+    assert world.next_case("jones").study is None
+    with pytest.raises(Conflict, match="no credential for CT NEURO"):
+        world.claim("mrkhan", study_id)
+    with pytest.raises(NotFound):  # a trust they do not report for is not even visible
+        world.claim("jones", study_id)
+    with world.runtime.session() as s:
+        study = s.get(Study, study_id)
+        assert study is not None
+        with pytest.raises(Conflict, match="no reporting agreement for RW6"):
+            verification.claim_for_verification(
+                s, study=study, user=world.user(s, "jones"), now=world.clock.now()
+            )
+    assert world.study(study_id).claimed_by_id is None
+
+
+def test_a_verification_claim_is_a_lease_renewed_then_expired_back_to_the_verification_pool(
+    world: World,
+) -> None:
+    study_id = world.preliminary()
+    assert world.next_case("okafor").study is not None
+    world.clock.advance(timedelta(minutes=20))
+    with world.runtime.session() as s:
+        renewed = wl.renew_claim(
+            s, study_id=study_id, user=world.user(s, "okafor"), now=world.clock.now()
+        )
+        assert renewed.claim_expires_at == world.clock.now() + wl.DEFAULT_LEASE
+    world.clock.advance(timedelta(minutes=25))
+    with world.runtime.session() as s:
+        assert wl.expire_claims(s, now=world.clock.now()) == 0  # renewed: still held
+    world.clock.advance(timedelta(minutes=6))
+    with world.runtime.session() as s:
+        assert wl.expire_claims(s, now=world.clock.now()) == 1
+    back = world.study(study_id)
+    assert (back.status, back.claimed_by_id) == ("preliminary", None)
+    taken = world.next_case("patel")
+    assert taken.study is not None and taken.study.id == study_id
+    with world.runtime.session() as s:
+        wl.release_claim(
+            s, study_id=study_id, user=world.user(s, "patel"), reason="needs the priors",
+            now=world.clock.now(),
+        )  # fmt: skip
+        ends = [a.end_reason for a in s.scalars(
+            sa.select(Assignment).where(Assignment.study_id == study_id).order_by(Assignment.id)
+        )]  # fmt: skip
+    assert ends == ["signed", "expired: nobody worked on it within the lease",
+                    "released: needs the priors"]  # fmt: skip
+    assert world.study(study_id).claimed_by_id is None
+
+
+def test_two_consultants_cannot_claim_the_same_preliminary_study(world: World) -> None:
+    study_id = world.preliminary()
+    world.claim("okafor", study_id)
+    with pytest.raises(Conflict, match="already claimed by another radiologist"):
+        world.claim("patel", study_id)
+    assert world.next_case("patel").study is None
+    with pytest.raises(Forbidden, match="only the radiologist who holds the claim"):
+        world.sign("patel", study_id, "final", "Agreed.")
+    assert world.study(study_id).claimed_by_id == world.users["okafor"]
+
+
+def test_consultants_racing_for_preliminary_studies_each_claim_a_different_one(
+    world: World,
+) -> None:
+    studies = {world.preliminary() for _ in range(6)}
+    won: list[int] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def consultant(name: str) -> None:
+        try:
+            for _ in range(6):
+                result = world.next_case(name)
+                if result.study is None:
+                    return
+                with lock:
+                    won.append(result.study.id)
+                with world.runtime.session() as s:  # hand it back so the pool keeps moving
+                    wl.end_claim(s, study=s.get(Study, result.study.id), now=world.clock.now(),
+                                 end_reason="verified elsewhere")  # fmt: skip
+                    s.execute(sa.update(Study).where(Study.id == result.study.id)
+                              .values(status="final"))  # fmt: skip
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=consultant, args=(n,)) for n in ("okafor", "patel")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(won) == sorted(studies)  # each claimed exactly once, none lost
+
+
+def test_next_case_ranks_preliminary_and_ready_studies_by_one_urgency(world: World) -> None:
+    routine_preliminary = world.preliminary()
+    stat = world.ready_study(
+        patient_class="E", body_area="HEAD", performed_ago=timedelta(minutes=5)
+    )
+    newer_routine = world.ready_study(performed_ago=timedelta(minutes=10))
+    with world.runtime.session() as s:
+        urgencies = {i: s.get(Study, i).urgency for i in (routine_preliminary, stat, newer_routine)}
+    assert urgencies[stat] > urgencies[routine_preliminary] > urgencies[newer_routine]
+    order = [world.next_case("okafor").study.id for _ in range(3)]  # type: ignore[union-attr]
+    assert order == [stat, routine_preliminary, newer_routine]
+
+
+def test_a_consultant_claims_a_preliminary_study_through_the_api_and_signs_it_final(
+    world: World, client
+) -> None:  # type: ignore[no-untyped-def]
+    study_id = world.preliminary()
+    with world.runtime.session() as s:
+        token = make_token(s, user=world.user(s, "okafor"), now=world.clock.now())
+        trainee = make_token(s, user=world.user(s, "chen"), now=world.clock.now())
+    auth = {"Authorization": f"Bearer {token}"}
+    refused = client.post(
+        f"/api/v1/studies/{study_id}/claim", headers={"Authorization": f"Bearer {trainee}"}
+    )
+    assert refused.status_code == 403
+    claimed = client.post(f"/api/v1/studies/{study_id}/claim", headers=auth)
+    assert claimed.status_code == 200, claimed.get_json()
+    assert (
+        claimed.get_json()["assignment"]["explanation"]["verification"]["preliminary_by"] == "lee"
+    )
+    assert client.post(f"/api/v1/studies/{study_id}/renew", headers=auth).status_code == 200
+    signed = client.post(
+        f"/api/v1/studies/{study_id}/report/sign", headers=auth, json={"status": "final"}
+    )
+    assert signed.status_code in (200, 201), signed.get_json()
+    assert world.study(study_id).status == "final"

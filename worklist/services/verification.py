@@ -1,0 +1,237 @@
+"""Verification: a consultant claims a trainee's preliminary report and signs the final.
+
+After a preliminary report is signed (e.g. by a trainee or an out-of-hours
+reporter) the study's status is `preliminary`, its claim is released, and it
+waits in the verification pool: preliminary, unclaimed studies, in the same
+order as the ready pool (urgency, then newest id; `ix_study_verification_pool`).
+Only a radiologist with `can_finalise` is offered one, and only under the same
+eligibility rules as any study (agreement for the trust, credential, on duty,
+capacity): `worklist.services.worklist.next_case` asks `claim_if_more_urgent`
+before claiming a ready study, and `claim_study` hands a preliminary study to
+`claim_for_verification`. The claim is an ordinary lease (renewed, expired and
+released by the worklist service); signing the final report
+(`worklist.services.reports.sign_report`) records the consultant as verifier,
+keeps the trainee as author (OBR-32 consultant, OBR-33 trainee), queues the
+ORU with OBR-25 F and ends the claim.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from worklist.db.models import Assignment, Report, ReportVersion, Study, Trust, User
+from worklist.domain.eligibility import LONDON, Eligibility, Radiologist, may_report
+from worklist.domain.priority import tier_from_urgency
+from worklist.domain.study import StudyStatus
+from worklist.errors import Conflict, Forbidden
+from worklist.services import audit
+from worklist.services import worklist as worklist_service
+
+logger = logging.getLogger(__name__)
+
+PRELIMINARY = StudyStatus.PRELIMINARY.value
+# A literal, so that the planner can match ix_study_verification_pool's predicate.
+_PRELIMINARY_LITERAL: sa.BindParameter[str] = sa.bindparam(
+    "preliminary_status", PRELIMINARY, literal_execute=True
+)
+
+
+def verification_pool_query(radiologist: Radiologist, now: datetime) -> sa.Select[Study]:
+    """Preliminary, unclaimed studies of trusts and credentials the consultant holds,
+    most urgent first (the agreement and credential rules in SQL, as for the ready pool)."""
+    today = now.astimezone(LONDON).date()
+    trusts = sorted({a.trust_id for a in radiologist.agreements if a.in_force(today)} | {-1})
+    return (
+        sa.select(Study)
+        .where(
+            Study.status == _PRELIMINARY_LITERAL,
+            Study.claimed_by_id.is_(None),
+            Study.trust_id.in_(trusts),
+            worklist_service._credential_clause(radiologist.credentials),
+        )
+        .order_by(*worklist_service.WORKLIST_ORDER)
+    )
+
+
+def verification_pool(
+    session: Session, *, user: User, now: datetime, limit: int = 50
+) -> list[Study]:
+    """The preliminary reports `user` may verify, in order (empty for a trainee)."""
+    if not user.can_finalise:
+        return []
+    radiologist = worklist_service.radiologist_facts(session, user=user, now=now)
+    return list(session.scalars(verification_pool_query(radiologist, now).limit(limit)))
+
+
+def _eligibility(
+    session: Session, *, study: Study, user: User, radiologist: Radiologist, now: datetime
+) -> Eligibility:
+    code = session.scalar(sa.select(Trust.code).where(Trust.id == study.trust_id))
+    facts = worklist_service.study_to_read(study, user=user, trust_code=code)
+    return may_report(radiologist, facts, now)
+
+
+def _claim(
+    session: Session, *, study_id: int, user_id: int, now: datetime, lease: timedelta
+) -> Study | None:
+    """The one claim statement: succeeds only if the study is still preliminary and free."""
+    return session.scalars(
+        sa.update(Study)
+        .where(Study.id == study_id, Study.status == PRELIMINARY, Study.claimed_by_id.is_(None))
+        .values(claimed_by_id=user_id, claimed_at=now, claim_expires_at=now + lease, updated_at=now)
+        .returning(Study),
+        execution_options={"synchronize_session": False, "populate_existing": True},
+    ).one_or_none()
+
+
+def _unclaim(session: Session, *, study: Study, user_id: int) -> None:
+    session.execute(
+        sa.update(Study)
+        .where(Study.id == study.id, Study.claimed_by_id == user_id)
+        .values(claimed_by_id=None, claimed_at=None, claim_expires_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    session.refresh(study)
+
+
+def _preliminary_version(session: Session, study: Study) -> ReportVersion | None:
+    return session.scalar(
+        sa.select(ReportVersion)
+        .join(Report, Report.id == ReportVersion.report_id)
+        .where(Report.study_id == study.id, ReportVersion.kind == PRELIMINARY)
+        .order_by(ReportVersion.sequence.desc())
+        .limit(1)
+    )
+
+
+def _record(
+    session: Session, *, study: Study, user: User, now: datetime, lease: timedelta, why: str,
+    extra: dict[str, Any] | None = None, remote_addr: str | None = None,
+) -> Assignment:  # fmt: skip
+    version = _preliminary_version(session, study)
+    author = session.get(User, version.author_id) if version is not None else None
+    explanation: dict[str, Any] = {
+        "why": why,
+        "priority": {
+            "accession_number": study.accession_number,
+            "tier": tier_from_urgency(study.urgency),
+            "class": study.priority_class,
+            "due_at": study.due_at.isoformat() if study.due_at else None,
+        },
+        "verification": {
+            "preliminary_by": author.username if author else None,
+            "preliminary_version": version.sequence if version else None,
+            "preliminary_signed_at": version.signed_at.isoformat() if version else None,
+        },
+        **(extra or {}),
+    }
+    row = Assignment(
+        study_id=study.id, user_id=user.id, kind="pull", started_at=now,
+        expires_at=now + lease, explanation=explanation,
+    )  # fmt: skip
+    session.add(row)
+    audit.record(
+        session, at=now, action="claim", user=user, object_type="study", object_id=study.id,
+        detail={"kind": "verify", "to": user.username, "accession_number": study.accession_number,
+                "why": why},
+        remote_addr=remote_addr,
+    )  # fmt: skip
+    session.flush()
+    return row
+
+
+def claim_if_more_urgent(
+    session: Session,
+    *,
+    ready_query: sa.Select[Study],
+    user: User,
+    radiologist: Radiologist,
+    now: datetime,
+    lease: timedelta,
+    remote_addr: str | None = None,
+) -> worklist_service.ClaimResult | None:
+    """Next case for a consultant: claim the most urgent preliminary study they may verify
+    when no ready study in `ready_query` (their ready pool) ranks above it; else None, and
+    next case claims from the ready pool as usual. A trainee always gets None."""
+    if not user.can_finalise:
+        return None
+    query = verification_pool_query(radiologist, now)
+    codes = {a.trust_id: a.trust_code or "" for a in radiologist.agreements}
+    passed: list[int] = []
+    while True:
+        candidates = query.where(Study.id.not_in(passed)) if passed else query
+        top = session.execute(
+            candidates.with_only_columns(Study.urgency, Study.id).limit(1)
+        ).first()
+        if top is None:
+            return None
+        urgency, study_id = top
+        ahead = ready_query.with_only_columns(Study.id).where(
+            sa.or_(Study.urgency > urgency, sa.and_(Study.urgency == urgency, Study.id > study_id))
+        )
+        if session.scalar(ahead.limit(1)) is not None:
+            return None  # a ready study ranks first
+        passed.append(study_id)
+        study = _claim(session, study_id=study_id, user_id=user.id, now=now, lease=lease)
+        if study is None:
+            continue  # another consultant took it meanwhile
+        facts = worklist_service.study_to_read(
+            study, user=user, trust_code=codes.get(study.trust_id)
+        )
+        if not may_report(radiologist, replace(facts, claimed_by_id=None), now):
+            _unclaim(session, study=study, user_id=user.id)  # e.g. over capacity
+            continue
+        why = "the most urgent preliminary report awaiting verification that you may verify"
+        assignment = _record(
+            session, study=study, user=user, now=now, lease=lease, why=why,
+            remote_addr=remote_addr,
+        )  # fmt: skip
+        logger.info("study %s claimed by %s for verification", study.id, user.username)
+        return worklist_service.ClaimResult(study, assignment, why)
+
+
+def claim_for_verification(
+    session: Session,
+    *,
+    study: Study,
+    user: User,
+    now: datetime,
+    lease: timedelta = worklist_service.DEFAULT_LEASE,
+    remote_addr: str | None = None,
+) -> Assignment:
+    """A consultant claims a chosen preliminary study to verify it (e.g. their trainee's).
+
+    No free-choice session is needed: verification is the consultant's own work on a
+    report already written. Every eligibility rule must say yes; claiming one's own
+    claim again renews the lease.
+    """
+    if study.status != PRELIMINARY:
+        raise Conflict(f"a study that is {study.status} has no preliminary report to verify")
+    if study.claimed_by_id == user.id:
+        worklist_service.renew_claim(session, study_id=study.id, user=user, now=now, lease=lease)
+        current = session.scalar(
+            sa.select(Assignment)
+            .where(Assignment.study_id == study.id, Assignment.ended_at.is_(None))
+            .order_by(Assignment.id.desc())
+            .limit(1)
+        )
+        if current is not None:
+            return current
+    if not user.can_finalise:
+        raise Forbidden("verifying a preliminary report needs the right to finalise")
+    radiologist = worklist_service.radiologist_facts(session, user=user, now=now)
+    verdict = _eligibility(session, study=study, user=user, radiologist=radiologist, now=now)
+    if not verdict:
+        raise Conflict(f"you may not verify this study: {verdict.explain()}")
+    if _claim(session, study_id=study.id, user_id=user.id, now=now, lease=lease) is None:
+        raise Conflict("the study was claimed by someone else or is no longer preliminary")
+    return _record(
+        session, study=study, user=user, now=now, lease=lease,
+        why="chosen for verification of its preliminary report", remote_addr=remote_addr,
+    )  # fmt: skip
