@@ -68,6 +68,8 @@ from worklist.services import worklist as service  # noqa: E402
 
 TRUSTS = ("RW6", "R0A", "RM3", "RMC", "RBV", "RRF", "RVY", "RWJ")
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+#: Name prefix of the temporary directory / database (WORKLIST_BENCH_PREFIX overrides).
+PREFIX = os.environ.get("WORKLIST_BENCH_PREFIX", "wl_bench_")
 NOW = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
 PROCEDURES = (  # code, name, modality, body area
     ("CHEAD", "CT Head", "CT", "HEAD"),
@@ -126,7 +128,7 @@ def summary_ms(values: list[float]) -> dict[str, float]:
 def fresh_database(kind: str) -> tuple[str, Any]:
     """A new empty database URL and a function that drops it."""
     if kind == "sqlite":
-        directory = Path(tempfile.mkdtemp(prefix="wl_bench_"))
+        directory = Path(tempfile.mkdtemp(prefix=PREFIX))
         path = directory / "bench.db"
 
         def drop() -> None:
@@ -136,7 +138,7 @@ def fresh_database(kind: str) -> tuple[str, Any]:
 
         return f"sqlite:///{path}", drop
     admin_url = os.environ.get("WORKLIST_BENCH_POSTGRES_URL", DEFAULT_PG)
-    name = f"wl_bench_{uuid.uuid4().hex[:8]}"
+    name = f"{PREFIX}{uuid.uuid4().hex[:8]}"
     admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as c:
         c.exec_driver_sql(f'CREATE DATABASE "{name}"')
