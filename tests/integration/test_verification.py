@@ -298,3 +298,20 @@ def test_a_consultant_claims_a_preliminary_study_through_the_api_and_signs_it_fi
     )
     assert signed.status_code in (200, 201), signed.get_json()
     assert world.study(study_id).status == "final"
+
+
+def test_preliminary_studies_age_like_ready_ones_so_verification_ranks_by_the_same_clock(
+    world: World,
+) -> None:
+    preliminary = world.preliminary(performed_ago=timedelta(hours=2))
+    twin = world.ready_study(performed_ago=timedelta(hours=2))
+    before = world.study(preliminary).urgency
+    world.clock.advance(timedelta(days=22))  # past an ageing step (P21D)
+    with world.runtime.session() as s:
+        wl.reprioritise(s, now=world.clock.now())  # the ready sweep: leaves preliminaries alone
+    assert world.study(preliminary).urgency == before
+    with world.runtime.session() as s:
+        assert verification.reprioritise_verification_pool(s, now=world.clock.now()) == 1
+    aged = world.study(preliminary).urgency
+    assert aged > before
+    assert aged == world.study(twin).urgency

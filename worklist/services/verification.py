@@ -80,10 +80,21 @@ def _eligibility(
 def _claim(
     session: Session, *, study_id: int, user_id: int, now: datetime, lease: timedelta
 ) -> Study | None:
-    """The one claim statement: succeeds only if the study is still preliminary and free."""
+    """The one claim statement: succeeds only if the study is still preliminary and free.
+
+    On PostgreSQL a row another consultant is claiming right now is skipped (SKIP LOCKED)
+    rather than waited for; SQLite serialises writers. The conditional WHERE is the
+    guarantee that a study is never claimed twice.
+    """
+    free = (
+        sa.select(Study.id)
+        .where(Study.id == study_id)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
     return session.scalars(
         sa.update(Study)
-        .where(Study.id == study_id, Study.status == PRELIMINARY, Study.claimed_by_id.is_(None))
+        .where(Study.id == free, Study.status == PRELIMINARY, Study.claimed_by_id.is_(None))
         .values(claimed_by_id=user_id, claimed_at=now, claim_expires_at=now + lease, updated_at=now)
         .returning(Study),
         execution_options={"synchronize_session": False, "populate_existing": True},
@@ -235,3 +246,29 @@ def claim_for_verification(
         session, study=study, user=user, now=now, lease=lease,
         why="chosen for verification of its preliminary report", remote_addr=remote_addr,
     )  # fmt: skip
+
+
+# --- keeping the verification pool's order current ---------------------------------------
+
+
+def preliminary_study_ids(session: Session) -> list[int]:
+    """Every preliminary study awaiting verification (claimed or not)."""
+    return list(session.scalars(sa.select(Study.id).where(Study.status == _PRELIMINARY_LITERAL)))
+
+
+def reprioritise_verification_pool(session: Session, *, now: datetime) -> int:
+    """Age the preliminary studies' urgency as the ready pool's is aged (the worklist
+    sweep covers ready studies only), so verification work ranks by the same clock."""
+    return worklist_service.reprioritise(session, now=now, study_ids=preliminary_study_ids(session))
+
+
+def reprioritise_verification_job(runtime: Any) -> None:
+    """Scheduler job (`worklist.services.verification:reprioritise_verification_job`)."""
+    rules = worklist_service.rules_for(runtime.settings)
+    with runtime.session() as session:
+        changed = worklist_service.reprioritise(
+            session, now=runtime.clock.now(), rules=rules,
+            study_ids=preliminary_study_ids(session),
+        )  # fmt: skip
+    if changed:
+        logger.info("reprioritised %d preliminary studies awaiting verification", changed)
