@@ -315,3 +315,28 @@ def test_preliminary_studies_age_like_ready_ones_so_verification_ranks_by_the_sa
     aged = world.study(preliminary).urgency
     assert aged > before
     assert aged == world.study(twin).urgency
+
+
+def test_saving_the_draft_while_verifying_renews_the_consultants_lease(world: World) -> None:
+    study_id = world.preliminary()
+    assert world.next_case("okafor").study is not None
+    world.clock.advance(timedelta(minutes=25))
+    with world.runtime.session() as s:
+        reports.save_draft(
+            s, study_id=study_id, user=world.user(s, "okafor"), now=world.clock.now(),
+            text="Small acute subdural haematoma.",
+        )  # fmt: skip
+    held = world.study(study_id)
+    assert held.claim_expires_at == world.clock.now() + wl.DEFAULT_LEASE
+    world.clock.advance(timedelta(minutes=10))
+    with world.runtime.session() as s:
+        assert wl.expire_claims(s, now=world.clock.now()) == 0
+    signed = world.sign("okafor", study_id, "final", "Small acute subdural haematoma.")
+    assert signed.version.kind == "final"
+
+
+def test_the_scheduler_runs_the_verification_pool_sweep(settings) -> None:  # type: ignore[no-untyped-def]
+    from worklist.jobs import scheduled_jobs
+
+    jobs = {job.name: job.run for job in scheduled_jobs(settings)}
+    assert jobs["reprioritise-verification"] is verification.reprioritise_verification_job

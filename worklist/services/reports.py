@@ -248,7 +248,8 @@ def save_draft(
     report.draft_text = text
     report.draft_author_id = user.id
     report.draft_saved_at = now
-    if study.claimed_by_id == user.id and study.status == StudyStatus.READY:
+    held = study.claimed_by_id == user.id  # a verification claim on a preliminary too
+    if held and study.status in (StudyStatus.READY, StudyStatus.PRELIMINARY):
         try:
             worklist_service.renew_claim(session, study_id=study.id, user=user, now=now)
         except Conflict:
