@@ -340,3 +340,13 @@ def test_the_scheduler_runs_the_verification_pool_sweep(settings) -> None:  # ty
 
     jobs = {job.name: job.run for job in scheduled_jobs(settings)}
     assert jobs["reprioritise-verification"] is verification.reprioritise_verification_job
+
+
+def test_the_consultants_worklist_shows_the_study_they_are_verifying_among_their_own(
+    world: World,
+) -> None:
+    study_id = world.preliminary()
+    assert world.next_case("okafor").study is not None
+    with world.runtime.session() as s:
+        page = wl.worklist(s, user=world.user(s, "okafor"), now=world.clock.now())
+        assert [m.id for m in page.mine] == [study_id]

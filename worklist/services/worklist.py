@@ -95,6 +95,8 @@ _STOPPED_CLAIM_REASONS = {
     StudyStatus.ON_HOLD.value: "held: the RIS put the order on hold",
 }
 _MAX_EXPLAINED_SKIPS = 10
+#: A claim is held on a ready study, or on a preliminary one being verified (services.verification).
+_HELD_STATUSES = frozenset({READY, StudyStatus.PRELIMINARY.value})
 #: Worklist order: most urgent first. Ties (same tier, same due second) are broken
 #: newest-id first so that PostgreSQL and SQLite read ix_study_ready_pool backwards.
 WORKLIST_ORDER = (Study.urgency.desc(), Study.id.desc())
@@ -486,7 +488,7 @@ def worklist(
             break
         chunk *= 2
     mine = sorted(
-        (s for s in session.scalars(_held_by(user.id)) if s.status == READY),
+        (s for s in session.scalars(_held_by(user.id)) if s.status in _HELD_STATUSES),
         key=lambda s: (-s.urgency, -s.id),
     )
     slot = current_session(radiologist.sessions, now)
