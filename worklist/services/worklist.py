@@ -272,8 +272,16 @@ def radiologist_facts(session: Session, *, user: User, now: datetime) -> Radiolo
         Credential.body_area, sa.null(), sa.null(), sa.null(), sa.null(),
     ).where(Credential.user_id == user.id)  # fmt: skip
     duty = sa.select(
-        sa.literal(2), DutySession.id, sa.null(), sa.null(), sa.null(), DutySession.location,
-        sa.null(), DutySession.starts_at, DutySession.ends_at, DutySession.capacity,
+        sa.literal(2),
+        DutySession.id,
+        sa.null(),
+        sa.null(),
+        sa.null(),
+        DutySession.location,
+        sa.null(),
+        DutySession.starts_at,
+        DutySession.ends_at,
+        DutySession.capacity,
         DutySession.free_choice,
     ).where(DutySession.user_id == user.id, DutySession.starts_at <= now, DutySession.ends_at > now)
     # The held studies as in `_held_by` (no status term: see there), filtered here.
@@ -823,9 +831,7 @@ def _claim_patient_studies(
     # PostgreSQL plans the subquery as the few index lookups, saving a round trip.
     people = same_person_patient_ids(anchor.patient_id)
     same_person = Study.patient_id.in_(
-        people
-        if session.get_bind().dialect.name == "postgresql"
-        else list(session.scalars(people))
+        people if session.get_bind().dialect.name == "postgresql" else list(session.scalars(people))
     )
     # The planner must reach these few rows through ix_study_patient_id, never walk the
     # ready studies: so no ORDER BY (they are sorted here), and the status and claim terms
