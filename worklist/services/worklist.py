@@ -95,7 +95,7 @@ _STOPPED_CLAIM_REASONS = {
     StudyStatus.ON_HOLD.value: "held: the RIS put the order on hold",
 }
 _MAX_EXPLAINED_SKIPS = 10
-#: A claim is held on a ready study, or on a preliminary one being verified (services.verification).
+#: Claims are held on ready studies, and on preliminary ones being verified.
 _HELD_STATUSES = frozenset({READY, StudyStatus.PRELIMINARY.value})
 #: Worklist order: most urgent first. Ties (same tier, same due second) are broken
 #: newest-id first so that PostgreSQL and SQLite read ix_study_ready_pool backwards.
