@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from tests.factories import make_token, make_trust, make_user
 from worklist.bootstrap import Runtime
-from worklist.db.models import AuditEvent, Study
+from worklist.db.models import AuditEvent, InboundMessage, Study
 from worklist.services import messages
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "hl7"
@@ -174,6 +174,41 @@ def test_one_bad_message_in_an_apply_batch_fails_alone_and_the_others_are_applie
         study = session.scalars(sa.select(Study)).one()
         assert study.status == "ready"
         assert study.priority_class is not None and study.due_at is not None
+        assert messages.count_pending(session) == 0
+
+
+def test_an_apply_worker_locks_only_its_own_trusts_so_a_second_worker_applies_meanwhile(
+    runtime: Runtime, admin_token: str, on_postgres: bool
+) -> None:
+    if not on_postgres:
+        pytest.skip("per-trust apply workers are PostgreSQL's (advisory locks)")
+    directory = messages.TrustDirectory(runtime.settings)
+    now = runtime.clock.now()
+    with runtime.session() as session:
+        messages.store_messages(
+            session,
+            [
+                messages.Arrival(fixture(name), "127.0.0.1:5000", now)
+                for name in ("orm-o01-v24-nw-ct-head.hl7", "orm-o01-v23-lf-escapes.hl7")
+            ],
+            directory=directory,
+            now=now,
+        )
+        trust_ids = set(session.scalars(sa.select(InboundMessage.trust_id)))
+    assert len({t % 2 for t in trust_ids}) == 2  # one trust in each partition
+
+    with runtime.session() as first:
+        # The first worker's transaction (and its trust locks) is still open ...
+        taken_first = messages.apply_pending(
+            first, directory=directory, now=now, partition=(0, 2)
+        )
+        with runtime.session() as second:
+            # ... and the second worker still gets its own trust's message.
+            taken_second = messages.apply_pending(
+                second, directory=directory, now=now, partition=(1, 2)
+            )
+    assert (taken_first, taken_second) == (1, 1)
+    with runtime.session() as session:
         assert messages.count_pending(session) == 0
 
 

@@ -741,15 +741,24 @@ def apply_pending(
     )  # fmt: skip
     if session.get_bind().dialect.name == "postgresql":
         index, count = partition
-        trust_query = sa.select(Trust.id).where(
+        mine = sa.select(Trust.id).where(
             sa.exists().where(
                 InboundMessage.trust_id == Trust.id, InboundMessage.state == RECEIVED
-            ),
-            sa.func.pg_try_advisory_xact_lock(APPLY_LOCK_CLASS, Trust.id),
+            )
         )
         if count > 1:
-            trust_query = trust_query.where(Trust.id % count == index)
-        trust_ids = list(session.scalars(trust_query))
+            mine = mine.where(Trust.id % count == index)
+        # MATERIALIZED: the lock is tried only on this worker's trusts with work waiting.
+        # In one WHERE the planner may call it first, for every trust, and hold other
+        # workers' trusts to the end of this transaction (they then sit idle).
+        candidates = mine.cte("apply_candidates").prefix_with("MATERIALIZED")
+        trust_ids = list(
+            session.scalars(
+                sa.select(candidates.c.id).where(
+                    sa.func.pg_try_advisory_xact_lock(APPLY_LOCK_CLASS, candidates.c.id)
+                )
+            )
+        )
         if not trust_ids:
             return 0
         query = query.where(table.c.trust_id.in_(trust_ids)).with_for_update(skip_locked=True)
