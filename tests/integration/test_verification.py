@@ -275,7 +275,7 @@ def test_next_case_ranks_preliminary_and_ready_studies_by_one_urgency(world: Wor
     assert order == [stat, routine_preliminary, newer_routine]
 
 
-def test_a_consultant_claims_a_preliminary_study_through_the_api_and_signs_it_final(
+def test_a_consultant_lists_claims_and_signs_a_preliminary_study_through_the_api(
     world: World, client
 ) -> None:  # type: ignore[no-untyped-def]
     study_id = world.preliminary()
@@ -283,10 +283,12 @@ def test_a_consultant_claims_a_preliminary_study_through_the_api_and_signs_it_fi
         token = make_token(s, user=world.user(s, "okafor"), now=world.clock.now())
         trainee = make_token(s, user=world.user(s, "chen"), now=world.clock.now())
     auth = {"Authorization": f"Bearer {token}"}
-    refused = client.post(
-        f"/api/v1/studies/{study_id}/claim", headers={"Authorization": f"Bearer {trainee}"}
-    )
+    trainee_auth = {"Authorization": f"Bearer {trainee}"}
+    refused = client.post(f"/api/v1/studies/{study_id}/claim", headers=trainee_auth)
     assert refused.status_code == 403
+    listed = client.get("/api/v1/verification", headers=auth).get_json()["studies"]
+    assert [s["id"] for s in listed] == [study_id]
+    assert client.get("/api/v1/verification", headers=trainee_auth).get_json()["studies"] == []
     claimed = client.post(f"/api/v1/studies/{study_id}/claim", headers=auth)
     assert claimed.status_code == 200, claimed.get_json()
     assert (

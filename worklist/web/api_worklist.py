@@ -17,7 +17,7 @@ from worklist.db.models import Assignment, Study, User
 from worklist.domain.eligibility import Eligibility
 from worklist.domain.priority import describe, tier_from_urgency
 from worklist.errors import InvalidInput, NotFound
-from worklist.services import accounts, audit
+from worklist.services import accounts, audit, verification
 from worklist.services import priors as priors_service
 from worklist.services import worklist as service
 from worklist.web.api import api_blueprint, page_args
@@ -159,6 +159,15 @@ def next_case():  # type: ignore[no-untyped-def]
         assignment=assignment_json(result.assignment),
         together=[entry_json(s) for s in result.together],
     )
+
+
+@blueprint.get("/verification")
+def get_verification_pool():  # type: ignore[no-untyped-def]
+    """Preliminary reports awaiting verification that the caller may verify, in the system's
+    order (empty for a radiologist without the right to finalise); next case offers them."""
+    limit, _ = page_args()
+    studies = verification.verification_pool(db(), user=current_user(), now=_now(), limit=limit)
+    return jsonify(studies=[entry_json(s) for s in studies])
 
 
 @blueprint.get("/studies/<int:study_id>")
