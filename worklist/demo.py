@@ -88,18 +88,20 @@ FAMILY = ("Smith", "Jones", "Taylor", "Brown", "Williams", "Wilson", "Johnson", 
           "Khan", "Ahmed", "Nowak", "Kowalski", "Okoro", "Lewis", "Clarke", "Begum")
 GIVEN = ("Oliver", "Amelia", "George", "Isla", "Harry", "Ava", "Noah", "Mia", "Jack", "Sofia",
          "Muhammad", "Grace", "Leo", "Freya", "Arthur", "Zainab", "Renée", "Seán", "Aoife", "Tomasz")
-CLINICAL = (
-    "Fall, head injury, on anticoagulants. ?bleed",
-    "Weight loss, iron deficiency anaemia. ?malignancy",
-    "Cough 6 weeks, smoker. 2WW suspected lung cancer",
-    "SOB, raised D-dimer. ?PE",
-    "Knee locking after twisting injury",
-    "Back pain with left leg radiculopathy",
-    "FOOSH, tender snuffbox",
-    "RUQ pain, deranged LFTs",
-    "Palpable breast lump, 2WW",
-    "Routine follow-up, known lymphoma",
-)
+# Clinical questions by body area, so that each request reads like a real one.
+CLINICAL = {
+    "NEURO": ("Fall, head injury, on anticoagulants. ?bleed", "Sudden severe headache. ?SAH",
+              "New left-sided weakness. ?stroke", "Progressive memory loss"),
+    "BODY": ("Weight loss, iron deficiency anaemia. ?malignancy", "RUQ pain, deranged LFTs",
+             "Routine follow-up, known lymphoma", "Staging, newly diagnosed colorectal cancer"),
+    "CHEST": ("Cough 6 weeks, smoker. 2WW suspected lung cancer", "SOB, raised D-dimer. ?PE",
+              "Fever and crackles right base. ?consolidation", "Pre-operative assessment"),
+    "MSK": ("Knee locking after twisting injury", "Back pain with left leg radiculopathy",
+            "FOOSH, tender snuffbox", "Hip pain, unable to weight bear. ?NOF fracture"),
+    "PAED": ("Wheeze and fever, 3 years old", "Persistent cough, ?inhaled foreign body"),
+    "BREAST": ("Palpable breast lump, 2WW", "Breast screening recall",
+               "Nipple discharge, 2WW"),
+}
 
 # How the demo's studies are spread over states (weights).
 STATUS_MIX = (
@@ -209,19 +211,26 @@ def _add_study(session: Session, rng: random.Random, patient: Patient, trusts_by
     code, name, modality, body_area, effort = rng.choice(PROCEDURES)
     status = _pick(rng, STATUS_MIX)
     assert isinstance(status, StudyStatus)
-    requested = now - timedelta(minutes=rng.randrange(30, 60 * 24 * 20))
-    performed = requested + timedelta(minutes=rng.randrange(20, 60 * 24 * 5))
-    if performed > now:
-        performed = now - timedelta(minutes=rng.randrange(5, 120))
+    priority, patient_class = _pick(rng, PRIORITY_MIX), _pick(rng, CLASS_MIX)
+    # How long ago the exam was done: a realistic queue has stat work from the last hours,
+    # inpatients from the last day or two, outpatients from the last weeks.
+    if priority == "S" or patient_class == "E":
+        waited = timedelta(minutes=rng.randrange(5, 180))
+    elif priority in {"A", "T"} or patient_class == "I":
+        waited = timedelta(minutes=rng.randrange(30, 60 * 48))
+    else:
+        waited = timedelta(minutes=rng.randrange(60, 60 * 24 * 24))
+    performed = now - waited
+    requested = performed - timedelta(minutes=rng.randrange(20, 60 * 24 * 5))
     trust = next(t for t in trusts_by_code.values() if t.id == patient.trust_id)
-    clinical = rng.choice(CLINICAL)
+    clinical = rng.choice(CLINICAL[body_area])
     pathway = "suspected_cancer" if "2WW" in clinical or "malignancy" in clinical else None
     study = Study(
         trust_id=trust.id, patient_id=patient.id,
         accession_number=f"{trust.code}{20260000 + n}",
         placer_order_number=f"PL{500000 + n}", filler_order_number=f"FL{800000 + n}",
         procedure_code=code, procedure_name=name, modality=modality, body_area=body_area,
-        order_priority=_pick(rng, PRIORITY_MIX), patient_class=_pick(rng, CLASS_MIX),
+        order_priority=priority, patient_class=patient_class,
         pathway=pathway, clinical_details=clinical, referrer="Dr A Referrer",
         referral_at=requested - timedelta(days=rng.randrange(1, 10)) if pathway else None,
         requested_at=requested, effort=effort, status=status.value, status_changed_at=now,
