@@ -1,4 +1,4 @@
-"""The gunicorn target: `gunicorn wsgi:app`. Builds the app only; starts no listener or scheduler."""
+"""The gunicorn target: `gunicorn wsgi:app`. Builds the app; starts no listener or scheduler."""
 
 from worklist import create_app
 

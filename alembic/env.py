@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
-from alembic import context
 
+from alembic import context
 from worklist.bootstrap import create_db_engine
 from worklist.config import Settings
 from worklist.db.models import Base

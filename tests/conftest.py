@@ -44,7 +44,9 @@ class DatabaseFactory:
             with admin.connect() as c:
                 c.exec_driver_sql(f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"')
             admin.dispose()
-            return sa.make_url(self.admin_url).set(database=name).render_as_string(hide_password=False)
+            return (
+                sa.make_url(self.admin_url).set(database=name).render_as_string(hide_password=False)
+            )
         assert self.workdir is not None
         path = self.workdir / f"{name}.db"
         shutil.copyfile(self.template, path)

@@ -52,8 +52,14 @@ def make_token(session: Session, *, user: User, now: datetime) -> str:
 
 
 def make_patient(
-    session: Session, *, trust: Trust, now: datetime, local_id: str | None = None,
-    nhs_number: str | None = None, family_name: str = "Test", given_name: str = "Patient",
+    session: Session,
+    *,
+    trust: Trust,
+    now: datetime,
+    local_id: str | None = None,
+    nhs_number: str | None = None,
+    family_name: str = "Test",
+    given_name: str = "Patient",
 ) -> Patient:
     nhs = normalise_nhs_number(nhs_number)
     valid = is_valid_nhs_number(nhs)
@@ -68,7 +74,9 @@ def make_patient(
         link_nhs_number=nhs if valid else None,
         updated_at=now,
     )
-    patient.identifiers = [PatientIdentifier(value=patient.local_id, authority=trust.code, type_code="MR")]
+    patient.identifiers = [
+        PatientIdentifier(value=patient.local_id, authority=trust.code, type_code="MR")
+    ]
     if nhs:
         patient.identifiers.append(PatientIdentifier(value=nhs, authority="NHS", type_code="NH"))
     session.add(patient)

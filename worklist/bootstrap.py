@@ -85,4 +85,6 @@ def build_runtime(settings: Settings, *, clock: Clock | None = None) -> Runtime:
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     engine = create_db_engine(url, pool_size=settings.db_pool_size)
     factory = sessionmaker(engine, expire_on_commit=False)
-    return Runtime(settings=settings, engine=engine, session_factory=factory, clock=clock or SystemClock())
+    return Runtime(
+        settings=settings, engine=engine, session_factory=factory, clock=clock or SystemClock()
+    )

@@ -50,18 +50,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("serve", help="web + HL7 listener + scheduler in one process (embedded default)")
+    p = sub.add_parser(
+        "serve", help="web + HL7 listener + scheduler in one process (embedded default)"
+    )
     p.add_argument("--host", default="127.0.0.1", help="web bind address (default 127.0.0.1)")
     p.add_argument("--port", type=_port, default=5000, help="web port (default 5000)")
     p.add_argument("--hl7-host", default=None, help="MLLP bind address (default WORKLIST_HL7_HOST)")
     p.add_argument("--hl7-port", type=_port, default=None, help="MLLP port (default 2575)")
-    p.add_argument("--demo", action="store_true", help="load the demo region if the database is empty")
+    p.add_argument(
+        "--demo", action="store_true", help="load the demo region if the database is empty"
+    )
     p.set_defaults(handler=cmd_serve)
 
     p = sub.add_parser("web", help="the web app under gunicorn (production)")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=_port, default=8000)
-    p.add_argument("--workers", type=int, default=None, help="gunicorn workers (default 2 x cores + 1)")
+    p.add_argument(
+        "--workers", type=int, default=None, help="gunicorn workers (default 2 x cores + 1)"
+    )
     p.set_defaults(handler=cmd_web)
 
     p = sub.add_parser("hl7-listen", help="the MLLP listener alone (production)")
@@ -74,8 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("db", help="database schema")
     dbsub = p.add_subparsers(dest="db_command", metavar="ACTION", required=True)
-    dbsub.add_parser("upgrade", help="apply migrations up to head").set_defaults(handler=cmd_db_upgrade)
-    dbsub.add_parser("current", help="show the applied revision").set_defaults(handler=cmd_db_current)
+    dbsub.add_parser("upgrade", help="apply migrations up to head").set_defaults(
+        handler=cmd_db_upgrade
+    )
+    dbsub.add_parser("current", help="show the applied revision").set_defaults(
+        handler=cmd_db_current
+    )
 
     p = sub.add_parser("demo", help="load the demo region (8 Greater Manchester trusts)")
     p.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
@@ -90,8 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sending-application", default=None, help="MSH-3 of the trust's RIS")
     t.add_argument("--ris-host", default=None, help="where ORU reports are sent")
     t.add_argument("--ris-port", type=_port, default=None)
-    t.add_argument("--ack-mode", choices=("original", "enhanced", "auto"), default="original",
-                   help="original AA/AE/AR, enhanced CA/CE/CR, or auto (as MSH-15/16 ask)")
+    t.add_argument(
+        "--ack-mode",
+        choices=("original", "enhanced", "auto"),
+        default="original",
+        help="original AA/AE/AR, enhanced CA/CE/CR, or auto (as MSH-15/16 ask)",
+    )
     t.set_defaults(handler=cmd_trust_add)
     tsub.add_parser("list", help="list trusts").set_defaults(handler=cmd_trust_list)
 
@@ -99,14 +113,28 @@ def build_parser() -> argparse.ArgumentParser:
     usub = p.add_subparsers(dest="user_command", metavar="ACTION", required=True)
     u = usub.add_parser("add", help="create an account")
     u.add_argument("username")
-    u.add_argument("--role", required=True, choices=("radiologist", "manager", "admin", "integration"))
+    u.add_argument(
+        "--role", required=True, choices=("radiologist", "manager", "admin", "integration")
+    )
     u.add_argument("--full-name", default=None)
     u.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
-    u.add_argument("--trust", action="append", default=[], metavar="CODE",
-                   help="a trust the radiologist may report for (repeatable)")
-    u.add_argument("--credential", action="append", default=[], metavar="MODALITY[:BODY_AREA]",
-                   help="a reporting credential, e.g. CT or MR:NEURO (repeatable)")
-    u.add_argument("--on-duty", action="store_true", help="add a duty session for the next 24 hours")
+    u.add_argument(
+        "--trust",
+        action="append",
+        default=[],
+        metavar="CODE",
+        help="a trust the radiologist may report for (repeatable)",
+    )
+    u.add_argument(
+        "--credential",
+        action="append",
+        default=[],
+        metavar="MODALITY[:BODY_AREA]",
+        help="a reporting credential, e.g. CT or MR:NEURO (repeatable)",
+    )
+    u.add_argument(
+        "--on-duty", action="store_true", help="add a duty session for the next 24 hours"
+    )
     u.add_argument("--trainee", action="store_true", help="may sign preliminary reports only")
     u.set_defaults(handler=cmd_user_add)
 
@@ -296,7 +324,15 @@ def cmd_web(args: argparse.Namespace, runtime: Runtime) -> int:
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    argv = [sys.executable, "-m", "gunicorn", "--config", str(root / "gunicorn.conf.py"), "--bind", f"{args.host}:{args.port}"]
+    argv = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--config",
+        str(root / "gunicorn.conf.py"),
+        "--bind",
+        f"{args.host}:{args.port}",
+    ]
     if args.workers:
         argv += ["--workers", str(args.workers)]
     argv.append("wsgi:app")
@@ -323,8 +359,11 @@ def cmd_serve(args: argparse.Namespace, runtime: Runtime) -> int:
     stop = _stop_on_signals()
     threads = [
         threading.Thread(
-            target=run_scheduler, args=(runtime, scheduled_jobs(runtime.settings)),
-            kwargs={"stop": stop}, name="scheduler", daemon=True,
+            target=run_scheduler,
+            args=(runtime, scheduled_jobs(runtime.settings)),
+            kwargs={"stop": stop},
+            name="scheduler",
+            daemon=True,
         )
     ]
     hl7_host = args.hl7_host or runtime.settings.hl7_host
@@ -337,8 +376,11 @@ def cmd_serve(args: argparse.Namespace, runtime: Runtime) -> int:
     else:
         threads.append(
             threading.Thread(
-                target=serve_hl7, args=(runtime, hl7_host, hl7_port),
-                kwargs={"stop": stop, "ready": listening}, name="hl7-listener", daemon=True,
+                target=serve_hl7,
+                args=(runtime, hl7_host, hl7_port),
+                kwargs={"stop": stop, "ready": listening},
+                name="hl7-listener",
+                daemon=True,
             )
         )
     app = create_app(runtime=runtime)
@@ -346,7 +388,8 @@ def cmd_serve(args: argparse.Namespace, runtime: Runtime) -> int:
     web = threading.Thread(target=server.serve_forever, name="web", daemon=True)
     for thread in [*threads, web]:
         thread.start()
-    print(f"worklist: web on http://{args.host}:{server.server_port}/ · HL7 MLLP on {hl7_host}:{hl7_port}")
+    web_url = f"http://{args.host}:{server.server_port}/"
+    print(f"worklist: web on {web_url} · HL7 MLLP on {hl7_host}:{hl7_port}")
     stop_ris = None
     if args.demo and listening.wait(timeout=30):
         # The trusts' RIS systems, played for real: they receive the ORUs and send a
@@ -355,7 +398,9 @@ def cmd_serve(args: argparse.Namespace, runtime: Runtime) -> int:
 
         _, stop_ris = start_simulation_thread(
             runtime,
-            SimulationOptions(orders=DEMO_ORDERS, rate=DEMO_ORDER_RATE, listener=(hl7_host, hl7_port)),
+            SimulationOptions(
+                orders=DEMO_ORDERS, rate=DEMO_ORDER_RATE, listener=(hl7_host, hl7_port)
+            ),
         )
     stop.wait()
     if stop_ris is not None:

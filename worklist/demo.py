@@ -21,6 +21,7 @@ from worklist.db.models import (
     Study,
     StudyStatusChange,
     Trust,
+    User,
 )
 from worklist.domain.nhs import is_valid_nhs_number
 from worklist.domain.study import StudyStatus
@@ -83,24 +84,82 @@ PROCEDURES = (
     ("MAMMB", "Mammography bilateral", "MG", "BREAST", 0.6),
     ("NBONE", "NM Bone scan", "NM", "BODY", 1.2),
 )
-FAMILY = ("Smith", "Jones", "Taylor", "Brown", "Williams", "Wilson", "Johnson", "Davies",
-          "Patel", "Robinson", "Wright", "Thompson", "Evans", "Walker", "O'Brien", "Hughes",
-          "Khan", "Ahmed", "Nowak", "Kowalski", "Okoro", "Lewis", "Clarke", "Begum")
-GIVEN = ("Oliver", "Amelia", "George", "Isla", "Harry", "Ava", "Noah", "Mia", "Jack", "Sofia",
-         "Muhammad", "Grace", "Leo", "Freya", "Arthur", "Zainab", "Renée", "Seán", "Aoife", "Tomasz")
+FAMILY = (
+    "Smith",
+    "Jones",
+    "Taylor",
+    "Brown",
+    "Williams",
+    "Wilson",
+    "Johnson",
+    "Davies",
+    "Patel",
+    "Robinson",
+    "Wright",
+    "Thompson",
+    "Evans",
+    "Walker",
+    "O'Brien",
+    "Hughes",
+    "Khan",
+    "Ahmed",
+    "Nowak",
+    "Kowalski",
+    "Okoro",
+    "Lewis",
+    "Clarke",
+    "Begum",
+)
+GIVEN = (
+    "Oliver",
+    "Amelia",
+    "George",
+    "Isla",
+    "Harry",
+    "Ava",
+    "Noah",
+    "Mia",
+    "Jack",
+    "Sofia",
+    "Muhammad",
+    "Grace",
+    "Leo",
+    "Freya",
+    "Arthur",
+    "Zainab",
+    "Renée",
+    "Seán",
+    "Aoife",
+    "Tomasz",
+)
 # Clinical questions by body area, so that each request reads like a real one.
 CLINICAL = {
-    "NEURO": ("Fall, head injury, on anticoagulants. ?bleed", "Sudden severe headache. ?SAH",
-              "New left-sided weakness. ?stroke", "Progressive memory loss"),
-    "BODY": ("Weight loss, iron deficiency anaemia. ?malignancy", "RUQ pain, deranged LFTs",
-             "Routine follow-up, known lymphoma", "Staging, newly diagnosed colorectal cancer"),
-    "CHEST": ("Cough 6 weeks, smoker. 2WW suspected lung cancer", "SOB, raised D-dimer. ?PE",
-              "Fever and crackles right base. ?consolidation", "Pre-operative assessment"),
-    "MSK": ("Knee locking after twisting injury", "Back pain with left leg radiculopathy",
-            "FOOSH, tender snuffbox", "Hip pain, unable to weight bear. ?NOF fracture"),
+    "NEURO": (
+        "Fall, head injury, on anticoagulants. ?bleed",
+        "Sudden severe headache. ?SAH",
+        "New left-sided weakness. ?stroke",
+        "Progressive memory loss",
+    ),
+    "BODY": (
+        "Weight loss, iron deficiency anaemia. ?malignancy",
+        "RUQ pain, deranged LFTs",
+        "Routine follow-up, known lymphoma",
+        "Staging, newly diagnosed colorectal cancer",
+    ),
+    "CHEST": (
+        "Cough 6 weeks, smoker. 2WW suspected lung cancer",
+        "SOB, raised D-dimer. ?PE",
+        "Fever and crackles right base. ?consolidation",
+        "Pre-operative assessment",
+    ),
+    "MSK": (
+        "Knee locking after twisting injury",
+        "Back pain with left leg radiculopathy",
+        "FOOSH, tender snuffbox",
+        "Hip pain, unable to weight bear. ?NOF fracture",
+    ),
     "PAED": ("Wheeze and fever, 3 years old", "Persistent cough, ?inhaled foreign body"),
-    "BREAST": ("Palpable breast lump, 2WW", "Breast screening recall",
-               "Nipple discharge, 2WW"),
+    "BREAST": ("Palpable breast lump, 2WW", "Breast screening recall", "Nipple discharge, 2WW"),
 }
 
 # How the demo's studies are spread over states (weights).
@@ -143,33 +202,62 @@ def load(session: Session, *, now: datetime, seed: int = 7, studies: int = 360) 
     for index, (code, name, application, facility) in enumerate(TRUSTS):
         trust_rows.append(
             trusts.add_trust(
-                session, code=code, name=name, sending_application=application,
-                sending_facility=facility, ris_host="127.0.0.1", ris_port=RIS_BASE_PORT + index,
+                session,
+                code=code,
+                name=name,
+                sending_application=application,
+                sending_facility=facility,
+                ris_host="127.0.0.1",
+                ris_port=RIS_BASE_PORT + index,
                 now=now,
             )
         )
     by_code = {t.code: t for t in trust_rows}
-    radiologists = []
+    radiologists: list[User] = []
     for r in RADIOLOGISTS:
         radiologists.append(
             accounts.add_user(
-                session, username=r.username, role="radiologist", full_name=r.full_name,
-                password=DEMO_PASSWORD, trust_codes=r.trusts,
+                session,
+                username=r.username,
+                role="radiologist",
+                full_name=r.full_name,
+                password=DEMO_PASSWORD,
+                trust_codes=r.trusts,
                 credentials=[accounts.CredentialSpec.parse(c) for c in r.credentials],
-                on_duty_hours=10, can_finalise=r.can_finalise, now=now,
+                on_duty_hours=10,
+                can_finalise=r.can_finalise,
+                now=now,
                 professional_id=f"{7000000 + len(radiologists) * 137:07d}",
             )
         )
-    accounts.add_user(session, username="manager", role="manager", full_name="Service Manager",
-                      password=DEMO_PASSWORD, now=now)
-    accounts.add_user(session, username="admin", role="admin", full_name="Administrator",
-                      password=DEMO_PASSWORD, now=now)
+    accounts.add_user(
+        session,
+        username="manager",
+        role="manager",
+        full_name="Service Manager",
+        password=DEMO_PASSWORD,
+        now=now,
+    )
+    accounts.add_user(
+        session,
+        username="admin",
+        role="admin",
+        full_name="Administrator",
+        password=DEMO_PASSWORD,
+        now=now,
+    )
 
-    # Patients: some have studies at several trusts (the regional link), a few an invalid NHS number.
+    # Patients: some have studies at several trusts (the regional link), a few an invalid
+    # NHS number.
     patients: list[Patient] = []
     people = [
-        (rng.choice(FAMILY), rng.choice(GIVEN), demo_nhs_number(rng, valid=rng.random() > 0.05),
-         date(1930, 1, 1) + timedelta(days=rng.randrange(30000)), rng.choice("MF"))
+        (
+            rng.choice(FAMILY),
+            rng.choice(GIVEN),
+            demo_nhs_number(rng, valid=rng.random() > 0.05),
+            date(1930, 1, 1) + timedelta(days=rng.randrange(30000)),
+            rng.choice("MF"),
+        )
         for _ in range(studies // 2)
     ]
     study_count = 0
@@ -181,10 +269,18 @@ def load(session: Session, *, now: datetime, seed: int = 7, studies: int = 360) 
             counter += 1
             valid = is_valid_nhs_number(nhs)
             patient = Patient(
-                trust_id=trust.id, local_id=f"{trust.code}{100000 + counter}", local_authority=trust.code,
-                family_name=family, given_name=given, birth_date=dob, sex=sex,
-                nhs_number=nhs, nhs_number_valid=valid, nhs_number_status="NSTS01" if valid else "NSTS02",
-                link_nhs_number=nhs if valid else None, updated_at=now,
+                trust_id=trust.id,
+                local_id=f"{trust.code}{100000 + counter}",
+                local_authority=trust.code,
+                family_name=family,
+                given_name=given,
+                birth_date=dob,
+                sex=sex,
+                nhs_number=nhs,
+                nhs_number_valid=valid,
+                nhs_number_status="NSTS01" if valid else "NSTS02",
+                link_nhs_number=nhs if valid else None,
+                updated_at=now,
             )
             patient.identifiers = [
                 PatientIdentifier(value=nhs, authority="NHS", type_code="NH"),
@@ -206,8 +302,15 @@ def load(session: Session, *, now: datetime, seed: int = 7, studies: int = 360) 
     )
 
 
-def _add_study(session: Session, rng: random.Random, patient: Patient, trusts_by_code: dict[str, Trust],
-               radiologists: list, now: datetime, n: int) -> None:  # type: ignore[type-arg]
+def _add_study(
+    session: Session,
+    rng: random.Random,
+    patient: Patient,
+    trusts_by_code: dict[str, Trust],
+    radiologists: list[User],
+    now: datetime,
+    n: int,
+) -> None:
     code, name, modality, body_area, effort = rng.choice(PROCEDURES)
     status = _pick(rng, STATUS_MIX)
     assert isinstance(status, StudyStatus)
@@ -226,15 +329,27 @@ def _add_study(session: Session, rng: random.Random, patient: Patient, trusts_by
     clinical = rng.choice(CLINICAL[body_area])
     pathway = "suspected_cancer" if "2WW" in clinical or "malignancy" in clinical else None
     study = Study(
-        trust_id=trust.id, patient_id=patient.id,
+        trust_id=trust.id,
+        patient_id=patient.id,
         accession_number=f"{trust.code}{20260000 + n}",
-        placer_order_number=f"PL{500000 + n}", filler_order_number=f"FL{800000 + n}",
-        procedure_code=code, procedure_name=name, modality=modality, body_area=body_area,
-        order_priority=priority, patient_class=patient_class,
-        pathway=pathway, clinical_details=clinical, referrer="Dr A Referrer",
+        placer_order_number=f"PL{500000 + n}",
+        filler_order_number=f"FL{800000 + n}",
+        procedure_code=code,
+        procedure_name=name,
+        modality=modality,
+        body_area=body_area,
+        order_priority=priority,
+        patient_class=patient_class,
+        pathway=pathway,
+        clinical_details=clinical,
+        referrer="Dr A Referrer",
         referral_at=requested - timedelta(days=rng.randrange(1, 10)) if pathway else None,
-        requested_at=requested, effort=effort, status=status.value, status_changed_at=now,
-        created_at=requested, updated_at=now,
+        requested_at=requested,
+        effort=effort,
+        status=status.value,
+        status_changed_at=now,
+        created_at=requested,
+        updated_at=now,
     )
     if status not in {StudyStatus.SCHEDULED, StudyStatus.CANCELLED}:
         study.performed_at = performed
@@ -244,15 +359,26 @@ def _add_study(session: Session, rng: random.Random, patient: Patient, trusts_by
         study.status_before_hold = StudyStatus.SCHEDULED.value
     session.add(study)
     session.flush()
-    session.add(StudyStatusChange(study_id=study.id, from_status=None, to_status=status.value,
-                                  at=now, reason="demo data", source="system"))
+    session.add(
+        StudyStatusChange(
+            study_id=study.id,
+            from_status=None,
+            to_status=status.value,
+            at=now,
+            reason="demo data",
+            source="system",
+        )
+    )
     if status in {StudyStatus.PRELIMINARY, StudyStatus.FINAL}:
         author = rng.choice(radiologists)
         report = Report(study_id=study.id, draft_text="", status=status.value)
         signed = min(now, performed + timedelta(hours=rng.randrange(1, 48)))
         report.versions = [
             ReportVersion(
-                sequence=1, kind=status.value, author_id=author.id, signed_at=signed,
+                sequence=1,
+                kind=status.value,
+                author_id=author.id,
+                signed_at=signed,
                 text=f"{name}.\n\nFindings: no acute abnormality.\n\nImpression: normal study.",
             )
         ]

@@ -16,13 +16,21 @@ logger = logging.getLogger(__name__)
 
 # (job name, "module:function" taking the runtime, interval setting name)
 JOB_TABLE = (
-    ("reprioritise", "worklist.services.worklist:reprioritise_job", "reprioritise_interval_seconds"),
+    (
+        "reprioritise",
+        "worklist.services.worklist:reprioritise_job",
+        "reprioritise_interval_seconds",
+    ),
     (
         "reprioritise-verification",
         "worklist.services.verification:reprioritise_verification_job",
         "reprioritise_interval_seconds",
     ),
-    ("expire-claims", "worklist.services.worklist:expire_claims_job", "expire_claims_interval_seconds"),
+    (
+        "expire-claims",
+        "worklist.services.worklist:expire_claims_job",
+        "expire_claims_interval_seconds",
+    ),
     ("auto-assign", "worklist.services.worklist:auto_assign_job", "auto_assign_interval_seconds"),
     ("deliver-outbox", "worklist.services.delivery:deliver_job", "deliver_interval_seconds"),
 )
@@ -39,4 +47,3 @@ def scheduled_jobs(settings: Settings) -> list[Job]:
             continue
         jobs.append(Job(name=name, run=function, every_seconds=float(getattr(settings, interval))))
     return jobs
-

@@ -50,7 +50,9 @@ class LeaderLock:
     def release(self) -> None:
         if self._connection is not None:
             try:
-                self._connection.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": ADVISORY_KEY})
+                self._connection.execute(
+                    sa.text("SELECT pg_advisory_unlock(:k)"), {"k": ADVISORY_KEY}
+                )
                 self._connection.commit()
             finally:
                 self._connection.close()
@@ -126,8 +128,12 @@ def run_scheduler(
                 scheduler = BackgroundScheduler(timezone="UTC")
                 for job in jobs:
                     scheduler.add_job(
-                        _guarded(job, runtime), "interval", seconds=job.every_seconds,
-                        id=job.name, max_instances=1, coalesce=True,
+                        _guarded(job, runtime),
+                        "interval",
+                        seconds=job.every_seconds,
+                        id=job.name,
+                        max_instances=1,
+                        coalesce=True,
                     )
                 scheduler.start()
                 if on_leading:

@@ -1,4 +1,5 @@
-"""The README's promise: `worklist serve --demo` gives a populated worklist; gunicorn serves wsgi:app."""
+"""The README's promise: `worklist serve --demo` gives a populated worklist; gunicorn
+serves wsgi:app."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ def _free_port() -> int:
 
 
 def _get(url: str, token: str | None = None) -> tuple[int, dict]:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    request = urllib.request.Request(
+        url, headers={"Authorization": f"Bearer {token}"} if token else {}
+    )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, json.loads(response.read())
@@ -46,26 +49,43 @@ def _wait_for(url: str, deadline: float, process: subprocess.Popen) -> None:
 
 @pytest.fixture
 def env(database_url, tmp_path):  # type: ignore[no-untyped-def]
-    return {**os.environ, "WORKLIST_DATABASE_URL": database_url, "WORKLIST_INSTANCE_PATH": str(tmp_path)}
+    return {
+        **os.environ,
+        "WORKLIST_DATABASE_URL": database_url,
+        "WORKLIST_INSTANCE_PATH": str(tmp_path),
+    }
 
 
 def test_serve_with_demo_data_shows_a_populated_regional_worklist(env) -> None:
     port, hl7_port = _free_port(), _free_port()
     process = subprocess.Popen(
         [WORKLIST, "serve", "--demo", "--port", str(port), "--hl7-port", str(hl7_port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         _wait_for(f"http://127.0.0.1:{port}/healthz", time.monotonic() + 60, process)
         assert _get(f"http://127.0.0.1:{port}/readyz")[0] == 200
-        token = subprocess.run([WORKLIST, "token", "create", "manager"], env=env, capture_output=True,
-                               text=True, timeout=60).stdout.strip()
+        token = subprocess.run(
+            [WORKLIST, "token", "create", "manager"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.strip()
         status, body = _get(f"http://127.0.0.1:{port}/api/v1/studies?status=ready&limit=5", token)
         assert status == 200
         assert body["total"] > 100 and len(body["studies"]) == 5
         # The simulated RIS systems send orders over MLLP, and the listener applies them.
-        admin = subprocess.run([WORKLIST, "token", "create", "admin"], env=env, capture_output=True,
-                               text=True, timeout=60).stdout.strip()
+        admin = subprocess.run(
+            [WORKLIST, "token", "create", "admin"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.strip()
         deadline, applied = time.monotonic() + 30, []
         while time.monotonic() < deadline and not applied:
             time.sleep(1)
@@ -80,11 +100,17 @@ def test_serve_with_demo_data_shows_a_populated_regional_worklist(env) -> None:
 
 
 def test_the_web_app_runs_under_gunicorn(env) -> None:
-    subprocess.run([WORKLIST, "db", "upgrade"], env=env, check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [WORKLIST, "db", "upgrade"], env=env, check=True, capture_output=True, timeout=60
+    )
     port = _free_port()
     process = subprocess.Popen(
         [WORKLIST, "web", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
     )
     try:
         _wait_for(f"http://127.0.0.1:{port}/healthz", time.monotonic() + 60, process)

@@ -27,13 +27,18 @@ def test_an_unknown_token_gets_401(client) -> None:
 def test_a_valid_token_identifies_its_user_and_role(runtime, client, clock) -> None:
     with runtime.session() as session:
         make_trust(session, now=clock.now(), code="RMC")
-        user = make_user(session, now=clock.now(), username="asingh", trusts=("RMC",), credentials=("CT",))
+        user = make_user(
+            session, now=clock.now(), username="asingh", trusts=("RMC",), credentials=("CT",)
+        )
         token = make_token(session, user=user, now=clock.now())
     response = client.get("/api/v1/me", headers=_auth(token))
     assert response.status_code == 200
     assert response.json == {
-        "username": "asingh", "full_name": None, "role": "radiologist",
-        "trusts": ["RMC"], "credentials": ["CT"],
+        "username": "asingh",
+        "full_name": None,
+        "role": "radiologist",
+        "trusts": ["RMC"],
+        "credentials": ["CT"],
     }
 
 
@@ -59,7 +64,9 @@ def test_a_revoked_token_stops_working(runtime, client, clock) -> None:
 def test_a_radiologist_may_not_add_a_trust_but_an_admin_may(runtime, client, clock) -> None:
     with runtime.session() as session:
         radiologist = make_token(session, user=make_user(session, now=clock.now()), now=clock.now())
-        admin = make_token(session, user=make_user(session, now=clock.now(), role="admin"), now=clock.now())
+        admin = make_token(
+            session, user=make_user(session, now=clock.now(), role="admin"), now=clock.now()
+        )
     body = {"code": "RWJ", "name": "Stockport", "sending_facility": "RWJ"}
     refused = client.post("/api/v1/trusts", json=body, headers=_auth(radiologist))
     assert refused.status_code == 403 and "admin" in refused.json["message"]
@@ -69,15 +76,28 @@ def test_a_radiologist_may_not_add_a_trust_but_an_admin_may(runtime, client, clo
     assert again.status_code == 409 and "already exists" in again.json["message"]
     bad = client.post("/api/v1/trusts", json={"code": "RWJ"}, headers=_auth(admin))
     assert bad.status_code == 400 and "name" in bad.json["message"]
-    mode = client.post("/api/v1/trusts", headers=_auth(admin), json={
-        "code": "RMP", "name": "Tameside", "sending_facility": "RMP", "ack_mode": "sometimes"})
+    mode = client.post(
+        "/api/v1/trusts",
+        headers=_auth(admin),
+        json={
+            "code": "RMP",
+            "name": "Tameside",
+            "sending_facility": "RMP",
+            "ack_mode": "sometimes",
+        },
+    )
     assert mode.status_code == 400 and "ack mode must be one of" in mode.json["message"]
-    auto = client.post("/api/v1/trusts", headers=_auth(admin), json={
-        "code": "RMP", "name": "Tameside", "sending_facility": "RMP", "ack_mode": "auto"})
+    auto = client.post(
+        "/api/v1/trusts",
+        headers=_auth(admin),
+        json={"code": "RMP", "name": "Tameside", "sending_facility": "RMP", "ack_mode": "auto"},
+    )
     assert auto.status_code == 201 and auto.json["ack_mode"] == "auto"
 
 
-def test_a_radiologist_sees_only_studies_of_trusts_they_may_report_for(runtime, client, clock) -> None:
+def test_a_radiologist_sees_only_studies_of_trusts_they_may_report_for(
+    runtime, client, clock
+) -> None:
     with runtime.session() as session:
         bolton = make_trust(session, now=clock.now(), code="RMC")
         christie = make_trust(session, now=clock.now(), code="RBV")
@@ -85,7 +105,9 @@ def test_a_radiologist_sees_only_studies_of_trusts_they_may_report_for(runtime, 
         make_study(session, trust=christie, now=clock.now(), accession_number="C1")
         user = make_user(session, now=clock.now(), trusts=("RMC",))
         token = make_token(session, user=user, now=clock.now())
-        manager = make_token(session, user=make_user(session, now=clock.now(), role="manager"), now=clock.now())
+        manager = make_token(
+            session, user=make_user(session, now=clock.now(), role="manager"), now=clock.now()
+        )
     mine = client.get("/api/v1/studies", headers=_auth(token)).json
     assert [s["accession_number"] for s in mine["studies"]] == ["B1"]
     everything = client.get("/api/v1/studies", headers=_auth(manager)).json

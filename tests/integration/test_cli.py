@@ -14,7 +14,11 @@ WORKLIST = str(Path(sys.executable).with_name("worklist"))
 
 @pytest.fixture
 def run(database_url, tmp_path):  # type: ignore[no-untyped-def]
-    env = {**os.environ, "WORKLIST_DATABASE_URL": database_url, "WORKLIST_INSTANCE_PATH": str(tmp_path)}
+    env = {
+        **os.environ,
+        "WORKLIST_DATABASE_URL": database_url,
+        "WORKLIST_INSTANCE_PATH": str(tmp_path),
+    }
 
     def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -25,27 +29,69 @@ def run(database_url, tmp_path):  # type: ignore[no-untyped-def]
 
 
 def test_an_operator_adds_a_trust_a_radiologist_and_a_token_then_uses_the_api(run, app) -> None:
-    added = run("trust", "add", "--code", "RW6", "--name", "Pennine Acute", "--sending-facility", "RW6",
-                "--sending-application", "CRIS", "--ris-host", "10.1.2.3", "--ris-port", "6661")
+    added = run(
+        "trust",
+        "add",
+        "--code",
+        "RW6",
+        "--name",
+        "Pennine Acute",
+        "--sending-facility",
+        "RW6",
+        "--sending-application",
+        "CRIS",
+        "--ris-host",
+        "10.1.2.3",
+        "--ris-port",
+        "6661",
+    )
     assert added.returncode == 0, added.stderr
     assert "added trust RW6" in added.stdout
     listed = run("trust", "list")
-    assert "RW6" in listed.stdout and "CRIS/RW6" in listed.stdout and "10.1.2.3:6661" in listed.stdout
+    assert (
+        "RW6" in listed.stdout and "CRIS/RW6" in listed.stdout and "10.1.2.3:6661" in listed.stdout
+    )
 
-    user = run("user", "add", "asingh", "--role", "radiologist", "--password-stdin", "--trust", "RW6",
-               "--credential", "CT", "--credential", "MR:NEURO", "--on-duty", stdin="correct horse\n")
+    user = run(
+        "user",
+        "add",
+        "asingh",
+        "--role",
+        "radiologist",
+        "--password-stdin",
+        "--trust",
+        "RW6",
+        "--credential",
+        "CT",
+        "--credential",
+        "MR:NEURO",
+        "--on-duty",
+        stdin="correct horse\n",
+    )
     assert user.returncode == 0, user.stderr
     token = run("token", "create", "asingh")
     assert token.returncode == 0 and token.stdout.startswith("wl_")
 
-    me = app.test_client().get("/api/v1/me", headers={"Authorization": f"Bearer {token.stdout.strip()}"})
+    me = app.test_client().get(
+        "/api/v1/me", headers={"Authorization": f"Bearer {token.stdout.strip()}"}
+    )
     assert me.status_code == 200
     assert me.json["trusts"] == ["RW6"] and me.json["credentials"] == ["CT", "MR:NEURO"]
 
 
 def test_every_command_has_help(run) -> None:
-    for command in (["serve"], ["web"], ["hl7-listen"], ["scheduler"], ["db", "upgrade"], ["demo"],
-                    ["trust", "add"], ["trust", "list"], ["user", "add"], ["token", "create"]):
+    for command in (
+        ["serve"],
+        ["web"],
+        ["hl7-listen"],
+        ["scheduler"],
+        ["db", "upgrade"],
+        ["demo"],
+        ["trust", "add"],
+        ["trust", "list"],
+        ["user", "add"],
+        ["token", "create"],
+    ):
         result = run(*command, "--help")
         assert result.returncode == 0, (command, result.stderr)
         assert "usage: worklist" in result.stdout

@@ -60,8 +60,11 @@ def test_two_schedulers_running_at_once_run_each_job_in_one_of_them_only(runtime
     stop = threading.Event()
     other = build_runtime(runtime.settings, clock=runtime.clock)
     threads = [
-        threading.Thread(target=run_scheduler, args=(rt, [make_job(node)]),
-                         kwargs={"stop": stop, "poll_seconds": 0.05})
+        threading.Thread(
+            target=run_scheduler,
+            args=(rt, [make_job(node)]),
+            kwargs={"stop": stop, "poll_seconds": 0.05},
+        )
         for rt, node in ((runtime, "a"), (other, "b"))
     ]
     for t in threads:

@@ -15,14 +15,18 @@ def test_the_same_accession_number_in_two_trusts_is_two_studies(runtime, clock) 
         make_study(session, trust=bolton, now=clock.now(), accession_number="A1000")
         make_study(session, trust=stockport, now=clock.now(), accession_number="A1000")
     with runtime.session() as session:
-        assert session.scalar(sa.select(sa.func.count()).where(Study.accession_number == "A1000")) == 2
+        assert (
+            session.scalar(sa.select(sa.func.count()).where(Study.accession_number == "A1000")) == 2
+        )
 
 
 def test_the_same_accession_number_twice_in_one_trust_is_refused_by_name(runtime, clock) -> None:
     with runtime.session() as session:
         trust = make_trust(session, now=clock.now(), code="RMC")
         make_study(session, trust=trust, now=clock.now(), accession_number="A1000")
-    with pytest.raises(sa.exc.IntegrityError, match="uq_study_trust_id|UNIQUE constraint failed: study"):
+    with pytest.raises(
+        sa.exc.IntegrityError, match="uq_study_trust_id|UNIQUE constraint failed: study"
+    ):
         with runtime.session() as session:
             trust = session.scalar(sa.select(sa.orm.aliased(type(trust))).limit(1))
             make_study(session, trust=trust, now=clock.now(), accession_number="A1000")
@@ -59,7 +63,9 @@ def test_the_database_refuses_a_link_through_an_invalid_nhs_number(runtime, cloc
     with pytest.raises(sa.exc.IntegrityError, match="link_only_valid_nhs_number|CHECK constraint"):
         with runtime.session() as session:
             session.execute(
-                sa.update(Patient).where(Patient.id == patient_id).values(link_nhs_number="9219068409")
+                sa.update(Patient)
+                .where(Patient.id == patient_id)
+                .values(link_nhs_number="9219068409")
             )
 
 

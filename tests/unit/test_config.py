@@ -41,4 +41,6 @@ def test_a_priority_rules_file_that_does_not_exist_is_refused_at_start_up(tmp_pa
         Settings.from_env({"WORKLIST_PRIORITY_RULES": str(tmp_path / "missing.json")})
     rules = tmp_path / "rules.json"
     rules.write_text("{}")
-    assert Settings.from_env({"WORKLIST_PRIORITY_RULES": str(rules)}).priority_rules_path == str(rules)
+    assert Settings.from_env({"WORKLIST_PRIORITY_RULES": str(rules)}).priority_rules_path == str(
+        rules
+    )

@@ -3,7 +3,9 @@ import pytest
 from worklist.domain.nhs import is_valid_nhs_number, normalise_nhs_number
 
 
-@pytest.mark.parametrize("number", ["9434765919", "4010232137", "9990500002", "943 476 5919", "943-476-5919"])
+@pytest.mark.parametrize(
+    "number", ["9434765919", "4010232137", "9990500002", "943 476 5919", "943-476-5919"]
+)
 def test_numbers_with_a_correct_modulus_11_check_digit_are_valid(number: str) -> None:
     assert is_valid_nhs_number(number)
 

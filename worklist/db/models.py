@@ -85,13 +85,11 @@ class Trust(Base):
     active: Mapped[bool] = mapped_column(default=True)
     created_at: Mapped[datetime]
 
-    __table_args__ = (
-        sa.UniqueConstraint("sending_application", "sending_facility"),
-    )
+    __table_args__ = (sa.UniqueConstraint("sending_application", "sending_facility"),)
 
 
 class Patient(Base):
-    """A patient as one trust knows them (local hospital number), linked regionally by NHS number."""
+    """A patient as one trust knows them (hospital number), linked regionally by NHS number."""
 
     __tablename__ = "patient"
 

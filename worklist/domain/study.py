@@ -34,7 +34,8 @@ _STOPPED = {StudyStatus.CANCELLED, StudyStatus.DISCONTINUED}
 # from -> the states it may move to. Same-state "moves" are always allowed (idempotency).
 TRANSITIONS: dict[StudyStatus, frozenset[StudyStatus]] = {
     StudyStatus.ORDERED: frozenset(
-        {StudyStatus.SCHEDULED, StudyStatus.IN_PROGRESS, StudyStatus.READY} | _STOPPED
+        {StudyStatus.SCHEDULED, StudyStatus.IN_PROGRESS, StudyStatus.READY}
+        | _STOPPED
         | {StudyStatus.ON_HOLD}
     ),
     StudyStatus.SCHEDULED: frozenset(

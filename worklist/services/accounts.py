@@ -32,7 +32,9 @@ class CredentialSpec:
         modality, _, body_area = text.partition(":")
         modality = modality.strip().upper()
         if not modality or not modality.isalnum():
-            raise InvalidInput(f"credential {text!r} is not MODALITY[:BODY_AREA], e.g. CT or MR:NEURO")
+            raise InvalidInput(
+                f"credential {text!r} is not MODALITY[:BODY_AREA], e.g. CT or MR:NEURO"
+            )
         return cls(modality=modality, body_area=body_area.strip().upper() or None)
 
 
@@ -69,7 +71,7 @@ def add_user(
     professional_id: str | None = None,
     can_finalise: bool = True,
 ) -> User:
-    """Create an account; radiologists get their trusts, credentials and an optional duty session."""
+    """Create an account; radiologists get trusts, credentials and an optional duty session."""
     if role not in ROLES:
         raise InvalidInput(f"role must be one of {', '.join(ROLES)}, not {role!r}")
     if not username or len(username) > 64:
@@ -77,7 +79,11 @@ def add_user(
     if session.scalar(sa.select(User.id).where(User.username == username)) is not None:
         raise Conflict(f"user {username!r} already exists")
     trusts = [trust_by_code(session, code) for code in trust_codes]
-    home = trust_by_code(session, home_trust_code) if home_trust_code else (trusts[0] if trusts else None)
+    home = (
+        trust_by_code(session, home_trust_code)
+        if home_trust_code
+        else (trusts[0] if trusts else None)
+    )
     user = User(
         username=username,
         full_name=full_name,
@@ -89,10 +95,14 @@ def add_user(
         created_at=now,
     )
     user.permissions = [ReportingPermission(trust_id=t.id) for t in trusts]
-    user.credentials = [Credential(modality=c.modality, body_area=c.body_area) for c in set(credentials)]
+    user.credentials = [
+        Credential(modality=c.modality, body_area=c.body_area) for c in set(credentials)
+    ]
     if on_duty_hours:
         user.duty_sessions = [
-            DutySession(starts_at=now, ends_at=now + timedelta(hours=on_duty_hours), location="hospital")
+            DutySession(
+                starts_at=now, ends_at=now + timedelta(hours=on_duty_hours), location="hospital"
+            )
         ]
     session.add(user)
     session.flush()
@@ -114,7 +124,9 @@ def create_token(session: Session, *, user: User, now: datetime, name: str | Non
 def authenticate_token(session: Session, *, token: str, now: datetime) -> User | None:
     """The active user behind a bearer token, or None for an unknown or revoked one."""
     row = session.scalar(
-        sa.select(ApiToken).where(ApiToken.token_hash == hash_token(token), ApiToken.revoked_at.is_(None))
+        sa.select(ApiToken).where(
+            ApiToken.token_hash == hash_token(token), ApiToken.revoked_at.is_(None)
+        )
     )
     if row is None or not row.user.active:
         return None
@@ -129,7 +141,9 @@ def revoke_token(session: Session, *, token: str, now: datetime) -> None:
     row.revoked_at = now
 
 
-def visible_trust_ids(session: Session, *, user: User, on: datetime | None = None) -> set[int] | None:
+def visible_trust_ids(
+    session: Session, *, user: User, on: datetime | None = None
+) -> set[int] | None:
     """The trusts whose studies `user` may see; None means every trust (managers, admins).
 
     A radiologist sees only trusts they hold a reporting agreement for (current on `on`).

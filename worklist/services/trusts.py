@@ -10,7 +10,6 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from hl7.ack import ACK_MODES  # original AA/AE/AR, enhanced CA/CE/CR, auto as MSH-15/16 ask
-
 from worklist.db.models import Trust
 from worklist.errors import Conflict, InvalidInput
 
@@ -55,7 +54,8 @@ def add_trust(
     )
     if clash is not None:
         raise Conflict(
-            f"sender {sending_application or ''}/{sending_facility} already belongs to trust {clash.code}"
+            f"sender {sending_application or ''}/{sending_facility} already belongs to"
+            f" trust {clash.code}"
         )
     trust = Trust(
         code=code,

@@ -115,4 +115,6 @@ def list_studies():  # type: ignore[no-untyped-def]
         query = query.join(Patient, Study.patient_id == Patient.id).where(Patient.nhs_number == nhs)
     total = session.scalar(sa.select(sa.func.count()).select_from(query.order_by(None).subquery()))
     studies = session.scalars(query.limit(limit).offset(offset)).unique().all()
-    return jsonify(total=total, limit=limit, offset=offset, studies=[study_json(s) for s in studies])
+    return jsonify(
+        total=total, limit=limit, offset=offset, studies=[study_json(s) for s in studies]
+    )

@@ -1,4 +1,4 @@
-"""HTML pages: sign-in and the read-only regional worklist (the full radiologist UI builds on it)."""
+"""HTML pages: sign-in and the read-only regional worklist (the radiologist UI builds on it)."""
 
 from __future__ import annotations
 
@@ -46,9 +46,14 @@ def login():  # type: ignore[no-untyped-def]
             session.permanent = True
             audit.record(db(), at=now, action="login", user=user, remote_addr=remote_addr())
             target = request.args.get("next", "")
-            return redirect(target if target.startswith("/") and not target.startswith("//") else "/")
+            return redirect(
+                target if target.startswith("/") and not target.startswith("//") else "/"
+            )
         audit.record(
-            db(), at=now, action="login_failed", detail={"username": username[:64]},
+            db(),
+            at=now,
+            action="login_failed",
+            detail={"username": username[:64]},
             remote_addr=remote_addr(),
         )
         db().commit()  # the 401 response would roll back; a failed sign-in must stay audited
@@ -78,8 +83,10 @@ def worklist_page():  # type: ignore[no-untyped-def]
         .options(joinedload(Study.trust), joinedload(Study.patient), joinedload(Study.claimed_by))
         .order_by(Study.urgency.desc(), Study.id)
     )
-    counts_query = sa.select(Trust.code, Study.status, sa.func.count()).join(Study.trust).group_by(
-        Trust.code, Study.status
+    counts_query = (
+        sa.select(Trust.code, Study.status, sa.func.count())
+        .join(Study.trust)
+        .group_by(Trust.code, Study.status)
     )
     if visible is not None:
         query = query.where(Study.trust_id.in_(visible))
@@ -94,7 +101,10 @@ def worklist_page():  # type: ignore[no-untyped-def]
         counts[(code, st)] = n
     trust_codes = sorted({code for code, _ in counts})
     audit.record(
-        session_, at=now, action="view_worklist", user=user,
+        session_,
+        at=now,
+        action="view_worklist",
+        user=user,
         detail={"status": status, "trust": trust_code, "rows": len(studies)},
         remote_addr=remote_addr(),
     )
