@@ -17,7 +17,14 @@ import sqlalchemy as sa
 from tests.factories import make_study, make_token, make_trust, make_user
 from worklist.bootstrap import Runtime
 from worklist.clock import FixedClock
-from worklist.db.models import Assignment, OutboundMessage, ReportVersion, Study, User
+from worklist.db.models import (
+    Assignment,
+    DutySession,
+    OutboundMessage,
+    ReportVersion,
+    Study,
+    User,
+)
 from worklist.errors import Conflict, Forbidden, NotFound
 from worklist.services import reports, verification
 from worklist.services import worklist as wl
@@ -57,6 +64,16 @@ class World:
             return wl.claim_study(
                 s, study_id=study_id, user=self.user(s, name), now=self.clock.now()
             )
+
+    def claim_by_manager(self, study_id: int, name: str) -> None:
+        with self.runtime.session() as s:
+            manager = s.scalars(sa.select(User).where(User.role == "manager")).first()
+            if manager is None:
+                manager = make_user(s, now=self.clock.now(), username="boss", role="manager")
+            wl.assign_study(
+                s, study_id=study_id, to_user=self.user(s, name), by=manager,
+                now=self.clock.now(),
+            )  # fmt: skip
 
     def sign(self, name: str, study_id: int, status: str, text: str) -> reports.Signed:
         with self.runtime.session() as s:
@@ -352,3 +369,24 @@ def test_the_consultants_worklist_shows_the_study_they_are_verifying_among_their
     with world.runtime.session() as s:
         page = wl.worklist(s, user=world.user(s, "okafor"), now=world.clock.now())
         assert [m.id for m in page.mine] == [study_id]
+
+
+def test_a_consultant_at_session_capacity_is_offered_only_stat_verification_work(
+    world: World,
+) -> None:
+    routine = world.preliminary()
+    stat = world.preliminary(
+        patient_class="E", body_area="HEAD", performed_ago=timedelta(minutes=5)
+    )
+    with world.runtime.session() as s:
+        s.execute(
+            sa.update(DutySession)
+            .where(DutySession.user_id == world.users["okafor"])
+            .values(capacity=1.0)
+        )
+    held = world.ready_study(performed_ago=timedelta(days=2))
+    world.claim_by_manager(held, "okafor")  # a routine CT (effort 1.5) fills the session
+    first = world.next_case("okafor")
+    assert first.study is not None and first.study.id == stat  # stat bypasses the cap
+    assert world.next_case("okafor").study is None
+    assert world.study(routine).claimed_by_id is None

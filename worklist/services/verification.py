@@ -26,8 +26,14 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from worklist.db.models import Assignment, Report, ReportVersion, Study, Trust, User
-from worklist.domain.eligibility import LONDON, Eligibility, Radiologist, may_report
-from worklist.domain.priority import tier_from_urgency
+from worklist.domain.eligibility import (
+    LONDON,
+    Eligibility,
+    Radiologist,
+    current_session,
+    may_report,
+)
+from worklist.domain.priority import tier_from_urgency, urgency_floor
 from worklist.domain.study import StudyStatus
 from worklist.errors import Conflict, Forbidden
 from worklist.services import audit
@@ -35,6 +41,9 @@ from worklist.services import worklist as worklist_service
 
 logger = logging.getLogger(__name__)
 
+#: Candidates next case tries (each taken by someone else meanwhile or refused) before it
+#: leaves the verification pool to the ready pool for this call.
+_MAX_TRIES = 20
 PRELIMINARY = StudyStatus.PRELIMINARY.value
 # A literal, so that the planner can match ix_study_verification_pool's predicate.
 _PRELIMINARY_LITERAL: sa.BindParameter[str] = sa.bindparam(
@@ -173,9 +182,12 @@ def claim_if_more_urgent(
     if not user.can_finalise:
         return None
     query = verification_pool_query(radiologist, now)
+    slot = current_session(radiologist.sessions, now)
+    if slot is not None and slot.capacity is not None and radiologist.session_load >= slot.capacity:
+        query = query.where(Study.urgency > urgency_floor(1))  # only stat work bypasses the cap
     codes = {a.trust_id: a.trust_code or "" for a in radiologist.agreements}
     passed: list[int] = []
-    while True:
+    while len(passed) < _MAX_TRIES:
         candidates = query.where(Study.id.not_in(passed)) if passed else query
         top = session.execute(
             candidates.with_only_columns(Study.urgency, Study.id).limit(1)
@@ -205,6 +217,7 @@ def claim_if_more_urgent(
         )  # fmt: skip
         logger.info("study %s claimed by %s for verification", study.id, user.username)
         return worklist_service.ClaimResult(study, assignment, why)
+    return None
 
 
 def claim_for_verification(
