@@ -347,6 +347,23 @@ def test_a_patients_unread_studies_stay_with_one_reader(session, clock, region):
     assert wl.next_case(session, user=other, now=clock.now()).study is stranger
 
 
+def test_the_same_persons_study_at_another_trust_stays_with_one_reader_too(
+    session, clock, region
+):
+    rw6, rm3 = region
+    reader = radiologist(session, clock, trusts=("RW6", "RM3"), credentials=("CT",))
+    here = make_patient(session, trust=rw6, now=clock.now(), nhs_number="9434765919")
+    there = make_patient(session, trust=rm3, now=clock.now(), nhs_number="9434765919")
+    alone = make_patient(session, trust=rw6, now=clock.now())
+    chest = ready(session, clock, rw6, patient=here, body_area="CHEST", order_priority="A")
+    abdomen = ready(session, clock, rm3, patient=there, body_area="ABDOMEN")
+    single = ready(session, clock, rw6, patient=alone, body_area="HEAD", order_priority="A")
+    first = wl.next_case(session, user=reader, now=clock.now())
+    second = wl.next_case(session, user=reader, now=clock.now())
+    by_study = {first.study: first.together, second.study: second.together}
+    assert by_study == {chest: [abdomen], single: []}
+
+
 def test_priors_come_from_every_trust_by_valid_nhs_number_newest_first_with_reports(
     session, clock, region
 ):

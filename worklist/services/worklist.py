@@ -36,7 +36,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, aliased, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
 from worklist.db.models import (
@@ -719,7 +719,9 @@ def next_case(
     skipped_ids: list[int] = []
     while True:
         candidates = query.where(Study.id.not_in(skipped_ids)) if skipped_ids else query
-        study = _claim_first(session, candidates, user_id=user.id, now=now, lease=lease)
+        study, maybe_together = _claim_first(
+            session, candidates, user_id=user.id, now=now, lease=lease
+        )
         if study is None:
             reason = "no eligible study is waiting"
             if over_capacity:
@@ -742,10 +744,20 @@ def next_case(
                 session, study=study, user=user, kind="pull", now=now, lease=lease, why=why,
                 extra={"skipped": skipped[:_MAX_EXPLAINED_SKIPS]}, remote_addr=remote_addr,
             )  # fmt: skip
-            together = _claim_patient_studies(
-                session, anchor=study, user=user, radiologist=radiologist, now=now,
-                lease=lease, kind="pull", codes=codes,
-            )  # fmt: skip
+            together = (
+                _claim_patient_studies(
+                    session,
+                    anchor=study,
+                    user=user,
+                    radiologist=radiologist,
+                    now=now,
+                    lease=lease,
+                    kind="pull",
+                    codes=codes,
+                )  # fmt: skip
+                if maybe_together
+                else []
+            )
             return ClaimResult(study, assignment, why, together)
         _undo_claim(session, study=study, user_id=user.id)
         skipped_ids.append(study.id)
@@ -761,14 +773,18 @@ def next_case(
 def _claim_first(
     session: Session, candidates: sa.Select[Study], *, user_id: int, now: datetime,
     lease: timedelta,
-) -> Study | None:  # fmt: skip
-    """Claim the first candidate in ONE statement; None when there is none.
+) -> tuple[Study | None, bool]:  # fmt: skip
+    """Claim the first candidate in ONE statement: (study or None, whether the patient
+    may have other unread studies to keep with this reader).
 
     UPDATE study SET claimed_by_id = :user ... WHERE id = (SELECT id ... ORDER BY urgency
     DESC, id DESC LIMIT 1 FOR UPDATE SKIP LOCKED) AND claimed_by_id IS NULL AND status =
     'ready' RETURNING study.*. PostgreSQL locks the chosen row and concurrent claimers skip
     it; SQLite ignores FOR UPDATE and serialises writers (BEGIN IMMEDIATE). Either way the
     conditional WHERE means a study is never claimed twice.
+    On PostgreSQL the RETURNING also says whether the same person has another ready,
+    unclaimed study, so that the usual claim (none) skips `_claim_patient_studies`'
+    round trip; SQLite (in-process, no round trip to save) always answers True.
     """
     first = (
         candidates.with_only_columns(Study.id)
@@ -784,9 +800,40 @@ def _claim_first(
         )  # fmt: skip
         .returning(Study)
     )
-    return session.scalars(
-        claim, execution_options={"synchronize_session": False, "populate_existing": True}
+    options = {"synchronize_session": False, "populate_existing": True}
+    if session.get_bind().dialect.name != "postgresql":
+        return session.scalars(claim, execution_options=options).one_or_none(), True
+    row = session.execute(
+        claim.returning(_others_waiting_for_same_person()), execution_options=options
     ).one_or_none()
+    return (None, False) if row is None else (row[0], bool(row[1]))
+
+
+def _others_waiting_for_same_person() -> sa.ColumnElement[bool]:
+    """For the claimed row: another ready, unclaimed study of this patient record or of a
+    record sharing its valid NHS number (as `same_person_patient_ids`), as two EXISTS
+    (index lookups on ix_study_patient_id and the link number)."""
+    other = aliased(Study)
+    linked = aliased(Patient)
+    this_patient = aliased(Patient)
+    waiting = sa.and_(
+        other.id != Study.id,
+        other.status == READY,
+        other.claimed_by_id.is_(None),
+    )
+    link = (
+        sa.select(this_patient.link_nhs_number)
+        .where(this_patient.id == Study.patient_id)
+        .correlate(Study)
+        .scalar_subquery()
+    )
+    same_record = sa.exists().where(other.patient_id == Study.patient_id, waiting).correlate(Study)
+    same_link = (
+        sa.exists()
+        .where(linked.link_nhs_number == link, other.patient_id == linked.id, waiting)
+        .correlate(Study)
+    )
+    return sa.or_(same_record, same_link).label("maybe_together")
 
 
 def _undo_claim(session: Session, *, study: Study, user_id: int) -> None:
