@@ -25,21 +25,49 @@ the runs, so figures move by a third from run to run; 3,000 ORM^O01 of ~1 KB):
   stays off the hot path (it is used in tests to read our ACKs back).
 * SQLite: floor (a) ~22,000/s, floor (b) 2,200-2,700/s; the listener acknowledged
   940-1,250/s (35-55 % of floor (b)), applied 175-220/s, p99 ACK 32-90 ms in the
-  burst and 42-46 ms at 200/s offered.
+  burst and 42-46 ms at 200/s offered (before the apply changes below).
 * PostgreSQL: floor (b) 1,160-1,750/s; the listener acknowledged 405-795/s (35-45 %),
-  applied 65-125/s (1-2 apply workers), p99 ACK 24-58 ms, 40-56 ms at 200/s offered.
+  applied 65-125/s (1-2 apply workers), p99 ACK 24-58 ms, 40-56 ms at 200/s offered
+  (before the apply changes below).
 * Choices: the raw message is committed before its ACK, many connections' frames in
   one transaction (group commit); parsing, checking and building the ACK happen in
   the event loop while the store thread waits on the database; applying is off the
-  ACK path (a thread on SQLite, 3 messages a transaction; niced child processes on
-  PostgreSQL, trusts shared between them by advisory lock so each trust's messages
-  stay in order). The applied rate is bound by `worklist.services.orders.apply_events`
-  (~3.7 ms a message on SQLite, ~6.5 ms on PostgreSQL: ~15 statements, a third of
-  the time in re-prioritising each study one message at a time).
+  ACK path (a thread on SQLite; a niced child process on PostgreSQL, trusts shared
+  between workers by advisory lock so each trust's messages stay in order).
+* Applying, 2026-11-23 (`worklist.services.messages.apply_pending`): each message in
+  its own savepoint (a bad one fails alone), the studies and patients of the batch read
+  ahead in one query each per trust (`orders.Lookups`), the batch's studies
+  re-prioritised once after its last message (`apply_events(reprioritise=False)`), the
+  messages' states written in one statement. PostgreSQL, the apply loop alone, 1,000
+  messages: ~13 statements and 8-10 ms a message before, 6.3 statements and 3.3-3.9 ms
+  (2.4 ms of it CPU in the ORM) after: ~260-300/s per worker. SQLite drains 25 messages a
+  transaction once no frame has arrived for 0.25 s (3 while frames arrive: p99 ACK).
+* Same client, both databases in one run each, 3,000 ORMs, load average 2-8 from other
+  work (figures move by a third or more from run to run):
+    before  SQLite ack 1,623/s = 61 % of floor (b) 2,678/s, applied 243/s;
+            PostgreSQL ack 468/s = 36 % of floor (b) 1,291/s, applied 104/s.
+    after   SQLite ack 1,006/s = 61 % of floor (b) 1,641/s, applied 154/s (other runs
+            after: 1,083-1,437/s = 45-58 %, applied 250-315/s);
+            PostgreSQL ack 694/s = 58 % of floor (b) 1,200/s, applied 236/s (other runs
+            after: 520-811/s = 46-60 %, applied 160-203/s).
+* More apply workers (WORKLIST_HL7_APPLY_WORKERS) on 2 cores: a worker used to take the
+  advisory lock of every trust with work waiting, not only its own (the lock call ran
+  before the partition filter), so a second worker mostly sat idle; fixed. Even so, 2
+  workers measured worse in the burst (ack 314/s = 23 % of floor (b), applied 150/s,
+  against 806/s and 173/s with one in the run after): they take the listener's CPU.
+  Draining alone, 2 workers ~205/s against ~166/s with one, 4 workers ~142/s. One stays
+  the default on 2 cores.
+* What bounds us now: the ACK path is CPU-bound in the listener process (~0.4 ms of
+  parsing, checking and ACK building a message in the event loop, ~0.5 ms of storing
+  per message in batches of 8: 8 senders each wait for their ACK); a second store
+  writer (two transactions in flight) measured no better. Applying is CPU-bound in
+  SQLAlchemy's unit of work (~2.4 ms a message); the 500/s target needs a Core-level
+  apply path or more cores.
 
     .venv/bin/python bench/ingest.py                      # both databases, 4000 messages
     .venv/bin/python bench/ingest.py --db sqlite --messages 2000
     WORKLIST_BENCH_POSTGRES_URL=postgresql+psycopg://postgres@127.0.0.1:5432/postgres ...
+    WORKLIST_BENCH_DB_PREFIX=mine_ ...   # name of the temporary databases and directory
 """
 
 from __future__ import annotations
@@ -314,7 +342,8 @@ def prepare_database(kind: str, pg_admin: str, workdir: Path) -> tuple[str, call
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{path}{suffix}").unlink(missing_ok=True)
     else:
-        name = f"bench_{uuid.uuid4().hex[:8]}"
+        prefix = os.environ.get("WORKLIST_BENCH_DB_PREFIX", "bench_")
+        name = f"{prefix}{uuid.uuid4().hex[:8]}"
         admin = sa.create_engine(pg_admin, isolation_level="AUTOCOMMIT")
         with admin.connect() as c:
             c.exec_driver_sql(f'CREATE DATABASE "{name}"')
@@ -480,7 +509,7 @@ def main() -> int:
         "senders": len(TRUSTS),
         "runs": [],
     }
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix=os.environ.get("WORKLIST_BENCH_DB_PREFIX")) as tmp:
         for kind in kinds:
             if kind == "postgresql":
                 try:

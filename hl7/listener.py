@@ -119,7 +119,7 @@ class MllpListener:
         # 10 to ~45 ms); 50 on PostgreSQL, where applying and storing do not block each other.
         self.apply_batch = apply_batch or (3 if runtime.dialect == "sqlite" else 50)
         # After a burst (no frame for STORE_IDLE_SECONDS) the backlog drains 25 a transaction
-        # on SQLite (measured: a re-prioritisation per batch instead of per 3 messages); a
+        # on SQLite (one commit and one re-prioritisation per 25 messages, not per 3); a
         # frame arriving meanwhile waits for at most one such batch (~0.1 s).
         self.idle_apply_batch = max(
             self.apply_batch, 25 if runtime.dialect == "sqlite" else self.apply_batch
