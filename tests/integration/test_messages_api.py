@@ -199,9 +199,7 @@ def test_an_apply_worker_locks_only_its_own_trusts_so_a_second_worker_applies_me
 
     with runtime.session() as first:
         # The first worker's transaction (and its trust locks) is still open ...
-        taken_first = messages.apply_pending(
-            first, directory=directory, now=now, partition=(0, 2)
-        )
+        taken_first = messages.apply_pending(first, directory=directory, now=now, partition=(0, 2))
         with runtime.session() as second:
             # ... and the second worker still gets its own trust's message.
             taken_second = messages.apply_pending(

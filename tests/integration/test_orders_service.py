@@ -766,7 +766,9 @@ def test_an_older_patient_update_arriving_late_does_not_undo_a_newer_one(
             message_time=T0 + timedelta(hours=hours),
             trigger="A08",
             patient=PatientIdentity.with_nhs_number(
-                nhs_number=nhs_number, local_id="RW6000001", family_name=family_name,
+                nhs_number=nhs_number,
+                local_id="RW6000001",
+                family_name=family_name,
                 sex="M" if hours == 1 else None,
             ),
         )

@@ -742,9 +742,7 @@ def apply_pending(
     if session.get_bind().dialect.name == "postgresql":
         index, count = partition
         mine = sa.select(Trust.id).where(
-            sa.exists().where(
-                InboundMessage.trust_id == Trust.id, InboundMessage.state == RECEIVED
-            )
+            sa.exists().where(InboundMessage.trust_id == Trust.id, InboundMessage.state == RECEIVED)
         )
         if count > 1:
             mine = mine.where(Trust.id % count == index)

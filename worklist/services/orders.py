@@ -453,9 +453,7 @@ class _Run:
 
     def _order_event(self, event: OrderEvent) -> EventOutcome:
         name = type(event).__name__
-        study = _find_study(
-            self.session, trust=self.trust, order=event.order, lookups=self.lookups
-        )
+        study = _find_study(self.session, trust=self.trust, order=event.order, lookups=self.lookups)
         if study is None:
             if isinstance(event, OrderPlaced | ExamStatusChanged):
                 return self._create_study(event)
@@ -754,8 +752,13 @@ class _Run:
         )
         if patient is None:
             return _create_patient(
-                self.session, trust=self.trust, identity=identity, now=self.now,
-                message_time=message_time, lookups=self.lookups, flush=flush,
+                self.session,
+                trust=self.trust,
+                identity=identity,
+                now=self.now,
+                message_time=message_time,
+                lookups=self.lookups,
+                flush=flush,
             ), True
         changed = _update_patient(patient, identity, now=self.now, message_time=message_time)
         return patient, changed
@@ -767,8 +770,12 @@ class _Run:
         )
         if patient is None:
             patient = _create_patient(
-                self.session, trust=self.trust, identity=event.patient, now=self.now,
-                message_time=event.message_time, lookups=self.lookups,
+                self.session,
+                trust=self.trust,
+                identity=event.patient,
+                now=self.now,
+                message_time=event.message_time,
+                lookups=self.lookups,
             )
             action = PATIENT_CREATED
         else:
@@ -1076,8 +1083,9 @@ def _find_patient(
 ) -> Patient | None:
     """The trust's record by hospital number (else NHS number), followed to its merge survivor."""
     patient: Patient | None = None
-    if identity.local_id and lookups is not None and (trust.id, identity.local_id) in lookups.patients:
-        patient = lookups.patients[(trust.id, identity.local_id)]
+    key = (trust.id, identity.local_id or "")
+    if identity.local_id and lookups is not None and key in lookups.patients:
+        patient = lookups.patients[key]
     elif identity.local_id:
         patient = session.scalar(
             sa.select(Patient).where(
