@@ -46,10 +46,10 @@ the runs, so figures move by a third from run to run; 3,000 ORM^O01 of ~1 KB):
   work (figures move by a third or more from run to run):
     before  SQLite ack 1,623/s = 61 % of floor (b) 2,678/s, applied 243/s;
             PostgreSQL ack 468/s = 36 % of floor (b) 1,291/s, applied 104/s.
-    after   SQLite ack 1,006/s = 61 % of floor (b) 1,641/s, applied 154/s (other runs
-            after: 1,083-1,437/s = 45-58 %, applied 250-315/s);
-            PostgreSQL ack 694/s = 58 % of floor (b) 1,200/s, applied 236/s (other runs
-            after: 520-811/s = 46-60 %, applied 160-203/s).
+    after   SQLite ack 1,659/s = 55 % of floor (b) 3,030/s, applied 357/s, p99 ACK 41 ms
+            at 200/s offered; PostgreSQL ack 689/s = 53 % of floor (b) 1,297/s, applied
+            231/s, p99 ACK 22 ms at 200/s offered (a run under more load: SQLite 61 %,
+            applied 154/s; PostgreSQL 58 %, applied 236/s).
 * More apply workers (WORKLIST_HL7_APPLY_WORKERS) on 2 cores: a worker used to take the
   advisory lock of every trust with work waiting, not only its own (the lock call ran
   before the partition filter), so a second worker mostly sat idle; fixed. Even so, 2
