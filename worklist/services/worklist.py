@@ -249,13 +249,11 @@ def reprioritise_job(runtime: Any, batch_size: int = 2000) -> None:
 # --- eligibility inputs from rows -------------------------------------------------
 
 
-def radiologist_facts(session: Session, *, user: User, now: datetime) -> Radiologist:
-    """Everything eligibility needs about `user`, read as plain columns in ONE query.
-
-    A UNION ALL of four small index lookups (agreements with their trust codes,
-    credentials, the duty sessions covering `now`, the studies held), each row tagged
-    with its kind: one round trip instead of four on the claim path.
-    """
+@functools.cache
+def _radiologist_facts_query() -> sa.CompoundSelect[Any]:
+    """Built once: composing this UNION costs more than running it."""
+    user_id = sa.bindparam("user_id", type_=sa.Integer)
+    now = sa.bindparam("now", type_=DutySession.starts_at.type)
     # Typed NULLs in the first branch: PostgreSQL resolves the UNION's column types from it.
     agreements = sa.select(
         sa.literal(0).label("kind"), ReportingPermission.id, ReportingPermission.trust_id,
@@ -266,12 +264,12 @@ def radiologist_facts(session: Session, *, user: User, now: datetime) -> Radiolo
         sa.cast(sa.null(), sa.Float).label("number"),
         sa.cast(sa.null(), sa.Boolean).label("flag"),
     ).join(Trust, Trust.id == ReportingPermission.trust_id).where(
-        ReportingPermission.user_id == user.id
+        ReportingPermission.user_id == user_id
     )  # fmt: skip
     credentials = sa.select(
         sa.literal(1), Credential.id, sa.null(), sa.null(), sa.null(), Credential.modality,
         Credential.body_area, sa.null(), sa.null(), sa.null(), sa.null(),
-    ).where(Credential.user_id == user.id)  # fmt: skip
+    ).where(Credential.user_id == user_id)  # fmt: skip
     duty = sa.select(
         sa.literal(2),
         DutySession.id,
@@ -284,17 +282,27 @@ def radiologist_facts(session: Session, *, user: User, now: datetime) -> Radiolo
         DutySession.ends_at,
         DutySession.capacity,
         DutySession.free_choice,
-    ).where(DutySession.user_id == user.id, DutySession.starts_at <= now, DutySession.ends_at > now)
+    ).where(DutySession.user_id == user_id, DutySession.starts_at <= now, DutySession.ends_at > now)
     # The held studies as in `_held_by` (no status term: see there), filtered here.
     held = sa.select(
         sa.literal(3), Study.id, sa.null(), sa.null(), sa.null(), Study.status, sa.null(),
         sa.null(), sa.null(), Study.effort, sa.null(),
-    ).where(Study.claimed_by_id == user.id)  # fmt: skip
+    ).where(Study.claimed_by_id == user_id)  # fmt: skip
+    return sa.union_all(agreements, credentials, duty, held)
+
+
+def radiologist_facts(session: Session, *, user: User, now: datetime) -> Radiologist:
+    """Everything eligibility needs about `user`, read as plain columns in ONE query.
+
+    A UNION ALL of four small index lookups (agreements with their trust codes,
+    credentials, the duty sessions covering `now`, the studies held), each row tagged
+    with its kind: one round trip instead of four on the claim path.
+    """
     permissions: list[ReportingAgreement] = []
     held_credentials: list[HeldCredential] = []
     slots: list[DutySlot] = []
     load = 0.0
-    rows = session.execute(sa.union_all(agreements, credentials, duty, held)).all()
+    rows = session.execute(_radiologist_facts_query(), {"user_id": user.id, "now": now}).all()
     for kind, row_id, trust_id, starts_on, ends_on, text1, text2, starts_at, ends_at, number, \
             flag in sorted(rows, key=lambda r: (r[0], r[1])):  # fmt: skip
         if kind == 0:
@@ -687,6 +695,38 @@ def _record_assignment(
     return row
 
 
+@functools.cache
+def _assignment_and_audit_insert() -> sa.Select[tuple[int]]:
+    """Built once (building the CTEs' column collections costs more than running them)."""
+    names = (
+        "study_id", "user_id", "kind", "assigned_by_id", "started_at", "expires_at",
+        "explanation",
+    )  # fmt: skip
+    table = Assignment.__table__
+    assignment = (
+        sa.insert(Assignment)
+        .values({n: sa.bindparam(n, type_=table.c[n].type) for n in names})
+        .returning(Assignment.id)
+        .cte("assignment_row")
+    )
+    events = AuditEvent.__table__
+    event = (
+        sa.insert(AuditEvent)
+        .values(
+            at=sa.bindparam("at", type_=events.c.at.type),
+            user_id=sa.bindparam("actor_id", type_=events.c.user_id.type),
+            username=sa.bindparam("actor_name", type_=events.c.username.type),
+            action=sa.bindparam("action", type_=events.c.action.type),
+            object_type="study",
+            object_id=sa.bindparam("object_id", type_=events.c.object_id.type),
+            detail=sa.bindparam("detail", type_=events.c.detail.type),
+            remote_addr=sa.bindparam("remote_addr", type_=events.c.remote_addr.type),
+        )
+        .cte("audit_row")
+    )
+    return sa.select(assignment.c.id).add_cte(event)
+
+
 def _insert_assignment_and_audit(
     session: Session, *, values: dict[str, Any], actor: User, action: str, study_id: int,
     detail: dict[str, Any], remote_addr: str | None, now: datetime,
@@ -694,14 +734,14 @@ def _insert_assignment_and_audit(
     """PostgreSQL: the assignment and its audit row in ONE statement (two data-modifying
     CTEs), one round trip instead of the ORM's two; the Assignment is then attached to the
     session as if loaded (no second INSERT). The audit row is the one `audit.record` writes."""
-    assignment = (
-        sa.insert(Assignment).values(**values).returning(Assignment.id).cte("assignment_row")
-    )
-    event = sa.insert(AuditEvent).values(
-        at=now, user_id=actor.id, username=actor.username, action=action, object_type="study",
-        object_id=str(study_id), detail=detail, remote_addr=remote_addr,
-    ).cte("audit_row")  # fmt: skip
-    new_id = session.scalar(sa.select(assignment.c.id).add_cte(event))
+    new_id = session.scalar(
+        _assignment_and_audit_insert(),
+        {
+            **values, "at": now, "actor_id": actor.id, "actor_name": actor.username,
+            "action": action, "object_id": str(study_id), "detail": detail,
+            "remote_addr": remote_addr,
+        },
+    )  # fmt: skip
     row = Assignment(id=new_id, ended_at=None, end_reason=None, **values)
     make_transient_to_detached(row)
     session.add(row)
@@ -837,6 +877,7 @@ def _claim_first(
     return (None, False) if row is None else (row[0], bool(row[1]))
 
 
+@functools.cache
 def _others_waiting_for_same_person() -> sa.ColumnElement[bool]:
     """For the claimed row: another ready, unclaimed study of this patient record or of a
     record sharing its valid NHS number (as `same_person_patient_ids`), as two EXISTS
