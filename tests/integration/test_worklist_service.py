@@ -347,9 +347,7 @@ def test_a_patients_unread_studies_stay_with_one_reader(session, clock, region):
     assert wl.next_case(session, user=other, now=clock.now()).study is stranger
 
 
-def test_the_same_persons_study_at_another_trust_stays_with_one_reader_too(
-    session, clock, region
-):
+def test_the_same_persons_study_at_another_trust_stays_with_one_reader_too(session, clock, region):
     rw6, rm3 = region
     reader = radiologist(session, clock, trusts=("RW6", "RM3"), credentials=("CT",))
     here = make_patient(session, trust=rw6, now=clock.now(), nhs_number="9434765919")
