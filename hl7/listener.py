@@ -43,7 +43,7 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -524,18 +524,15 @@ def run_apply_worker(
         runtime.dispose()
 
 
-def ssl_context_from_env(environ: Mapping[str, str] | None = None) -> ssl.SSLContext | None:
-    """TLS for the listener from WORKLIST_HL7_TLS_CERT / _KEY (server certificate and key),
-    WORKLIST_HL7_TLS_CLIENT_CA (if set, clients must present a certificate it signed)."""
-    env = os.environ if environ is None else environ
-    cert = env.get("WORKLIST_HL7_TLS_CERT")
-    if not cert:
+def ssl_context_for(settings: Settings) -> ssl.SSLContext | None:
+    """TLS for the listener from the settings (WORKLIST_HL7_TLS_CERT / _KEY: server certificate
+    and key; WORKLIST_HL7_TLS_CLIENT_CA: if set, clients must present a certificate it signed)."""
+    if not settings.hl7_tls_cert:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, env.get("WORKLIST_HL7_TLS_KEY") or None)
-    client_ca = env.get("WORKLIST_HL7_TLS_CLIENT_CA")
-    if client_ca:
-        context.load_verify_locations(client_ca)
+    context.load_cert_chain(settings.hl7_tls_cert, settings.hl7_tls_key or None)
+    if settings.hl7_tls_client_ca:
+        context.load_verify_locations(settings.hl7_tls_client_ca)
         context.verify_mode = ssl.CERT_REQUIRED
     return context
 
@@ -554,7 +551,7 @@ def serve_hl7(
     """Run the MLLP listener until `stop` is set (blocking; call from a thread or a process).
 
     `ready` is set (or called with the bound port) once the socket listens. TLS
-    comes from `ssl_context`, else from the WORKLIST_HL7_TLS_* environment.
+    comes from `ssl_context`, else from the settings (WORKLIST_HL7_TLS_*).
     Stored messages are applied by a child process (`apply="process"`, the default
     on PostgreSQL), or a thread of this one (`"thread"`, the default on SQLite: a
     second process would fight the listener for SQLite's one write lock, whose
@@ -563,10 +560,8 @@ def serve_hl7(
     if apply is None:
         apply = "thread" if runtime.dialect == "sqlite" else "process"
     if apply_workers is None:
-        # WORKLIST_HL7_APPLY_WORKERS: apply processes per listener (PostgreSQL; trusts are
-        # shared out between them, one trust's messages always applied in order).
-        apply_workers = int(os.environ.get("WORKLIST_HL7_APPLY_WORKERS", "1"))
-    context = ssl_context if ssl_context is not None else ssl_context_from_env()
+        apply_workers = runtime.settings.hl7_apply_workers
+    context = ssl_context if ssl_context is not None else ssl_context_for(runtime.settings)
 
     async def main() -> None:
         listener = MllpListener(

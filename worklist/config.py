@@ -44,6 +44,13 @@ class Settings:
     hl7_facility: str = "GMIC"
     # HL7 processing id we accept and send (MSH-11): P production, T training, D debugging.
     hl7_processing_id: str = "P"
+    # TLS for the MLLP listener: server certificate and key (PEM); with a client CA, senders
+    # must present a certificate it signed. Empty = plain TCP.
+    hl7_tls_cert: str = ""
+    hl7_tls_key: str = ""
+    hl7_tls_client_ca: str = ""
+    # Processes applying stored messages per listener (PostgreSQL; each trust stays in order).
+    hl7_apply_workers: int = 1
     # A claim is a lease: minutes before an untouched claim returns to the pool.
     claim_lease_minutes: int = 30
     # Scheduler leader lease (SQLite) in seconds; PostgreSQL uses an advisory lock.
@@ -91,6 +98,10 @@ class Settings:
                 hl7_application=get("HL7_APPLICATION", "REGIONAL_WORKLIST"),
                 hl7_facility=get("HL7_FACILITY", "GMIC"),
                 hl7_processing_id=get("HL7_PROCESSING_ID", "P"),
+                hl7_tls_cert=get("HL7_TLS_CERT", ""),
+                hl7_tls_key=get("HL7_TLS_KEY", ""),
+                hl7_tls_client_ca=get("HL7_TLS_CLIENT_CA", ""),
+                hl7_apply_workers=int(get("HL7_APPLY_WORKERS", "1")),
                 claim_lease_minutes=int(get("CLAIM_LEASE_MINUTES", "30")),
                 scheduler_lease_seconds=int(get("SCHEDULER_LEASE_SECONDS", "30")),
                 db_pool_size=int(get("DB_POOL_SIZE", "5")),
@@ -120,6 +131,16 @@ class Settings:
             raise ConfigurationError(f"unknown timezone {self.timezone!r}") from exc
         if not 0 < self.hl7_port < 65536 and self.hl7_port != 0:
             raise ConfigurationError(f"HL7 port {self.hl7_port} is out of range")
+        for name in ("hl7_tls_cert", "hl7_tls_key", "hl7_tls_client_ca"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise ConfigurationError(
+                    f"WORKLIST_{name.upper()} names {path!r}, which is not a file"
+                )
+        if (self.hl7_tls_key or self.hl7_tls_client_ca) and not self.hl7_tls_cert:
+            raise ConfigurationError("HL7 TLS needs WORKLIST_HL7_TLS_CERT (the server certificate)")
+        if self.hl7_apply_workers < 1:
+            raise ConfigurationError("WORKLIST_HL7_APPLY_WORKERS must be 1 or more")
         if self.priority_rules_path and not Path(self.priority_rules_path).is_file():
             raise ConfigurationError(
                 f"WORKLIST_PRIORITY_RULES names {self.priority_rules_path!r}, which is not a file"

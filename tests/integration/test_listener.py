@@ -22,7 +22,7 @@ import pytest
 import sqlalchemy as sa
 
 from hl7.er7 import Er7Message
-from hl7.listener import MllpListener, serve_hl7
+from hl7.listener import MllpListener, serve_hl7, ssl_context_for
 from hl7.mllp import Frame, MllpDecoder, frame
 from tests.factories import make_study, make_trust, make_user
 from worklist.bootstrap import Runtime
@@ -483,8 +483,9 @@ def test_tls_connections_are_served_when_configured(
         cert, key = _self_signed(tmp_path)
     except (OSError, subprocess.CalledProcessError) as exc:
         pytest.skip(f"openssl not usable: {exc}")
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(cert, key)
+    settings = replace(runtime.settings, hl7_tls_cert=str(cert), hl7_tls_key=str(key)).validated()
+    server = ssl_context_for(settings)  # as WORKLIST_HL7_TLS_CERT / _KEY configure it
+    assert server is not None and ssl_context_for(runtime.settings) is None
     running = RunningListener(runtime, ssl_context=server)
     try:
         client_context = ssl.create_default_context(cafile=str(cert))

@@ -44,3 +44,14 @@ def test_a_priority_rules_file_that_does_not_exist_is_refused_at_start_up(tmp_pa
     assert Settings.from_env({"WORKLIST_PRIORITY_RULES": str(rules)}).priority_rules_path == str(
         rules
     )
+
+
+def test_hl7_tls_files_must_exist_and_a_key_needs_a_certificate(tmp_path) -> None:
+    with pytest.raises(ConfigurationError, match="WORKLIST_HL7_TLS_CERT names"):
+        Settings.from_env({"WORKLIST_HL7_TLS_CERT": str(tmp_path / "missing.pem")})
+    key = tmp_path / "key.pem"
+    key.write_text("-")
+    with pytest.raises(ConfigurationError, match="needs WORKLIST_HL7_TLS_CERT"):
+        Settings.from_env({"WORKLIST_HL7_TLS_KEY": str(key)})
+    with pytest.raises(ConfigurationError, match="APPLY_WORKERS must be 1 or more"):
+        Settings.from_env({"WORKLIST_HL7_APPLY_WORKERS": "0"})
