@@ -390,3 +390,17 @@ def test_a_consultant_at_session_capacity_is_offered_only_stat_verification_work
     assert first.study is not None and first.study.id == stat  # stat bypasses the cap
     assert world.next_case("okafor").study is None
     assert world.study(routine).claimed_by_id is None
+
+
+def test_a_study_held_for_verification_counts_toward_session_capacity(world: World) -> None:
+    verifying = world.preliminary()
+    waiting = world.ready_study(performed_ago=timedelta(days=2))
+    with world.runtime.session() as s:
+        s.execute(
+            sa.update(DutySession)
+            .where(DutySession.user_id == world.users["okafor"])
+            .values(capacity=1.0)
+        )
+    world.claim("okafor", verifying)  # a routine CT to verify (effort 1.5) fills the session
+    assert world.next_case("okafor").study is None
+    assert world.study(waiting).claimed_by_id is None

@@ -311,7 +311,7 @@ def radiologist_facts(session: Session, *, user: User, now: datetime) -> Radiolo
             held_credentials.append(HeldCredential(text1, text2))
         elif kind == 2:
             slots.append(DutySlot(starts_at, ends_at, number, bool(flag), text1, row_id))
-        elif text1 == READY:
+        elif text1 in _HELD_STATUSES:  # reporting and verifying both fill a session
             load += float(number)
     return Radiologist(
         user_id=user.id,
@@ -325,9 +325,9 @@ def radiologist_facts(session: Session, *, user: User, now: datetime) -> Radiolo
 
 
 def held_effort(session: Session, *, user_id: int) -> float:
-    """Effort of the ready studies `user_id` holds now (what session capacity counts)."""
+    """Effort of the studies `user_id` holds now to report or verify (what capacity counts)."""
     held = session.execute(_held_by(user_id).with_only_columns(Study.effort, Study.status))
-    return float(sum(effort for effort, status in held if status == READY))
+    return float(sum(effort for effort, status in held if status in _HELD_STATUSES))
 
 
 def _held_by(user_id: int) -> sa.Select[Study]:
