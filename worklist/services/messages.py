@@ -57,7 +57,7 @@ from hl7.errors import (
 from hl7.inbound import InboundProfile
 from hl7.router import route
 from worklist.config import Settings
-from worklist.db.models import InboundMessage, Trust, User
+from worklist.db.models import InboundMessage, Patient, PatientIdentifier, Study, Trust, User
 from worklist.domain.events import DomainEvent, OrderEvent, PatientsMerged, PatientUpdated
 from worklist.errors import Conflict, InvalidInput, NotFound, WorklistError
 from worklist.services import audit, orders
@@ -679,6 +679,10 @@ def _apply_read(
         raise  # the database itself: leave it received, the worker retries
     except Exception as error:  # noqa: BLE001 - one bad message must not stop the queue
         return _failure(read.message_id, error)
+    return _applied(result)
+
+
+def _applied(result: orders.AppliedResult) -> _Applied:
     return _Applied(
         APPLIED,
         "; ".join(result.notes)[:2000] or None,
@@ -686,6 +690,111 @@ def _apply_read(
         result.patient_local_ids[0][:64] if result.patient_local_ids else None,
         tuple(result.to_reprioritise),
     )
+
+
+def _apply_reads(
+    session: Session, reads: Sequence[_Read | _Applied], *, now: datetime, core: bool
+) -> list[_Applied]:
+    """Apply a batch's messages in order: runs of order messages by `orders.CoreBatch`
+    (with `core`), anything else (ADT, a claim to end, ...) by `apply_events`, one by one."""
+    if not core:
+        # The ORM path alone: the batch's studies and patients read ahead, one query each.
+        lookups = orders.Lookups()
+        by_trust: dict[int, tuple[Trust, list[DomainEvent]]] = {}
+        for read in reads:
+            if isinstance(read, _Read):
+                by_trust.setdefault(read.trust.id, (read.trust, []))[1].extend(read.events)
+        for trust, events in by_trust.values():
+            lookups.read_ahead(session, trust=trust, events=events)
+        return [
+            read
+            if isinstance(read, _Applied)
+            else _apply_read(session, read, now=now, reprioritise=False, lookups=lookups)
+            for read in reads
+        ]
+    applied: list[_Applied | None] = [None] * len(reads)
+    start = 0
+    while start < len(reads):
+        read = reads[start]
+        if isinstance(read, _Applied):
+            applied[start] = read
+            start += 1
+        elif not orders.CoreBatch.accepts(read.events):
+            applied[start] = _apply_read(session, read, now=now, reprioritise=False)
+            start += 1
+        else:
+            end = start + 1
+            while end < len(reads) and (
+                isinstance(reads[end], _Applied) or orders.CoreBatch.accepts(reads[end].events)  # type: ignore[union-attr]
+            ):
+                end += 1
+            start = _apply_core_run(session, reads, applied, start, end, now=now)
+    return [a for a in applied if a is not None]
+
+
+def _apply_core_run(
+    session: Session,
+    reads: Sequence[_Read | _Applied],
+    applied: list[_Applied | None],
+    start: int,
+    end: int,
+    *,
+    now: datetime,
+) -> int:
+    """Apply reads[start:end] with one `orders.CoreBatch`; returns where the next run starts.
+
+    A message the Core path cannot finish (`orders.NeedsOrm`) ends the run: what came
+    before it is written, it is applied by `apply_events`, and the next run reads again.
+    """
+    batch = orders.CoreBatch(session, now=now)
+    batch.read_ahead([(r.trust, r.events) for r in reads[start:end] if isinstance(r, _Read)])
+    done: list[int] = []
+    stop = end
+    for index in range(start, end):
+        read = reads[index]
+        if isinstance(read, _Applied):
+            applied[index] = read
+            continue
+        try:
+            result = batch.apply(
+                trust=read.trust,
+                events=read.events,
+                source=f"hl7:{read.control_id}"[:120],
+                control_id=read.control_id or None,
+            )
+        except orders.NeedsOrm:
+            stop = index
+            break
+        except sa.exc.OperationalError:
+            raise  # the database itself: leave it received, the worker retries
+        except (Hl7Error, WorklistError) as error:  # what the message says is wrong
+            applied[index] = _failure(read.message_id, error)
+            continue
+        except Exception:  # noqa: BLE001 - a bug of this path must not fail a message
+            logger.exception(
+                "message %s: the Core path failed; the ORM path applies it", read.message_id
+            )
+            stop = index
+            break
+        applied[index] = _applied(result)
+        done.append(index)
+    try:
+        with session.begin_nested():
+            batch.write()
+    except sa.exc.IntegrityError:
+        # Another connection created one of these studies or patients since we read: the
+        # ORM path, one message at a time, finds it (`apply_events` applies once more).
+        logger.info("a batch raced another writer; applying its %d messages one by one", len(done))
+        for index in done:
+            applied[index] = _apply_read(session, reads[index], now=now, reprioritise=False)  # type: ignore[arg-type]
+    # ORM objects an earlier message loaded may predate these writes.
+    for obj in list(session.identity_map.values()):
+        if isinstance(obj, Study | Patient | PatientIdentifier):
+            session.expire(obj)
+    if stop < end:
+        applied[stop] = _apply_read(session, reads[stop], now=now, reprioritise=False)  # type: ignore[arg-type]
+        return stop + 1
+    return end
 
 
 def _apply_one(
@@ -715,6 +824,7 @@ def apply_pending(
     now: datetime,
     limit: int = APPLY_BATCH,
     partition: tuple[int, int] = (0, 1),
+    core: bool = True,
 ) -> int:
     """Apply up to `limit` received messages in arrival order; returns how many were taken.
 
@@ -726,10 +836,12 @@ def apply_pending(
     `partition=(k, n)` spreads trusts over n workers (trust id mod n). SQLite
     has one writer at a time, so there the order is simply the arrival order.
 
-    Each message is applied in its own savepoint (a bad one fails alone, with its
-    reason); the studies and patients the batch names are read ahead (`orders.Lookups`),
-    the studies it touched are re-prioritised once, after the last message, and the
-    messages' new states are written in one statement.
+    Order messages are applied by `orders.CoreBatch` (the same decisions as
+    `orders.apply_events`, written with a few Core statements per batch); the rest, and
+    everything with `core=False`, by `apply_events` in a savepoint each (the studies and
+    patients read ahead by `orders.Lookups`). Either way a bad message fails alone, with
+    its reason; the studies the batch touched are re-prioritised once, after the last
+    message, and the messages' new states are written in one statement.
     """
     table = _INBOUND
     query = (
@@ -774,22 +886,9 @@ def apply_pending(
         )
         for row in rows
     ]
-    # The batch's studies and patients in one query each per trust, not two per message.
-    lookups = orders.Lookups()
-    by_trust: dict[int, tuple[Trust, list[DomainEvent]]] = {}
-    for read in reads:
-        if isinstance(read, _Read):
-            by_trust.setdefault(read.trust.id, (read.trust, []))[1].extend(read.events)
-    for trust, events in by_trust.values():
-        lookups.read_ahead(session, trust=trust, events=events)
     updates: list[dict[str, Any]] = []
     to_reprioritise: list[int] = []
-    for row, read in zip(rows, reads, strict=True):
-        applied = (
-            read
-            if isinstance(read, _Applied)
-            else _apply_read(session, read, now=now, reprioritise=False, lookups=lookups)
-        )
+    for row, applied in zip(rows, _apply_reads(session, reads, now=now, core=core), strict=True):
         to_reprioritise.extend(applied.to_reprioritise)
         updates.append(
             {
