@@ -1,1 +1,4 @@
-"""Pure domain rules: no I/O, no framework, no database. Everything here takes data (and a `now`) and returns data."""
+"""Pure domain rules: no I/O, no framework, no database.
+
+Everything here takes data (and a `now`) and returns data.
+"""

@@ -27,17 +27,17 @@ from sqlalchemy.orm import Session
 
 from worklist.db.models import Assignment, Report, ReportVersion, Study, Trust, User
 from worklist.domain.eligibility import (
-    LONDON,
     Eligibility,
     Radiologist,
     current_session,
     may_report,
 )
-from worklist.domain.priority import tier_from_urgency, urgency_floor
+from worklist.domain.priority import tier_from_urgency
 from worklist.domain.study import StudyStatus
 from worklist.errors import Conflict, Forbidden
 from worklist.services import audit
 from worklist.services import worklist as worklist_service
+from worklist.services.pool import pool_query
 
 logger = logging.getLogger(__name__)
 
@@ -51,21 +51,12 @@ _PRELIMINARY_LITERAL: sa.BindParameter[str] = sa.bindparam(
 )
 
 
-def verification_pool_query(radiologist: Radiologist, now: datetime) -> sa.Select[Study]:
+def verification_pool_query(
+    radiologist: Radiologist, now: datetime, *, stat_only: bool = False
+) -> sa.Select[Study]:
     """Preliminary, unclaimed studies of trusts and credentials the consultant holds,
     most urgent first (the agreement and credential rules in SQL, as for the ready pool)."""
-    today = now.astimezone(LONDON).date()
-    trusts = sorted({a.trust_id for a in radiologist.agreements if a.in_force(today)} | {-1})
-    return (
-        sa.select(Study)
-        .where(
-            Study.status == _PRELIMINARY_LITERAL,
-            Study.claimed_by_id.is_(None),
-            Study.trust_id.in_(trusts),
-            worklist_service._credential_clause(radiologist.credentials),
-        )
-        .order_by(*worklist_service.WORKLIST_ORDER)
-    )
+    return pool_query(radiologist, now, status=PRELIMINARY, stat_only=stat_only)
 
 
 def verification_pool(
@@ -181,10 +172,11 @@ def claim_if_more_urgent(
     next case claims from the ready pool as usual. A trainee always gets None."""
     if not user.can_finalise:
         return None
-    query = verification_pool_query(radiologist, now)
     slot = current_session(radiologist.sessions, now)
-    if slot is not None and slot.capacity is not None and radiologist.session_load >= slot.capacity:
-        query = query.where(Study.urgency > urgency_floor(1))  # only stat work bypasses the cap
+    full = (
+        slot is not None and slot.capacity is not None and radiologist.session_load >= slot.capacity
+    )
+    query = verification_pool_query(radiologist, now, stat_only=full)  # stat passes a full cap
     codes = {a.trust_id: a.trust_code or "" for a in radiologist.agreements}
     passed: list[int] = []
     while len(passed) < _MAX_TRIES:

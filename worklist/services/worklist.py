@@ -39,6 +39,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, aliased, make_transient_to_detached, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
+from worklist.db import driver
 from worklist.db.models import (
     Assignment,
     AuditEvent,
@@ -52,7 +53,6 @@ from worklist.db.models import (
 )
 from worklist.domain.eligibility import (
     LONDON,
-    SUBSPECIALTY_BODY_AREAS,
     DutySlot,
     Eligibility,
     HeldCredential,
@@ -79,13 +79,12 @@ from worklist.domain.priority import (
 from worklist.domain.study import StudyStatus
 from worklist.errors import Conflict, Forbidden, InvalidInput, NotFound
 from worklist.services import audit
+from worklist.services.pool import DOUBLE_READ_PATHWAYS, WORKLIST_ORDER, pool_query
 
 logger = logging.getLogger(__name__)
 
 READY = StudyStatus.READY.value
 DEFAULT_LEASE = timedelta(minutes=30)
-#: Pathway flags whose studies need two independent readings (NHS Breast Screening).
-DOUBLE_READ_PATHWAYS = frozenset({"double_read", "breast_screening", "bsp"})
 #: Effort a pushed-to session holds at once when its rota row sets no capacity.
 DEFAULT_PUSH_CAPACITY = 4.0
 #: Refusals the worklist page ignores: it shows what you could report, on duty or not.
@@ -98,12 +97,12 @@ _STOPPED_CLAIM_REASONS = {
 _MAX_EXPLAINED_SKIPS = 10
 #: Claims are held on ready studies, and on preliminary ones being verified.
 _HELD_STATUSES = frozenset({READY, StudyStatus.PRELIMINARY.value})
-#: Worklist order: most urgent first. Ties (same tier, same due second) are broken
-#: newest-id first so that PostgreSQL and SQLite read ix_study_ready_pool backwards.
-WORKLIST_ORDER = (Study.urgency.desc(), Study.id.desc())
 # Rendered as a literal so that the planner can match the partial index's predicate
 # even for a prepared statement.
 _READY_LITERAL: sa.BindParameter[str] = sa.bindparam("ready_status", READY, literal_execute=True)
+_PRELIMINARY_LITERAL: sa.BindParameter[str] = sa.bindparam(
+    "preliminary_status", StudyStatus.PRELIMINARY.value, literal_execute=True
+)
 
 
 # --- rules ---------------------------------------------------------------------------
@@ -249,11 +248,16 @@ def reprioritise_job(runtime: Any, batch_size: int = 2000) -> None:
 # --- eligibility inputs from rows -------------------------------------------------
 
 
+def _value(name: str, type_: Any, through_driver: bool) -> sa.ColumnElement[Any]:
+    """A per-call value: a bound parameter, or a placeholder of a `driver` statement."""
+    return driver.param(name, type_) if through_driver else sa.bindparam(name, type_=type_)
+
+
 @functools.cache
-def _radiologist_facts_query() -> sa.CompoundSelect[Any]:
+def _radiologist_facts_query(through_driver: bool = False) -> sa.CompoundSelect[Any]:
     """Built once: composing this UNION costs more than running it."""
-    user_id = sa.bindparam("user_id", type_=sa.Integer)
-    now = sa.bindparam("now", type_=DutySession.starts_at.type)
+    user_id = _value("user_id", sa.Integer(), through_driver)
+    now = _value("now", DutySession.starts_at.type, through_driver)
     # Typed NULLs in the first branch: PostgreSQL resolves the UNION's column types from it.
     agreements = sa.select(
         sa.literal(0).label("kind"), ReportingPermission.id, ReportingPermission.trust_id,
@@ -288,21 +292,42 @@ def _radiologist_facts_query() -> sa.CompoundSelect[Any]:
         sa.literal(3), Study.id, sa.null(), sa.null(), sa.null(), Study.status, sa.null(),
         sa.null(), sa.null(), Study.effort, sa.null(),
     ).where(Study.claimed_by_id == user_id)  # fmt: skip
-    return sa.union_all(agreements, credentials, duty, held)
+    # One row when any preliminary report waits unclaimed (ix_study_verification_pool):
+    # next case asks the verification pool only then.
+    waiting = sa.select(
+        sa.literal(4), sa.literal(0), sa.null(), sa.null(), sa.null(), sa.null(), sa.null(),
+        sa.null(), sa.null(), sa.null(), sa.null(),
+    ).where(
+        sa.select(Study.id)
+        .where(Study.status == _PRELIMINARY_LITERAL, Study.claimed_by_id.is_(None))
+        .exists()
+    )  # fmt: skip
+    return sa.union_all(agreements, credentials, duty, held, waiting)
 
 
 def radiologist_facts(session: Session, *, user: User, now: datetime) -> Radiologist:
-    """Everything eligibility needs about `user`, read as plain columns in ONE query.
+    """Everything eligibility needs about `user`, read as plain columns in ONE query."""
+    return _facts(session, user=user, now=now)[0]
 
-    A UNION ALL of four small index lookups (agreements with their trust codes,
-    credentials, the duty sessions covering `now`, the studies held), each row tagged
-    with its kind: one round trip instead of four on the claim path.
+
+def _facts(session: Session, *, user: User, now: datetime) -> tuple[Radiologist, bool]:
+    """The radiologist's facts, and whether any preliminary report waits for verification.
+
+    A UNION ALL of five small index lookups (agreements with their trust codes,
+    credentials, the duty sessions covering `now`, the studies held, the verification
+    pool's first row), each row tagged with its kind: one round trip instead of five on
+    the claim path.
     """
+    verification_waiting = False
     permissions: list[ReportingAgreement] = []
     held_credentials: list[HeldCredential] = []
     slots: list[DutySlot] = []
     load = 0.0
-    rows = session.execute(_radiologist_facts_query(), {"user_id": user.id, "now": now}).all()
+    values = {"user_id": user.id, "now": now}
+    if _on_postgresql(session):
+        rows = driver.rows(session, _radiologist_facts_query(through_driver=True), values)[1]
+    else:
+        rows = list(session.execute(_radiologist_facts_query(), values).all())
     for kind, row_id, trust_id, starts_on, ends_on, text1, text2, starts_at, ends_at, number, \
             flag in sorted(rows, key=lambda r: (r[0], r[1])):  # fmt: skip
         if kind == 0:
@@ -311,9 +336,11 @@ def radiologist_facts(session: Session, *, user: User, now: datetime) -> Radiolo
             held_credentials.append(HeldCredential(text1, text2))
         elif kind == 2:
             slots.append(DutySlot(starts_at, ends_at, number, bool(flag), text1, row_id))
+        elif kind == 4:
+            verification_waiting = True
         elif text1 in _HELD_STATUSES:  # reporting and verifying both fill a session
             load += float(number)
-    return Radiologist(
+    radiologist = Radiologist(
         user_id=user.id,
         agreements=tuple(permissions),
         credentials=tuple(held_credentials),
@@ -322,6 +349,7 @@ def radiologist_facts(session: Session, *, user: User, now: datetime) -> Radiolo
         session_load=load if any(slot.capacity is not None for slot in slots) else 0.0,
         active=user.active and user.role != "integration",
     )
+    return radiologist, verification_waiting
 
 
 def held_effort(session: Session, *, user_id: int) -> float:
@@ -386,61 +414,6 @@ def _trust_codes(session: Session) -> dict[int, str]:
     return dict(session.execute(sa.select(Trust.id, Trust.code)).all())
 
 
-def _pool_query(radiologist: Radiologist, now: datetime) -> sa.Select[Study]:
-    """Ready, unclaimed studies the radiologist may read, most urgent first.
-
-    The agreement and credential rules, and "not one you already read", written in
-    SQL so that the index scan stops at the first row that qualifies; `may_report`
-    still decides each row (it alone also knows arbitration, duty and capacity).
-    """
-    today = now.astimezone(LONDON).date()
-    trusts = sorted({a.trust_id for a in radiologist.agreements if a.in_force(today)} | {-1})
-    already_read = (
-        sa.select(Assignment.id)
-        .where(
-            Assignment.study_id == Study.id,
-            # "+ 0" keeps the planner on ix_assignment_study_id (a study has a few rows)
-            # rather than ix_assignment_user_id (a reader has years of them).
-            Assignment.user_id + 0 == radiologist.user_id,
-            Assignment.end_reason.like("read:%"),
-        )
-        .exists()
-    )
-    return (
-        sa.select(Study)
-        .where(
-            Study.status == _READY_LITERAL,
-            Study.claimed_by_id.is_(None),
-            Study.trust_id.in_(trusts),
-            _credential_clause(radiologist.credentials),
-            ~already_read,
-        )
-        .order_by(*WORKLIST_ORDER)
-    )
-
-
-def _credential_clause(credentials: Iterable[HeldCredential]) -> sa.ColumnElement[bool]:
-    """SQL for `credential_covers`: modality, then body area or the areas of a subspecialty."""
-    by_modality: dict[str, set[str] | None] = {}
-    for credential in credentials:
-        modality = credential.modality.strip().upper()
-        if credential.body_area is None:
-            by_modality[modality] = None  # any body area
-            continue
-        held = credential.body_area.strip().lower()
-        areas = {held} | set(SUBSPECIALTY_BODY_AREAS.get(held, ()))
-        current = by_modality.setdefault(modality, set())
-        if current is not None:
-            current.update(areas)
-    clauses = []
-    for modality, covered in sorted(by_modality.items()):
-        parts = [] if modality == "*" else [Study.modality == modality]
-        if covered is not None:
-            parts.append(sa.func.lower(Study.body_area).in_(sorted(covered)))
-        clauses.append(sa.and_(sa.true(), *parts))
-    return sa.or_(*clauses) if clauses else sa.false()
-
-
 # --- the radiologist's worklist -------------------------------------------------------
 
 
@@ -477,7 +450,7 @@ def worklist(
     filters = filters or WorklistFilters()
     radiologist = radiologist_facts(session, user=user, now=now)
     codes = _trust_codes(session)
-    query = _filtered(_pool_query(radiologist, now), filters, codes, now)
+    query = _filtered(pool_query(radiologist, now), filters, codes, now)
     wanted = offset + limit + 1
     accepted: list[Study] = []
     if not _filters_can_match(radiologist, filters, codes, now):
@@ -705,7 +678,7 @@ def _assignment_and_audit_insert() -> sa.Select[tuple[int]]:
     table = Assignment.__table__
     assignment = (
         sa.insert(Assignment)
-        .values({n: sa.bindparam(n, type_=table.c[n].type) for n in names})
+        .values({n: driver.param(n, table.c[n].type) for n in names})
         .returning(Assignment.id)
         .cte("assignment_row")
     )
@@ -713,14 +686,14 @@ def _assignment_and_audit_insert() -> sa.Select[tuple[int]]:
     event = (
         sa.insert(AuditEvent)
         .values(
-            at=sa.bindparam("at", type_=events.c.at.type),
-            user_id=sa.bindparam("actor_id", type_=events.c.user_id.type),
-            username=sa.bindparam("actor_name", type_=events.c.username.type),
-            action=sa.bindparam("action", type_=events.c.action.type),
+            at=driver.param("at", events.c.at.type),
+            user_id=driver.param("actor_id", events.c.user_id.type),
+            username=driver.param("actor_name", events.c.username.type),
+            action=driver.param("action", events.c.action.type),
             object_type="study",
-            object_id=sa.bindparam("object_id", type_=events.c.object_id.type),
-            detail=sa.bindparam("detail", type_=events.c.detail.type),
-            remote_addr=sa.bindparam("remote_addr", type_=events.c.remote_addr.type),
+            object_id=driver.param("object_id", events.c.object_id.type),
+            detail=driver.param("detail", events.c.detail.type),
+            remote_addr=driver.param("remote_addr", events.c.remote_addr.type),
         )
         .cte("audit_row")
     )
@@ -734,14 +707,19 @@ def _insert_assignment_and_audit(
     """PostgreSQL: the assignment and its audit row in ONE statement (two data-modifying
     CTEs), one round trip instead of the ORM's two; the Assignment is then attached to the
     session as if loaded (no second INSERT). The audit row is the one `audit.record` writes."""
-    new_id = session.scalar(
+    # Through the driver: nothing pending needs flushing first, and SQLAlchemy's
+    # per-statement work cost more than the round trip.
+    _, rows = driver.rows(
+        session,
         _assignment_and_audit_insert(),
         {
-            **values, "at": now, "actor_id": actor.id, "actor_name": actor.username,
-            "action": action, "object_id": str(study_id), "detail": detail,
+            **values, "explanation": driver.json(values["explanation"]), "at": now,
+            "actor_id": actor.id, "actor_name": actor.username, "action": action,
+            "object_id": str(study_id), "detail": driver.json(detail),
             "remote_addr": remote_addr,
         },
     )  # fmt: skip
+    new_id = rows[0][0]
     row = Assignment(id=new_id, ended_at=None, end_reason=None, **values)
     make_transient_to_detached(row)
     session.add(row)
@@ -761,18 +739,16 @@ def next_case(
     No cherry-picking: the order is the system's. Studies passed over on the way
     (e.g. no credential for that body area) are recorded with their reasons.
     """
-    radiologist = radiologist_facts(session, user=user, now=now)
+    radiologist, verification_waiting = _facts(session, user=user, now=now)
     slot = current_session(radiologist.sessions, now)
     if not radiologist.active:
         return ClaimResult(None, reason="account is not an active reporter")
     if slot is None:
         return ClaimResult(None, reason="not on a duty session now")
-    query = _pool_query(radiologist, now)
+    # Over the session's cap, only stat work passes.
     over_capacity = slot.capacity is not None and radiologist.session_load >= slot.capacity
-    if over_capacity:
-        # Only stat work bypasses the cap.
-        query = query.where(Study.urgency > urgency_floor(1))
-    if user.can_finalise:  # consultants also verify preliminary reports, in the same order
+    query = pool_query(radiologist, now, stat_only=over_capacity)
+    if user.can_finalise and verification_waiting:  # consultants also verify, in one order
         from worklist.services import verification
 
         verify = verification.claim_if_more_urgent(
@@ -854,27 +830,72 @@ def _claim_first(
     unclaimed study, so that the usual claim (none) skips `_claim_patient_studies`'
     round trip; SQLite (in-process, no round trip to save) always answers True.
     """
+    values = {"claimer_id": user_id, "claim_now": now, "claim_expires_at": now + lease}
+    if _on_postgresql(session):
+        names, rows = driver.rows(session, _claim_update(candidates, through_driver=True), values)
+        if not rows:
+            return None, False
+        row = dict(zip(names, rows[0], strict=True))
+        together = bool(row.pop("maybe_together"))
+        return _as_loaded(session, row), together
+    loaded = session.scalars(
+        _claim_statement(candidates), values, execution_options={"populate_existing": True}
+    ).one_or_none()
+    return loaded, True
+
+
+@functools.lru_cache(maxsize=4096)
+def _claim_update(candidates: sa.Select[Study], through_driver: bool) -> sa.Update:
+    """The claim UPDATE for a (cached) pool query, built once.
+
+    On PostgreSQL it also answers whether the same person has another ready, unclaimed
+    study (`_others_waiting_for_same_person`)."""
     first = (
         candidates.with_only_columns(Study.id)
-        .limit(1)
+        .limit(sa.literal_column("1"))  # a literal, so a prepared plan knows it is one row
         .with_for_update(skip_locked=True)
         .scalar_subquery()
     )
+    now = _value("claim_now", Study.claimed_at.type, through_driver)
     claim = (
-        sa.update(Study)
-        .where(Study.id == first, Study.claimed_by_id.is_(None), Study.status == READY)
+        sa.update(Study.__table__)
+        .where(Study.id == first, Study.claimed_by_id.is_(None), Study.status == _READY_LITERAL)
         .values(
-            claimed_by_id=user_id, claimed_at=now, claim_expires_at=now + lease, updated_at=now
+            claimed_by_id=_value("claimer_id", sa.Integer(), through_driver),
+            claimed_at=now,
+            claim_expires_at=_value(
+                "claim_expires_at", Study.claim_expires_at.type, through_driver
+            ),
+            updated_at=now,
         )  # fmt: skip
-        .returning(Study)
+        .returning(*Study.__table__.columns)
     )
-    options = {"synchronize_session": False, "populate_existing": True}
-    if session.get_bind().dialect.name != "postgresql":
-        return session.scalars(claim, execution_options=options).one_or_none(), True
-    row = session.execute(
-        claim.returning(_others_waiting_for_same_person()), execution_options=options
-    ).one_or_none()
-    return (None, False) if row is None else (row[0], bool(row[1]))
+    return claim.returning(_others_waiting_for_same_person()) if through_driver else claim
+
+
+@functools.lru_cache(maxsize=4096)
+def _claim_statement(candidates: sa.Select[Study]) -> sa.Select[tuple[Study]]:
+    """The claim loaded as an identity-mapped Study (SQLite: no round trip to save)."""
+    return sa.select(Study).from_statement(_claim_update(candidates, through_driver=False))
+
+
+def _as_loaded(session: Session, values: dict[str, Any]) -> Study:
+    """The Study for a row read through the driver, as if the session had loaded it."""
+    study = session.identity_map.get(session.identity_key(Study, values["id"]))
+    if study is None:
+        # The row's values as loaded state, without one attribute event per column.
+        study = Study.__mapper__.class_manager.new_instance()
+        study.__dict__.update(values)
+        make_transient_to_detached(study)
+        session.add(study)
+    else:
+        for name, value in values.items():
+            set_committed_value(study, name, value)
+    return study
+
+
+def _on_postgresql(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
 
 
 @functools.cache
@@ -887,7 +908,7 @@ def _others_waiting_for_same_person() -> sa.ColumnElement[bool]:
     this_patient = aliased(Patient)
     waiting = sa.and_(
         other.id != Study.id,
-        other.status == READY,
+        other.status == sa.literal_column(f"'{READY}'"),  # RETURNING gets no literal_binds
         other.claimed_by_id.is_(None),
     )
     link = (

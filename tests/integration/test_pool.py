@@ -1,0 +1,125 @@
+"""The pools' SQL against the one eligibility function, on a real database.
+
+Next case and the worklist page find candidates with SQL (`worklist.services.pool`) and
+hand out only what `may_report` allows; if the SQL ever left out a study the rules allow,
+that study would never be offered. So the SQL must hold exactly the studies the
+agreement, credential and exclusion rules allow.
+"""
+
+from __future__ import annotations
+
+import itertools
+from datetime import timedelta
+
+from tests.factories import make_study, make_trust, make_user
+from worklist.db.models import Assignment, ReportingPermission, Study
+from worklist.domain.eligibility import RefusalCode, may_report
+from worklist.services import worklist as wl
+from worklist.services.pool import PRELIMINARY, pool_query
+
+MODALITIES = ("CT", "MR", "XR", "US", "MG", "NM")
+AREAS = ("HEAD", "Chest", "KNEE", "BREAST", "ABDOMEN", "SPINE", "PAED", None)
+#: The refusals about the person and the moment, not about which study: the pools leave
+#: duty and capacity to next case.
+NOT_ABOUT_THE_STUDY = {RefusalCode.OFF_DUTY, RefusalCode.OVER_CAPACITY}
+
+
+def _region(session, now):
+    rw6, rm3, r0a, rbv = (
+        make_trust(session, now=now, code=c) for c in ("RW6", "RM3", "R0A", "RBV")
+    )
+    reader = make_user(
+        session, now=now, trusts=("RW6", "RM3"), on_duty=True,
+        credentials=("CT:NEURO", "MR", "XR:CHEST", "US:MSK", "MG:BREAST", "XR:PAEDIATRIC"),
+    )  # fmt: skip
+    today, day = now.date(), timedelta(days=1)
+    session.add_all(
+        [  # one agreement that has ended, one that has not started yet
+            ReportingPermission(user_id=reader.id, trust_id=r0a.id, ends_on=today - day),
+            ReportingPermission(user_id=reader.id, trust_id=rbv.id, starts_on=today + 3 * day),
+        ]
+    )
+    session.flush()
+    return (rw6, rm3, r0a, rbv), reader
+
+
+def _allowed(session, reader, studies, now, codes):
+    radiologist = wl.radiologist_facts(session, user=reader, now=now)
+    readings = wl.readings_of(session, [s.id for s in studies])
+    allowed = set()
+    for study in studies:
+        facts = wl.study_to_read(
+            study, user=reader, trust_code=codes[study.trust_id],
+            readings=readings.get(study.id, ()),
+        )  # fmt: skip
+        if not (may_report(radiologist, facts, now).codes - NOT_ABOUT_THE_STUDY):
+            allowed.add(study.id)
+    return radiologist, allowed
+
+
+def test_the_ready_pool_holds_exactly_the_studies_the_rules_allow(session, clock):
+    now = clock.now()
+    trusts, reader = _region(session, now)
+    codes = {t.id: t.code for t in trusts}
+    studies = [
+        make_study(session, trust=trust, now=now, modality=modality, body_area=area)
+        for trust, modality, area in itertools.product(trusts, MODALITIES, AREAS)
+    ]
+    # A double read this reader has already given one reading of, and one they have not.
+    read_once, unread = (
+        make_study(session, trust=trusts[0], now=now, modality="MG", body_area="BREAST",
+                   pathway="breast_screening")
+        for _ in range(2)
+    )  # fmt: skip
+    session.add(
+        Assignment(
+            study_id=read_once.id, user_id=reader.id, kind="pull", started_at=now,
+            ended_at=now, end_reason="read: first reading", explanation={"reading": {"number": 1}},
+        )
+    )  # fmt: skip
+    studies += [read_once, unread]
+    for study in studies:
+        wl.prioritise_study(session, study=study, now=now)
+    session.flush()
+
+    radiologist, allowed = _allowed(session, reader, studies, now, codes)
+    in_sql = set(session.scalars(pool_query(radiologist, now).with_only_columns(Study.id)))
+
+    assert in_sql == allowed
+    assert unread.id in allowed and read_once.id not in allowed
+    assert 10 < len(allowed) < len(studies) / 2  # the rules keep some and refuse most
+
+
+def test_the_verification_pool_applies_the_same_agreement_and_credential_rules(session, clock):
+    now = clock.now()
+    trusts, reader = _region(session, now)
+    codes = {t.id: t.code for t in trusts}
+    studies = [
+        make_study(session, trust=trust, now=now, modality=modality, body_area=area,
+                   status=PRELIMINARY)
+        for trust, modality, area in itertools.product(trusts, MODALITIES, AREAS)
+    ]  # fmt: skip
+    session.flush()
+
+    radiologist, allowed = _allowed(session, reader, studies, now, codes)
+    query = pool_query(radiologist, now, status=PRELIMINARY)
+    assert set(session.scalars(query.with_only_columns(Study.id))) == allowed
+    assert allowed
+
+
+def test_a_full_session_leaves_only_stat_work_in_the_pool(session, clock):
+    now = clock.now()
+    trusts, reader = _region(session, now)
+    routine = make_study(session, trust=trusts[0], now=now, modality="MR", body_area="KNEE")
+    stat = make_study(session, trust=trusts[0], now=now, modality="MR", body_area="KNEE",
+                      order_priority="S")  # fmt: skip
+    for study in (routine, stat):
+        wl.prioritise_study(session, study=study, now=now)
+    session.flush()
+    radiologist = wl.radiologist_facts(session, user=reader, now=now)
+
+    def ids(**kw):
+        return set(session.scalars(pool_query(radiologist, now, **kw).with_only_columns(Study.id)))
+
+    assert ids() == {routine.id, stat.id}
+    assert ids(stat_only=True) == {stat.id}

@@ -1,0 +1,132 @@
+"""The shared pools in SQL: the unclaimed studies a radiologist may be offered, in order.
+
+Two pools are read top-down in worklist order (most urgent first, then newest id): the
+ready pool (`ix_study_ready_pool`) and the verification pool of preliminary reports
+(`ix_study_verification_pool`). The agreement and credential rules of
+`worklist.domain.eligibility.may_report` are written here as SQL so that the index scan
+stops at the first row that qualifies; `may_report` still decides every row handed out.
+
+A pool's statement depends only on the radiologist's trusts and credentials (and on
+whether only stat work may pass a full session), never on the clock, so it is built once
+per such combination and cached: next case composes no SQL, and SQLAlchemy's compiled
+cache and PostgreSQL's prepared statements are hit every time.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from datetime import datetime
+
+import sqlalchemy as sa
+
+from worklist.db.models import Assignment, Study
+from worklist.domain.eligibility import LONDON, SUBSPECIALTY_BODY_AREAS, HeldCredential, Radiologist
+from worklist.domain.priority import urgency_floor
+from worklist.domain.study import StudyStatus
+
+READY = StudyStatus.READY.value
+PRELIMINARY = StudyStatus.PRELIMINARY.value
+#: Pathway flags whose studies need two independent readings (NHS Breast Screening).
+DOUBLE_READ_PATHWAYS = frozenset({"double_read", "breast_screening", "bsp"})
+#: Worklist order: most urgent first. Ties (same tier, same due second) are broken
+#: newest-id first so that PostgreSQL and SQLite read the pool indexes backwards.
+WORKLIST_ORDER = (Study.urgency.desc(), Study.id.desc())
+
+
+def _literal(name: str, value: str) -> sa.BindParameter[str]:
+    """Rendered as a literal so that the planner can match a partial index's predicate,
+    even in a prepared statement."""
+    return sa.bindparam(name, value, literal_execute=True)
+
+
+_STATUS = {
+    READY: _literal("ready_status", READY),
+    PRELIMINARY: _literal("prelim_status", PRELIMINARY),
+}
+
+
+def pool_query(
+    radiologist: Radiologist, now: datetime, *, status: str = READY, stat_only: bool = False
+) -> sa.Select[Study]:
+    """Unclaimed `status` studies of the trusts and credentials `radiologist` holds, in
+    worklist order; with `stat_only`, stat work alone (a full session's cap)."""
+    today = now.astimezone(LONDON).date()
+    trusts = tuple(sorted({a.trust_id for a in radiologist.agreements if a.in_force(today)}))
+    credentials = tuple(sorted(set(radiologist.credentials), key=_credential_sort_key))
+    return _pool(status, trusts, credentials, radiologist.user_id, stat_only)
+
+
+def _credential_sort_key(credential: HeldCredential) -> tuple[str, str]:
+    return credential.modality, credential.body_area or ""
+
+
+@functools.lru_cache(maxsize=4096)
+def _pool(
+    status: str,
+    trusts: tuple[int, ...],
+    credentials: tuple[HeldCredential, ...],
+    user_id: int,
+    stat_only: bool,
+) -> sa.Select[Study]:
+    query = (
+        sa.select(Study)
+        .where(
+            Study.status == _STATUS[status],
+            Study.claimed_by_id.is_(None),
+            Study.trust_id.in_(
+                sa.bindparam("pool_trusts", list(trusts) or [-1], literal_execute=True)
+            ),
+            credential_clause(credentials),
+        )
+        .order_by(*WORKLIST_ORDER)
+    )
+    if status == READY:
+        query = query.where(_not_already_read(user_id))
+    if stat_only:
+        query = query.where(Study.urgency > urgency_floor(1))
+    return query
+
+
+def _not_already_read(user_id: int) -> sa.ColumnElement[bool]:
+    """Not a double-read study this radiologist has already given a reading of.
+
+    Written as "not double read, or no reading of mine" so that the EXISTS stays a
+    per-row index lookup (ix_assignment_study_id) made only for double-read studies: as a
+    plain NOT EXISTS, PostgreSQL planned an anti-join that scanned every assignment.
+    "+ 0" keeps the lookup off ix_assignment_user_id (a reader has years of rows)."""
+    double_read = sa.func.coalesce(sa.func.lower(sa.func.trim(Study.pathway)), "").in_(
+        sa.bindparam("double_read_pathways", sorted(DOUBLE_READ_PATHWAYS), literal_execute=True)
+    )
+    mine = (
+        sa.select(Assignment.id)
+        .where(
+            Assignment.study_id == Study.id,
+            Assignment.user_id + 0 == user_id,
+            Assignment.end_reason.like("read:%"),
+        )
+        .exists()
+    )
+    return sa.or_(~double_read, ~mine)
+
+
+def credential_clause(credentials: Iterable[HeldCredential]) -> sa.ColumnElement[bool]:
+    """SQL for `credential_covers`: modality, then body area or the areas of a subspecialty."""
+    by_modality: dict[str, set[str] | None] = {}
+    for credential in credentials:
+        modality = credential.modality.strip().upper()
+        if credential.body_area is None:
+            by_modality[modality] = None  # any body area
+            continue
+        held = credential.body_area.strip().lower()
+        areas = {held} | set(SUBSPECIALTY_BODY_AREAS.get(held, ()))
+        current = by_modality.setdefault(modality, set())
+        if current is not None:
+            current.update(areas)
+    clauses = []
+    for modality, covered in sorted(by_modality.items()):
+        parts = [] if modality == "*" else [Study.modality == modality]
+        if covered is not None:
+            parts.append(sa.func.lower(Study.body_area).in_(sorted(covered)))
+        clauses.append(sa.and_(sa.true(), *parts))
+    return sa.or_(*clauses) if clauses else sa.false()
