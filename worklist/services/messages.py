@@ -30,7 +30,7 @@ import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -601,6 +601,13 @@ class _Trusts:
         self.settings = settings
         self._found: dict[int, tuple[Trust, InboundProfile | None, str | None]] = {}
 
+    def load(self, trust_ids: Iterable[int | None]) -> None:
+        """The batch's trusts in one query, not one each."""
+        wanted = {t for t in trust_ids if t is not None and t not in self._found}
+        if wanted:
+            for trust in self.session.scalars(sa.select(Trust).where(Trust.id.in_(wanted))):
+                self._found[trust.id] = (trust, *_profile_for(trust, self.settings))
+
     def get(self, trust_id: int | None) -> tuple[Trust, InboundProfile]:
         if trust_id is None:
             raise UnknownSender("the message has no trust")
@@ -876,6 +883,7 @@ def apply_pending(
     if not rows:
         return 0
     trusts = _Trusts(session, directory.settings)
+    trusts.load(row.trust_id for row in rows)
     reads = [
         _read_stored(
             message_id=row.id,
