@@ -61,7 +61,7 @@ class DatabaseFactory:
             admin.dispose()
         else:
             path = Path(sa.make_url(url).database or "")
-            for suffix in ("", "-wal", "-shm"):
+            for suffix in ("", "-wal", "-shm", "-writer"):
                 Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from worklist.clock import Clock, SystemClock
 from worklist.config import Settings
+from worklist.db import sqlite_writers
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +43,16 @@ def create_db_engine(url: str, *, pool_size: int = 5) -> sa.Engine:
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
 
-        @sa.event.listens_for(engine, "begin")
-        def _sqlite_begin(conn):  # type: ignore[no-untyped-def]
-            # IMMEDIATE takes the write lock at BEGIN, so two writers queue on the busy
-            # timeout instead of failing with "database is locked" when upgrading a read lock.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        database = sa.make_url(url).database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            sqlite_writers.install(engine, database)  # BEGIN IMMEDIATE, in turn
+        else:
+
+            @sa.event.listens_for(engine, "begin")
+            def _sqlite_begin(conn):  # type: ignore[no-untyped-def]
+                # IMMEDIATE takes the write lock at BEGIN, so two writers never both hold
+                # a read lock and fail with "database is locked" when upgrading it.
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return sa.create_engine(
