@@ -132,7 +132,7 @@ def fresh_database(kind: str) -> tuple[str, Any]:
         path = directory / "bench.db"
 
         def drop() -> None:
-            for suffix in ("", "-wal", "-shm"):
+            for suffix in ("", "-wal", "-shm", "-writer"):
                 Path(f"{path}{suffix}").unlink(missing_ok=True)
             directory.rmdir()
 
@@ -571,10 +571,10 @@ def plans(runtime: Runtime, user_id: int, study_id: int) -> dict[str, str]:
         user = s.get(User, user_id)
         radiologist = service.radiologist_facts(s, user=user, now=NOW)
         # As the service runs them: ids only (the claim's subquery; the page's first step).
-        candidate = service._pool_query(radiologist, NOW).with_only_columns(Study.id).limit(1)
+        candidate = service.pool_query(radiologist, NOW).with_only_columns(Study.id).limit(1)
         if runtime.dialect == "postgresql":
             candidate = candidate.with_for_update(skip_locked=True)
-        page = service._pool_query(radiologist, NOW).with_only_columns(Study.id).limit(61)
+        page = service.pool_query(radiologist, NOW).with_only_columns(Study.id).limit(61)
         study = s.get(Study, study_id)
         patient_ids = [study.patient_id]
         exam_time = sa.func.coalesce(Study.performed_at, Study.requested_at, Study.created_at)
@@ -589,10 +589,12 @@ def plans(runtime: Runtime, user_id: int, study_id: int) -> dict[str, str]:
                             ("priors", priors)):  # fmt: skip
             sql = str(query.compile(runtime.engine, compile_kwargs={"literal_binds": True}))
             if runtime.dialect == "postgresql":
-                rows = s.execute(sa.text("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + sql)).all()
+                # Driver SQL as compiled ('%%' for the LIKE's '%'): text() would double it again.
+                explain = "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + sql
+                rows = s.connection().exec_driver_sql(explain).all()
                 found[name] = "\n".join(r[0] for r in rows)
             else:
-                rows = s.execute(sa.text("EXPLAIN QUERY PLAN " + sql)).all()
+                rows = s.connection().exec_driver_sql("EXPLAIN QUERY PLAN " + sql).all()
                 found[name] = "\n".join(str(r[-1]) for r in rows)
         s.rollback()
     return found

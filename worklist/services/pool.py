@@ -27,8 +27,6 @@ from worklist.domain.study import StudyStatus
 
 READY = StudyStatus.READY.value
 PRELIMINARY = StudyStatus.PRELIMINARY.value
-#: Pathway flags whose studies need two independent readings (NHS Breast Screening).
-DOUBLE_READ_PATHWAYS = frozenset({"double_read", "breast_screening", "bsp"})
 #: Worklist order: most urgent first. Ties (same tier, same due second) are broken
 #: newest-id first so that PostgreSQL and SQLite read the pool indexes backwards.
 WORKLIST_ORDER = (Study.urgency.desc(), Study.id.desc())
@@ -91,23 +89,23 @@ def _pool(
 def _not_already_read(user_id: int) -> sa.ColumnElement[bool]:
     """Not a double-read study this radiologist has already given a reading of.
 
-    Written as "not double read, or no reading of mine" so that the EXISTS stays a
-    per-row index lookup (ix_assignment_study_id) made only for double-read studies: as a
-    plain NOT EXISTS, PostgreSQL planned an anti-join that scanned every assignment.
-    "+ 0" keeps the lookup off ix_assignment_user_id (a reader has years of rows)."""
-    double_read = sa.func.coalesce(sa.func.lower(sa.func.trim(Study.pathway)), "").in_(
-        sa.bindparam("double_read_pathways", sorted(DOUBLE_READ_PATHWAYS), literal_execute=True)
-    )
+    A per-row index lookup (ix_assignment_study_id) on the few candidates read: the OFFSET
+    keeps PostgreSQL from turning the NOT EXISTS into an anti-join that scanned every
+    assignment (it drops a bare LIMIT from an EXISTS), and naming no column outside ix_study_ready_pool keeps that index covering
+    for SQLite. "+ 0" keeps the lookup off ix_assignment_user_id (a reader has years of
+    rows)."""
     mine = (
         sa.select(Assignment.id)
         .where(
             Assignment.study_id == Study.id,
-            Assignment.user_id + 0 == user_id,
+            Assignment.user_id + sa.literal_column("0") == user_id,
             Assignment.end_reason.like("read:%"),
         )
+        .limit(sa.literal_column("1"))
+        .offset(sa.literal_column("0"))
         .exists()
     )
-    return sa.or_(~double_read, ~mine)
+    return ~mine
 
 
 def credential_clause(credentials: Iterable[HeldCredential]) -> sa.ColumnElement[bool]:

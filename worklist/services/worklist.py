@@ -79,12 +79,14 @@ from worklist.domain.priority import (
 from worklist.domain.study import StudyStatus
 from worklist.errors import Conflict, Forbidden, InvalidInput, NotFound
 from worklist.services import audit
-from worklist.services.pool import DOUBLE_READ_PATHWAYS, WORKLIST_ORDER, pool_query
+from worklist.services.pool import WORKLIST_ORDER, pool_query
 
 logger = logging.getLogger(__name__)
 
 READY = StudyStatus.READY.value
 DEFAULT_LEASE = timedelta(minutes=30)
+#: Pathway flags whose studies need two independent readings (NHS Breast Screening).
+DOUBLE_READ_PATHWAYS = frozenset({"double_read", "breast_screening", "bsp"})
 #: Effort a pushed-to session holds at once when its rota row sets no capacity.
 DEFAULT_PUSH_CAPACITY = 4.0
 #: Refusals the worklist page ignores: it shows what you could report, on duty or not.
@@ -654,18 +656,32 @@ def _record_assignment(
         "expires_at": now + lease,
         "explanation": explanation,
     }
-    if session.get_bind().dialect.name == "postgresql":
-        return _insert_assignment_and_audit(
-            session, values=values, actor=by or user, action=action, study_id=study.id,
-            detail=detail, remote_addr=remote_addr, now=now,
-        )  # fmt: skip
-    row = Assignment(**values)
+    actor = by or user
+    event = {
+        "at": now, "actor_id": actor.id, "actor_name": actor.username, "action": action,
+        "object_id": str(study.id), "detail": detail, "remote_addr": remote_addr,
+    }  # fmt: skip
+    if _on_postgresql(session):
+        new_id = _insert_assignment_and_audit(session, values=values, event=event)
+    else:
+        # SQLite: two Core inserts (the same rows as the ORM and `audit.record` would
+        # write, without the unit of work's bookkeeping inside the write lock).
+        connection = session.connection()
+        new_id = connection.execute(_ASSIGNMENT_INSERT, values).scalar_one()
+        connection.execute(_AUDIT_INSERT, event)
+    row = Assignment(id=new_id, ended_at=None, end_reason=None, **values)
+    make_transient_to_detached(row)  # as if loaded: no second INSERT
     session.add(row)
-    audit.record(
-        session, at=now, action=action, user=by or user, object_type="study",
-        object_id=study.id, detail=detail, remote_addr=remote_addr,
-    )  # fmt: skip
     return row
+
+
+_ASSIGNMENT_INSERT = sa.insert(Assignment.__table__).returning(Assignment.__table__.c.id)
+_AUDIT_INSERT = sa.insert(AuditEvent.__table__).values(
+    at=sa.bindparam("at"), user_id=sa.bindparam("actor_id"),
+    username=sa.bindparam("actor_name"), action=sa.bindparam("action"), object_type="study",
+    object_id=sa.bindparam("object_id"), detail=sa.bindparam("detail"),
+    remote_addr=sa.bindparam("remote_addr"),
+)  # fmt: skip
 
 
 @functools.cache
@@ -701,29 +717,22 @@ def _assignment_and_audit_insert() -> sa.Select[tuple[int]]:
 
 
 def _insert_assignment_and_audit(
-    session: Session, *, values: dict[str, Any], actor: User, action: str, study_id: int,
-    detail: dict[str, Any], remote_addr: str | None, now: datetime,
-) -> Assignment:  # fmt: skip
+    session: Session, *, values: dict[str, Any], event: dict[str, Any]
+) -> int:
     """PostgreSQL: the assignment and its audit row in ONE statement (two data-modifying
-    CTEs), one round trip instead of the ORM's two; the Assignment is then attached to the
-    session as if loaded (no second INSERT). The audit row is the one `audit.record` writes."""
+    CTEs), one round trip instead of two; the new assignment's id. The audit row is the
+    one `audit.record` writes."""
     # Through the driver: nothing pending needs flushing first, and SQLAlchemy's
     # per-statement work cost more than the round trip.
     _, rows = driver.rows(
         session,
         _assignment_and_audit_insert(),
         {
-            **values, "explanation": driver.json(values["explanation"]), "at": now,
-            "actor_id": actor.id, "actor_name": actor.username, "action": action,
-            "object_id": str(study_id), "detail": driver.json(detail),
-            "remote_addr": remote_addr,
+            **values, **event, "explanation": driver.json(values["explanation"]),
+            "detail": driver.json(event["detail"]),
         },
     )  # fmt: skip
-    new_id = rows[0][0]
-    row = Assignment(id=new_id, ended_at=None, end_reason=None, **values)
-    make_transient_to_detached(row)
-    session.add(row)
-    return row
+    return int(rows[0][0])
 
 
 def next_case(
@@ -826,9 +835,9 @@ def _claim_first(
     'ready' RETURNING study.*. PostgreSQL locks the chosen row and concurrent claimers skip
     it; SQLite ignores FOR UPDATE and serialises writers (BEGIN IMMEDIATE). Either way the
     conditional WHERE means a study is never claimed twice.
-    On PostgreSQL the RETURNING also says whether the same person has another ready,
-    unclaimed study, so that the usual claim (none) skips `_claim_patient_studies`'
-    round trip; SQLite (in-process, no round trip to save) always answers True.
+    It also says whether the same person has another ready, unclaimed study (on
+    PostgreSQL in the RETURNING), so that the usual claim (none) skips
+    `_claim_patient_studies`.
     """
     values = {"claimer_id": user_id, "claim_now": now, "claim_expires_at": now + lease}
     if _on_postgresql(session):
@@ -838,18 +847,20 @@ def _claim_first(
         row = dict(zip(names, rows[0], strict=True))
         together = bool(row.pop("maybe_together"))
         return _as_loaded(session, row), together
-    loaded = session.scalars(
+    study = session.scalars(
         _claim_statement(candidates), values, execution_options={"populate_existing": True}
     ).one_or_none()
-    return loaded, True
+    if study is None:
+        return None, False
+    # SQLite renders RETURNING columns unqualified, which a correlated EXISTS cannot use.
+    together = session.connection().scalar(_together_query(), {"study_id": study.id})
+    return study, bool(together)
 
 
 @functools.lru_cache(maxsize=4096)
 def _claim_update(candidates: sa.Select[Study], through_driver: bool) -> sa.Update:
-    """The claim UPDATE for a (cached) pool query, built once.
-
-    On PostgreSQL it also answers whether the same person has another ready, unclaimed
-    study (`_others_waiting_for_same_person`)."""
+    """The claim UPDATE for a (cached) pool query, built once; on PostgreSQL it also
+    answers whether the same person has another ready, unclaimed study."""
     first = (
         candidates.with_only_columns(Study.id)
         .limit(sa.literal_column("1"))  # a literal, so a prepared plan knows it is one row
@@ -875,8 +886,15 @@ def _claim_update(candidates: sa.Select[Study], through_driver: bool) -> sa.Upda
 
 @functools.lru_cache(maxsize=4096)
 def _claim_statement(candidates: sa.Select[Study]) -> sa.Select[tuple[Study]]:
-    """The claim loaded as an identity-mapped Study (SQLite: no round trip to save)."""
+    """The claim loaded as an identity-mapped Study (SQLite)."""
     return sa.select(Study).from_statement(_claim_update(candidates, through_driver=False))
+
+
+@functools.cache
+def _together_query() -> sa.Select[tuple[bool]]:
+    return sa.select(_others_waiting_for_same_person()).where(
+        Study.id == sa.bindparam("study_id", type_=sa.Integer)
+    )
 
 
 def _as_loaded(session: Session, values: dict[str, Any]) -> Study:
@@ -906,10 +924,13 @@ def _others_waiting_for_same_person() -> sa.ColumnElement[bool]:
     other = aliased(Study)
     linked = aliased(Patient)
     this_patient = aliased(Patient)
+    # The status and claim terms in coalesce(), which no index serves, so that SQLite too
+    # reaches the few rows through ix_study_patient_id rather than walking the ready pool
+    # (literals: PostgreSQL's RETURNING is compiled without literal_binds).
     waiting = sa.and_(
         other.id != Study.id,
-        other.status == sa.literal_column(f"'{READY}'"),  # RETURNING gets no literal_binds
-        other.claimed_by_id.is_(None),
+        sa.func.coalesce(other.status, sa.literal_column("''")) == sa.literal_column(f"'{READY}'"),
+        sa.func.coalesce(other.claimed_by_id, sa.literal_column("0")) == sa.literal_column("0"),
     )
     link = (
         sa.select(this_patient.link_nhs_number)
