@@ -107,13 +107,16 @@ def test_the_verification_pool_applies_the_same_agreement_and_credential_rules(s
     assert allowed
 
 
-def test_a_full_session_leaves_only_stat_work_in_the_pool(session, clock):
+def test_a_full_session_leaves_only_stat_and_critical_work_in_the_pool(session, clock):
     now = clock.now()
     trusts, reader = _region(session, now)
     routine = make_study(session, trust=trusts[0], now=now, modality="MR", body_area="KNEE")
-    stat = make_study(session, trust=trusts[0], now=now, modality="MR", body_area="KNEE",
-                      order_priority="S")  # fmt: skip
-    for study in (routine, stat):
+    stat, timing_critical = (
+        make_study(session, trust=trusts[0], now=now, modality="MR", body_area="KNEE",
+                   order_priority=priority)
+        for priority in ("S", "T")
+    )  # fmt: skip
+    for study in (routine, stat, timing_critical):
         wl.prioritise_study(session, study=study, now=now)
     session.flush()
     radiologist = wl.radiologist_facts(session, user=reader, now=now)
@@ -121,5 +124,5 @@ def test_a_full_session_leaves_only_stat_work_in_the_pool(session, clock):
     def ids(**kw):
         return set(session.scalars(pool_query(radiologist, now, **kw).with_only_columns(Study.id)))
 
-    assert ids() == {routine.id, stat.id}
-    assert ids(stat_only=True) == {stat.id}
+    assert ids() == {routine.id, stat.id, timing_critical.id}
+    assert ids(stat_only=True) == {stat.id, timing_critical.id}

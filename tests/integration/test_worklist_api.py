@@ -44,7 +44,7 @@ def test_the_worklist_lists_the_callers_eligible_studies_with_explanations(clien
     body = response.get_json()
     assert [s["id"] for s in body["studies"]] == [ids["stat"], ids["routine"]]
     top = body["studies"][0]["priority"]
-    assert top["tier"] == 1 and top["class"] == "stat"
+    assert top["tier"] == 1 and top["class"] == "stat" and top["critical"] is None
     assert top["description"].startswith("Stat / emergency department (tier 1): rule 'Stat order'")
     assert body["next_case"] == {"allowed": True, "reasons": []}
     filtered = client.get("/api/v1/worklist?class=outpatient_routine", headers=auth["reader"])

@@ -122,7 +122,9 @@ def test_next_case_passes_over_studies_it_may_not_give_and_records_the_reasons(
     assert wl.next_case(session, user=one, now=clock.now()).study is not disputed
 
 
-def test_next_case_gives_nothing_off_duty_and_only_stat_work_over_capacity(session, clock, region):
+def test_next_case_gives_nothing_off_duty_and_only_stat_or_critical_work_over_capacity(
+    session, clock, region
+):
     rw6, _ = region
     reader = make_user(session, now=clock.now(), trusts=("RW6",), credentials=("CT",))
     ready(session, clock, rw6)
@@ -136,9 +138,12 @@ def test_next_case_gives_nothing_off_duty_and_only_stat_work_over_capacity(sessi
     assert first.study is not None  # 1.5 effort now held, capacity 1
     refused = wl.next_case(session, user=reader, now=clock.now())
     assert refused.study is None
-    assert refused.reason == "session capacity reached; no stat study is waiting"
+    assert refused.reason == "session capacity reached; no stat or critical study is waiting"
     stat = ready(session, clock, rw6, order_priority="S")
     assert wl.next_case(session, user=reader, now=clock.now()).study is stat
+    timing_critical = ready(session, clock, rw6, order_priority="T")  # tier 2, but critical
+    assert timing_critical.critical
+    assert wl.next_case(session, user=reader, now=clock.now()).study is timing_critical
 
 
 def test_the_worklist_lists_eligible_studies_in_order_with_filters_and_paging(

@@ -278,3 +278,27 @@ def test_the_stored_explanation_carries_a_summary_for_the_worklist_page():
         "Stat / emergency department (tier 1): rule 'ED head CT'; target 1 hour from the "
         "examination; due 23 Nov 10:40"
     )
+
+
+def test_a_timing_critical_order_is_critical_whatever_its_tier_and_says_so():
+    timed = prioritise(facts(order_priority="T"), RULES, NOW)
+    routine = prioritise(facts(), RULES, NOW)
+    assert timed.critical == "Timing critical order" and timed.tier > 1
+    assert routine.critical is None
+    assert timed.explanation()["critical"] == "Timing critical order"
+    assert "critical (Timing critical order)" in timed.summary()
+
+
+def test_a_region_names_its_own_critical_work_and_bad_entries_are_refused():
+    doc = copy.deepcopy(DEFAULT_RULES)
+    doc["critical"] = [{"name": "Suspected cord compression", "when": {"pathway": ["mscc"]}}]
+    rules = load_rules(doc)
+    assert prioritise(facts(pathway="MSCC"), rules, NOW).critical == "Suspected cord compression"
+    assert prioritise(facts(order_priority="T"), rules, NOW).critical is None
+    doc["critical"] = [{"name": "Everything", "when": {}}, {"when": {"colour": ["red"]}}]
+    with pytest.raises(PriorityRulesError) as raised:
+        load_rules(doc)
+    problems = "\n".join(raised.value.problems)
+    assert "critical[0].when: must name at least one attribute" in problems
+    assert "critical[1].name: every critical rule needs a name" in problems
+    assert "critical[1].when.colour: unknown attribute" in problems

@@ -307,6 +307,8 @@ class Study(Base):
     priority_explanation: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # Relative effort (RVU-like) for balancing workload.
     effort: Mapped[float] = mapped_column(default=1.0)
+    # Matched a critical rule (e.g. a timing-critical order): given even over a full session.
+    critical: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
     # The claim: a lease held by one radiologist at a time.
     claimed_by_id: Mapped[int | None] = mapped_column(sa.ForeignKey("user_account.id"))
     claimed_at: Mapped[datetime | None]

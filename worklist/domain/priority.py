@@ -186,11 +186,15 @@ class PriorityRule:
     origin: str = "region"
 
     def matches(self, facts: OrderFacts) -> bool:
-        for key, accepted in self.when.items():
-            value = facts.trust_code if key == "trust" else getattr(facts, key)
-            if value is None or str(value).strip().lower() not in accepted:
-                return False
-        return True
+        return _matches(self.when, facts)
+
+
+def _matches(when: Mapping[str, frozenset[str]], facts: OrderFacts) -> bool:
+    for key, accepted in when.items():
+        value = facts.trust_code if key == "trust" else getattr(facts, key)
+        if value is None or str(value).strip().lower() not in accepted:
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -208,6 +212,20 @@ class TrustRules:
     effort_default: float
     effort_by_modality: Mapping[str, float]
     effort_by_procedure: Mapping[str, float]
+    # Work that passes a full session's cap as stat work does (e.g. timing-critical orders).
+    critical: tuple[CriticalRule, ...] = ()
+
+
+@dataclass(frozen=True)
+class CriticalRule:
+    """Orders matching `when` are critical: given even over a session's capacity."""
+
+    name: str
+    when: Mapping[str, frozenset[str]]
+    source: str = ""
+
+    def matches(self, facts: OrderFacts) -> bool:
+        return _matches(self.when, facts)
 
 
 @dataclass(frozen=True)
@@ -270,6 +288,7 @@ class Priority:
     urgency: float
     rules_name: str
     rules_version: int
+    critical: str | None = None  # the critical rule matched: passes a full session's cap
 
     def explanation(self) -> dict[str, Any]:
         """JSON-ready explanation stored with the study (times in UTC ISO 8601)."""
@@ -300,6 +319,7 @@ class Priority:
             "ageing": self.ageing_reason,
             "review_at": _iso(self.review_at),
             "urgency": self.urgency,
+            "critical": self.critical,
             "summary": self.summary(),
         }
 
@@ -317,6 +337,8 @@ class Priority:
             text += f" ({self.pathway_name} clock)"
         if self.ageing_reason:
             text += f"; {self.ageing_reason}"
+        if self.critical:
+            text += f"; critical ({self.critical}): given even over a full session"
         return text
 
 
@@ -348,7 +370,7 @@ def load_rules(document: Mapping[str, Any]) -> RuleSet:
         raise PriorityRulesError(["the document must be a JSON object"])
     known = {
         "version", "name", "outer_bound", "clock_start", "default_class", "ageing_ceiling",
-        "classes", "rules", "effort", "trusts",
+        "classes", "rules", "effort", "trusts", "critical",
     }  # fmt: skip
     for key in document:
         if key not in known:
@@ -438,6 +460,16 @@ def _resolve(
         if rule is not None:
             rules.append(rule)
 
+    critical_doc = document.get("critical") or []
+    critical: list[CriticalRule] = []
+    if not isinstance(critical_doc, list):
+        problems.append("critical: must be a list of {name, when, source}")
+        critical_doc = []
+    for index, spec in enumerate(critical_doc):
+        found = _critical_rule(spec, f"critical[{index}]", problems)
+        if found is not None:
+            critical.append(found)
+
     default_class = document.get("default_class")
     if default_class not in classes_doc:
         problems.append(f"default_class: {default_class!r} is not one of the classes")
@@ -472,6 +504,7 @@ def _resolve(
         effort_default=float(effort_default),
         effort_by_modality={k.upper(): float(v) for k, v in by_modality.items()},
         effort_by_procedure={k.upper(): float(v) for k, v in by_procedure.items()},
+        critical=tuple(critical),
     )
 
 
@@ -614,25 +647,7 @@ def _rule(
     class_code = spec.get("class")
     if class_code not in classes_doc:
         problems.append(f"{path}.class: {class_code!r} is not one of {sorted(classes_doc)}")
-    when_doc = spec.get("when", {})
-    when: dict[str, frozenset[str]] = {}
-    if not isinstance(when_doc, Mapping):
-        problems.append(f"{path}.when: must be an object of attribute -> accepted values")
-        when_doc = {}
-    for key, values in when_doc.items():
-        if key not in MATCH_KEYS:
-            problems.append(f"{path}.when.{key}: unknown attribute (expected one of {MATCH_KEYS})")
-            continue
-        if isinstance(values, str):
-            values = [values]
-        if (
-            not isinstance(values, list)
-            or not values
-            or not all(isinstance(v, str) for v in values)
-        ):
-            problems.append(f"{path}.when.{key}: must be a non-empty list of strings")
-            continue
-        when[key] = frozenset(v.strip().lower() for v in values)
+    when = _when(spec.get("when", {}), f"{path}.when", problems)
     target = None
     if "target" in spec:
         target = _duration(spec["target"], f"{path}.target", problems)
@@ -646,6 +661,47 @@ def _rule(
         source=str(spec.get("source", "")),
         origin=origin,
     )
+
+
+def _when(when_doc: Any, path: str, problems: list[str]) -> dict[str, frozenset[str]]:
+    when: dict[str, frozenset[str]] = {}
+    if not isinstance(when_doc, Mapping):
+        problems.append(f"{path}: must be an object of attribute -> accepted values")
+        return when
+    for key, values in when_doc.items():
+        if key not in MATCH_KEYS:
+            problems.append(f"{path}.{key}: unknown attribute (expected one of {MATCH_KEYS})")
+            continue
+        if isinstance(values, str):
+            values = [values]
+        if (
+            not isinstance(values, list)
+            or not values
+            or not all(isinstance(v, str) for v in values)
+        ):
+            problems.append(f"{path}.{key}: must be a non-empty list of strings")
+            continue
+        when[key] = frozenset(v.strip().lower() for v in values)
+    return when
+
+
+def _critical_rule(spec: Any, path: str, problems: list[str]) -> CriticalRule | None:
+    if not isinstance(spec, Mapping):
+        problems.append(f"{path}: must be an object")
+        return None
+    start = len(problems)
+    for key in spec:
+        if key not in ("name", "source", "when"):
+            problems.append(f"{path}.{key}: unknown key")
+    name = spec.get("name")
+    if not isinstance(name, str) or not name.strip():
+        problems.append(f"{path}.name: every critical rule needs a name (it is shown)")
+    when = _when(spec.get("when", {}), f"{path}.when", problems)
+    if not when:
+        problems.append(f"{path}.when: must name at least one attribute (else all is critical)")
+    if len(problems) > start:
+        return None
+    return CriticalRule(name=str(name), when=when, source=str(spec.get("source", "")))
 
 
 # --- prioritising a study ----------------------------------------------------
@@ -721,6 +777,7 @@ def prioritise(facts: OrderFacts, rules: RuleSet | TrustRules, now: datetime) ->
         urgency=urgency_score(tier, due_at),
         rules_name=trust_rules.name,
         rules_version=trust_rules.version,
+        critical=next((c.name for c in trust_rules.critical if c.matches(facts)), None),
     )
 
 

@@ -108,6 +108,14 @@ DEFAULT_RULES: dict[str, Any] = {
             ],
         },
     },
+    # Critical work is given even to a radiologist whose session is full, as stat work is.
+    "critical": [
+        {
+            "name": "Timing critical order",
+            "source": "order priority T (OBR-27 / TQ1-9): the result is needed at a set time",
+            "when": {"order_priority": ["T"]},
+        }
+    ],
     "rules": [
         {
             "name": "ED head CT",

@@ -7,9 +7,9 @@ ready pool (`ix_study_ready_pool`) and the verification pool of preliminary repo
 stops at the first row that qualifies; `may_report` still decides every row handed out.
 
 A pool's statement depends only on the radiologist's trusts and credentials (and on
-whether only stat work may pass a full session), never on the clock, so it is built once
-per such combination and cached: next case composes no SQL, and SQLAlchemy's compiled
-cache and PostgreSQL's prepared statements are hit every time.
+whether only stat and critical work may pass a full session), never on the clock, so it
+is built once per such combination and cached: next case composes no SQL, and
+SQLAlchemy's compiled cache and PostgreSQL's prepared statements are hit every time.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def pool_query(
     radiologist: Radiologist, now: datetime, *, status: str = READY, stat_only: bool = False
 ) -> sa.Select[Study]:
     """Unclaimed `status` studies of the trusts and credentials `radiologist` holds, in
-    worklist order; with `stat_only`, stat work alone (a full session's cap)."""
+    worklist order; with `stat_only`, only the stat and critical work that passes a full
+    session's cap."""
     today = now.astimezone(LONDON).date()
     trusts = tuple(sorted({a.trust_id for a in radiologist.agreements if a.in_force(today)}))
     credentials = tuple(sorted(set(radiologist.credentials), key=_credential_sort_key))
@@ -82,18 +83,18 @@ def _pool(
     if status == READY:
         query = query.where(_not_already_read(user_id))
     if stat_only:
-        query = query.where(Study.urgency > urgency_floor(1))
+        query = query.where(sa.or_(Study.urgency > urgency_floor(1), Study.critical.is_(True)))
     return query
 
 
 def _not_already_read(user_id: int) -> sa.ColumnElement[bool]:
     """Not a double-read study this radiologist has already given a reading of.
 
-    A per-row index lookup (ix_assignment_study_id) on the few candidates read: the OFFSET
-    keeps PostgreSQL from turning the NOT EXISTS into an anti-join that scanned every
-    assignment (it drops a bare LIMIT from an EXISTS), and naming no column outside ix_study_ready_pool keeps that index covering
-    for SQLite. "+ 0" keeps the lookup off ix_assignment_user_id (a reader has years of
-    rows)."""
+    A per-row index lookup (ix_assignment_study_id) on the few candidates read: the
+    OFFSET keeps PostgreSQL from turning the NOT EXISTS into an anti-join that scanned
+    every assignment (it drops a bare LIMIT from an EXISTS), and naming no column outside
+    ix_study_ready_pool keeps that index covering for SQLite. "+ 0" keeps the lookup off
+    ix_assignment_user_id (a reader has years of rows)."""
     mine = (
         sa.select(Assignment.id)
         .where(

@@ -176,7 +176,8 @@ def claim_if_more_urgent(
     full = (
         slot is not None and slot.capacity is not None and radiologist.session_load >= slot.capacity
     )
-    query = verification_pool_query(radiologist, now, stat_only=full)  # stat passes a full cap
+    # Stat and critical work passes a full session's cap.
+    query = verification_pool_query(radiologist, now, stat_only=full)
     codes = {a.trust_id: a.trust_code or "" for a in radiologist.agreements}
     passed: list[int] = []
     while len(passed) < _MAX_TRIES:

@@ -163,9 +163,11 @@ def _apply_priority(study: Study, priority: Priority, effort: float) -> bool:
         or study.due_at != priority.due_at
         or study.priority_class != priority.class_code
         or study.effort != effort
+        or study.critical != (priority.critical is not None)
         or (study.priority_explanation or {}) != explanation
     )
     if changed:
+        study.critical = priority.critical is not None
         study.priority_class = priority.class_code
         study.due_at = priority.due_at
         study.urgency = priority.urgency
@@ -406,6 +408,7 @@ def study_to_read(
         modality=study.modality,
         body_area=study.body_area,
         tier=tier_from_urgency(study.urgency),
+        critical=bool(study.critical),
         effort=study.effort,
         claimed_by_id=study.claimed_by_id,
         exclusions=_exclusions(readings, user) if readings else {},
@@ -754,7 +757,7 @@ def next_case(
         return ClaimResult(None, reason="account is not an active reporter")
     if slot is None:
         return ClaimResult(None, reason="not on a duty session now")
-    # Over the session's cap, only stat work passes.
+    # Over the session's cap, only stat and critical work passes.
     over_capacity = slot.capacity is not None and radiologist.session_load >= slot.capacity
     query = pool_query(radiologist, now, stat_only=over_capacity)
     if user.can_finalise and verification_waiting:  # consultants also verify, in one order
@@ -778,7 +781,7 @@ def next_case(
         if study is None:
             reason = "no eligible study is waiting"
             if over_capacity:
-                reason = "session capacity reached; no stat study is waiting"
+                reason = "session capacity reached; no stat or critical study is waiting"
             return ClaimResult(None, reason=reason)
         # The SQL applied the agreement and credential rules; the one eligibility
         # function still decides (it alone knows double-read exclusions). A refusal

@@ -65,6 +65,8 @@ def entry_json(study: Study) -> dict[str, Any]:
     if explanation.get("due_at"):
         priority["description"] = describe(explanation, now, runtime().settings.tz)
     data["effort"] = study.effort
+    # Critical work (e.g. a timing-critical order) is given even over a full session.
+    priority["critical"] = explanation.get("critical") if study.critical else None
     return data
 
 
