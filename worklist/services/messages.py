@@ -802,10 +802,16 @@ def _apply_core_run(
     try:
         with session.begin_nested():
             batch.write()
-    except sa.exc.IntegrityError:
+    except sa.exc.IntegrityError as error:
         # Another connection created one of these studies or patients since we read: the
         # ORM path, one message at a time, finds it (`apply_events` applies once more).
-        logger.info("a batch raced another writer; applying its %d messages one by one", len(done))
+        # Anything else here is a bug of the Core path (e.g. a new NOT NULL column it
+        # does not fill): slower, still right, and said loudly.
+        logger.warning(
+            "the Core path could not write %d messages (%s); the ORM path applies them",
+            len(done),
+            str(error.orig)[:200],
+        )
         for index in done:
             applied[index] = _apply_read(session, reads[index], now=now, reprioritise=False)  # type: ignore[arg-type]
     # ORM objects an earlier message loaded may predate these writes.
