@@ -13,6 +13,7 @@ from typing import Any
 from worklist.bootstrap import Runtime
 from worklist.domain.priority import PriorityRulesError, format_duration, parse_rules_json
 from worklist.domain.priority_rules import DEFAULT_RULES
+from worklist.services import auto_assignment
 from worklist.services import worklist as service
 
 
@@ -76,7 +77,7 @@ def cmd_expire_claims(args: argparse.Namespace, runtime: Runtime) -> int:
 def cmd_auto_assign(args: argparse.Namespace, runtime: Runtime) -> int:
     lease = timedelta(minutes=runtime.settings.claim_lease_minutes)
     with runtime.session() as session:
-        made = service.auto_assign(session, now=runtime.clock.now(), lease=lease)
+        made = auto_assignment.auto_assign(session, now=runtime.clock.now(), lease=lease)
         for assignment in made:
             print(f"study {assignment.study_id} -> user {assignment.user_id}: "
                   f"{assignment.explanation['why']}")  # fmt: skip

@@ -31,7 +31,11 @@ JOB_TABLE = (
         "worklist.services.worklist:expire_claims_job",
         "expire_claims_interval_seconds",
     ),
-    ("auto-assign", "worklist.services.worklist:auto_assign_job", "auto_assign_interval_seconds"),
+    (
+        "auto-assign",
+        "worklist.services.auto_assignment:auto_assign_job",
+        "auto_assign_interval_seconds",
+    ),
     ("deliver-outbox", "worklist.services.delivery:deliver_job", "deliver_interval_seconds"),
 )
 

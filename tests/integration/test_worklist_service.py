@@ -16,6 +16,7 @@ from worklist.db.models import Assignment, AuditEvent, DutySession, Report, Repo
 from worklist.domain.priority import PriorityRulesError, tier_from_urgency
 from worklist.domain.priority_rules import DEFAULT_RULES
 from worklist.errors import Conflict, Forbidden, NotFound
+from worklist.services import auto_assignment
 from worklist.services import priors as priors_service
 from worklist.services import worklist as wl
 
@@ -424,7 +425,7 @@ def test_auto_assignment_balances_effort_over_a_simulated_day_and_serves_every_t
             ready(session, clock, trust, modality=rng.choice(["CT", "MR", "XR"]),
                   order_priority=rng.choice(["R", "R", "R", "A", "S"]),
                   performed_ago=timedelta(minutes=rng.randint(1, 60)))  # fmt: skip
-        wl.auto_assign(session, now=now)
+        auto_assignment.auto_assign(session, now=now)
         for reader in readers:  # each reports what they hold, up to 3 effort units a tick
             done = 0.0
             for study in session.scalars(

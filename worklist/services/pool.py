@@ -44,6 +44,11 @@ _STATUS = {
 }
 
 
+def unclaimed(status: str) -> sa.ColumnElement[bool]:
+    """`status` and unclaimed: the predicate of that pool's partial index."""
+    return sa.and_(Study.status == _STATUS[status], Study.claimed_by_id.is_(None))
+
+
 def pool_query(
     radiologist: Radiologist, now: datetime, *, status: str = READY, stat_only: bool = False
 ) -> sa.Select[Study]:
@@ -71,8 +76,7 @@ def _pool(
     query = (
         sa.select(Study)
         .where(
-            Study.status == _STATUS[status],
-            Study.claimed_by_id.is_(None),
+            unclaimed(status),
             Study.trust_id.in_(
                 sa.bindparam("pool_trusts", list(trusts) or [-1], literal_execute=True)
             ),

@@ -8,10 +8,8 @@ Use cases that own their transaction's work (the caller commits):
     manager assign / reassign / return to the pool;
   * leases: renew, expire (job `expire_claims_job`); claims on studies the RIS
     cancelled or held end and say why;
-  * auto-assignment (push, job `auto_assign_job`) balancing effort across
-    on-duty radiologists and keeping every trust served;
   * double reading; keeping a patient's unread studies with one reader.
-(Priors are `worklist.services.priors`.)
+(Auto-assignment is `worklist.services.auto_assignment`; priors `worklist.services.priors`.)
 
 Claiming is one conditional statement: `UPDATE study SET claimed_by_id = :user ...
 WHERE id = (SELECT id ... ORDER BY urgency DESC, id DESC LIMIT 1 FOR UPDATE SKIP
@@ -36,7 +34,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session, aliased, make_transient_to_detached, selectinload
+from sqlalchemy.orm import Session, aliased, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
 
 from worklist.db import driver
@@ -79,7 +77,7 @@ from worklist.domain.priority import (
 from worklist.domain.study import StudyStatus
 from worklist.errors import Conflict, Forbidden, InvalidInput, NotFound
 from worklist.services import audit
-from worklist.services.pool import WORKLIST_ORDER, pool_query
+from worklist.services.pool import pool_query
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +85,6 @@ READY = StudyStatus.READY.value
 DEFAULT_LEASE = timedelta(minutes=30)
 #: Pathway flags whose studies need two independent readings (NHS Breast Screening).
 DOUBLE_READ_PATHWAYS = frozenset({"double_read", "breast_screening", "bsp"})
-#: Effort a pushed-to session holds at once when its rota row sets no capacity.
-DEFAULT_PUSH_CAPACITY = 4.0
 #: Refusals the worklist page ignores: it shows what you could report, on duty or not.
 _LIST_IGNORES = frozenset({RefusalCode.OFF_DUTY, RefusalCode.OVER_CAPACITY})
 _STOPPED_CLAIM_REASONS = {
@@ -96,7 +92,7 @@ _STOPPED_CLAIM_REASONS = {
     StudyStatus.DISCONTINUED.value: "cancelled: the RIS discontinued the order",
     StudyStatus.ON_HOLD.value: "held: the RIS put the order on hold",
 }
-_MAX_EXPLAINED_SKIPS = 10
+MAX_EXPLAINED_SKIPS = 10
 #: Claims are held on ready studies, and on preliminary ones being verified.
 _HELD_STATUSES = frozenset({READY, StudyStatus.PRELIMINARY.value})
 # Rendered as a literal so that the planner can match the partial index's predicate
@@ -222,7 +218,7 @@ def reprioritise_batch(
     session: Session, *, now: datetime, rules: RuleSet | None, study_ids: Sequence[int]
 ) -> int:
     rules = rules or rules_for()
-    codes = _trust_codes(session)
+    codes = trust_codes(session)
     changed = 0
     for study in session.scalars(sa.select(Study).where(Study.id.in_(list(study_ids)))):
         facts = order_facts(study, codes.get(study.trust_id))
@@ -415,7 +411,7 @@ def study_to_read(
     )
 
 
-def _trust_codes(session: Session) -> dict[int, str]:
+def trust_codes(session: Session) -> dict[int, str]:
     return dict(session.execute(sa.select(Trust.id, Trust.code)).all())
 
 
@@ -454,7 +450,7 @@ def worklist(
     """The studies `user` may report, in the system's order, with their own claims first."""
     filters = filters or WorklistFilters()
     radiologist = radiologist_facts(session, user=user, now=now)
-    codes = _trust_codes(session)
+    codes = trust_codes(session)
     query = _filtered(pool_query(radiologist, now), filters, codes, now)
     wanted = offset + limit + 1
     accepted: list[Study] = []
@@ -584,7 +580,7 @@ def _lock_candidates(session: Session, query: sa.Select[Study], limit: int) -> l
     return list(session.scalars(locked).all())
 
 
-def _conditional_claim(
+def conditional_claim(
     session: Session, *, study: Study, user_id: int, now: datetime, lease: timedelta,
     expected_holder: int | None = None,
 ) -> bool:  # fmt: skip
@@ -633,7 +629,7 @@ def _priority_summary(study: Study, now: datetime) -> dict[str, Any]:
     return summary
 
 
-def _record_assignment(
+def record_assignment(
     session: Session,
     *,
     study: Study,
@@ -796,12 +792,12 @@ def next_case(
             why = "the most urgent waiting study you may report"
             if skipped:
                 why += f" ({len(skipped)} more urgent passed over: see skipped)"
-            assignment = _record_assignment(
+            assignment = record_assignment(
                 session, study=study, user=user, kind="pull", now=now, lease=lease, why=why,
-                extra={"skipped": skipped[:_MAX_EXPLAINED_SKIPS]}, remote_addr=remote_addr,
+                extra={"skipped": skipped[:MAX_EXPLAINED_SKIPS]}, remote_addr=remote_addr,
             )  # fmt: skip
             together = (
-                _claim_patient_studies(
+                claim_patient_studies(
                     session,
                     anchor=study,
                     user=user,
@@ -840,7 +836,7 @@ def _claim_first(
     conditional WHERE means a study is never claimed twice.
     It also says whether the same person has another ready, unclaimed study (on
     PostgreSQL in the RETURNING), so that the usual claim (none) skips
-    `_claim_patient_studies`.
+    `claim_patient_studies`.
     """
     values = {"claimer_id": user_id, "claim_now": now, "claim_expires_at": now + lease}
     if _on_postgresql(session):
@@ -974,7 +970,7 @@ def same_person_patient_ids(patient_id: int) -> sa.CompoundSelect[tuple[int]]:
     )
 
 
-def _claim_patient_studies(
+def claim_patient_studies(
     session: Session,
     *,
     anchor: Study,
@@ -1021,9 +1017,9 @@ def _claim_patient_studies(
             continue  # independent readings are never bundled
         if not may_report(replace(radiologist, session_load=load), facts, now):
             continue
-        if _conditional_claim(session, study=study, user_id=user.id, now=now, lease=lease):
+        if conditional_claim(session, study=study, user_id=user.id, now=now, lease=lease):
             load += study.effort
-            _record_assignment(
+            record_assignment(
                 session, study=study, user=user, kind=kind, now=now, lease=lease, by=by,
                 why=f"same patient as {anchor.accession_number}, kept with one reader",
                 extra={"with_study_id": anchor.id},
@@ -1116,17 +1112,17 @@ def claim_study(
     verdict = _eligibility(session, study=study, user=user, radiologist=radiologist, now=now)
     if not verdict:
         raise Conflict(f"you may not report this study: {verdict.explain()}")
-    if not _conditional_claim(session, study=study, user_id=user.id, now=now, lease=lease):
+    if not conditional_claim(session, study=study, user_id=user.id, now=now, lease=lease):
         raise Conflict("the study was claimed by someone else or is no longer ready")
-    assignment = _record_assignment(
+    assignment = record_assignment(
         session, study=study, user=user, kind="pull", now=now, lease=lease,
         why="chosen from the worklist" + (" (free-choice session)" if slot and slot.free_choice
                                           else " by a manager"),
         remote_addr=remote_addr,
     )  # fmt: skip
-    _claim_patient_studies(
+    claim_patient_studies(
         session, anchor=study, user=user, radiologist=radiologist, now=now, lease=lease,
-        kind="pull", codes=_trust_codes(session),
+        kind="pull", codes=trust_codes(session),
     )  # fmt: skip
     return assignment
 
@@ -1276,14 +1272,14 @@ def assign_study(
             end_reason=f"reassigned to {to_user.username} by {by.username}",
         ):  # fmt: skip
             raise Conflict("the claim changed meanwhile; try again")
-    if not _conditional_claim(session, study=study, user_id=to_user.id, now=now, lease=lease):
+    if not conditional_claim(session, study=study, user_id=to_user.id, now=now, lease=lease):
         raise Conflict("the study was claimed meanwhile; try again")
     why = f"assigned by {by.username}"
     if previous_name:
         why = f"reassigned from {previous_name} by {by.username}"
     if note:
         why += f": {note}"
-    return _record_assignment(
+    return record_assignment(
         session, study=study, user=to_user, kind="manual", now=now, lease=lease, why=why, by=by,
         remote_addr=remote_addr,
     )  # fmt: skip
@@ -1440,159 +1436,6 @@ def record_reading(
         remote_addr=remote_addr,
     )  # fmt: skip
     return next_stage
-
-
-# --- auto-assignment (push) -------------------------------------------------------------
-
-
-@dataclass
-class _Reader:
-    user: User
-    facts: Radiologist
-    slot: DutySlot
-    held: float
-    assigned: float  # effort given to them in this session so far (balance)
-
-
-def _session_assigned_effort(session: Session, *, user_id: int, since: datetime) -> float:
-    total = session.scalar(
-        sa.select(sa.func.coalesce(sa.func.sum(Study.effort), 0.0))
-        .join(Assignment, Assignment.study_id == Study.id)
-        .where(Assignment.user_id == user_id, Assignment.started_at >= since)
-    )
-    return float(total or 0.0)
-
-
-def auto_assign(
-    session: Session,
-    *,
-    now: datetime,
-    lease: timedelta = DEFAULT_LEASE,
-    max_assignments: int = 200,
-    pool_size: int = 500,
-    default_capacity: float = DEFAULT_PUSH_CAPACITY,
-) -> list[Assignment]:
-    """Push waiting studies to on-duty radiologists, balancing effort, serving every trust.
-
-    Order of work: tier first; within a tier, trusts take turns (each trust's most
-    urgent study, then each one's next...), so a busy trust cannot starve a quiet
-    one. Each study goes to the eligible reader with the least effort given this
-    session (then the least held now), up to their session capacity.
-    """
-    on_duty = session.scalars(
-        sa.select(User)
-        .join(DutySession, DutySession.user_id == User.id)
-        .where(
-            DutySession.starts_at <= now,
-            DutySession.ends_at > now,
-            User.active.is_(True),
-            User.role != "integration",
-        )
-        .options(selectinload(User.credentials))
-        .distinct()
-        .order_by(User.id)
-    ).all()
-    readers: list[_Reader] = []
-    for user in on_duty:
-        facts = radiologist_facts(session, user=user, now=now)
-        slot = current_session(facts.sessions, now)
-        if slot is None:
-            continue
-        if slot.capacity is None:
-            slot = replace(slot, capacity=default_capacity)
-        facts = replace(facts, sessions=(slot,))
-        readers.append(
-            _Reader(
-                user, facts, slot, facts.session_load,
-                _session_assigned_effort(session, user_id=user.id, since=slot.starts_at),
-            )
-        )  # fmt: skip
-    if not readers:
-        return []
-    pool = session.scalars(
-        sa.select(Study)
-        .where(Study.status == _READY_LITERAL, Study.claimed_by_id.is_(None))
-        .order_by(*WORKLIST_ORDER)
-        .limit(pool_size)
-    ).all()
-    codes = _trust_codes(session)
-    readings = readings_of(session, [s.id for s in pool if needs_double_reading(s)])
-    made: list[Assignment] = []
-    for turn, study in _trust_turns(pool):
-        if len(made) >= max_assignments:
-            break
-        if study.claimed_by_id is not None:
-            continue  # bundled with a same-patient study earlier in this run
-        choices: list[tuple[float, float, int, _Reader]] = []
-        refused: list[dict[str, Any]] = []
-        for reader in readers:
-            candidate = study_to_read(
-                study, user=reader.user, trust_code=codes.get(study.trust_id),
-                readings=readings.get(study.id, ()),
-            )  # fmt: skip
-            verdict = may_report(replace(reader.facts, session_load=reader.held), candidate, now)
-            if verdict:
-                choices.append((reader.assigned, reader.held, reader.user.id, reader))
-            else:
-                refused.append(
-                    {"user": reader.user.username, "reasons": [r.message for r in verdict.reasons]}
-                )
-        if not choices:
-            continue
-        choices.sort(key=lambda c: c[:3])
-        chosen = choices[0][3]
-        if not _conditional_claim(
-            session, study=study, user_id=chosen.user.id, now=now, lease=lease
-        ):
-            continue
-        trust = codes.get(study.trust_id, "?")
-        why = (
-            f"auto-assigned: tier {tier_from_urgency(study.urgency)}, turn {turn + 1} for trust "
-            f"{trust}; you had the least work this session ({chosen.assigned:g} effort given, "
-            f"{chosen.held:g} of {chosen.slot.capacity:g} held)"
-        )
-        others = [
-            {"user": c[3].user.username, "assigned": c[0], "held": c[1]} for c in choices[1:6]
-        ]
-        made.append(
-            _record_assignment(
-                session, study=study, user=chosen.user, kind="push", now=now, lease=lease,
-                why=why, extra={"other_candidates": others,
-                                "skipped": refused[:_MAX_EXPLAINED_SKIPS]},
-            )
-        )  # fmt: skip
-        chosen.held += study.effort
-        chosen.assigned += study.effort
-        together = _claim_patient_studies(
-            session, anchor=study, user=chosen.user,
-            radiologist=replace(chosen.facts, session_load=chosen.held - study.effort),
-            now=now, lease=lease, kind="push", codes=codes,
-        )  # fmt: skip
-        for extra in together:
-            chosen.held += extra.effort
-            chosen.assigned += extra.effort
-    return made
-
-
-def _trust_turns(pool: Sequence[Study]) -> list[tuple[int, Study]]:
-    """Tier first; within a tier, trusts take turns in order of their most urgent study."""
-    turn_of: dict[tuple[int, int], int] = defaultdict(int)
-    keyed = []
-    for position, study in enumerate(pool):
-        tier = tier_from_urgency(study.urgency)
-        turn = turn_of[(tier, study.trust_id)]
-        turn_of[(tier, study.trust_id)] += 1
-        keyed.append(((tier, turn, position), turn, study))
-    keyed.sort(key=lambda k: k[0])
-    return [(turn, study) for _, turn, study in keyed]
-
-
-def auto_assign_job(runtime: Any) -> None:
-    lease = timedelta(minutes=runtime.settings.claim_lease_minutes)
-    with runtime.session() as session:
-        made = auto_assign(session, now=runtime.clock.now(), lease=lease)
-    if made:
-        logger.info("auto-assigned %d studies", len(made))
 
 
 # --- reporting agreements ---------------------------------------------------------------
