@@ -404,3 +404,27 @@ def test_a_study_held_for_verification_counts_toward_session_capacity(world: Wor
     world.claim("okafor", verifying)  # a routine CT to verify (effort 1.5) fills the session
     assert world.next_case("okafor").study is None
     assert world.study(waiting).claimed_by_id is None
+
+
+def test_auto_assignment_pushes_a_preliminary_report_to_a_consultant_never_a_trainee(
+    world: World,
+) -> None:
+    from worklist.services import auto_assignment
+
+    study_id = world.preliminary()
+    with world.runtime.session() as s:
+        made = auto_assignment.auto_assign(s, now=world.clock.now())
+        assert [a.study_id for a in made] == [study_id]
+        pushed = made[0]
+        assert pushed.kind == "push"
+        assert pushed.explanation["verification"]["preliminary_by"] == "lee"
+        assert pushed.explanation["why"].startswith("auto-assigned for verification")
+        # Eligible: the consultants with the CT credential and an RW6 agreement.
+        assert pushed.user_id in (world.users["okafor"], world.users["patel"])
+    study = world.study(study_id)
+    assert (study.status, study.claimed_by_id) == ("preliminary", pushed.user_id)
+    world.sign(
+        "okafor" if pushed.user_id == world.users["okafor"] else "patel",
+        study_id, "final", "Small acute subdural haematoma.",
+    )  # fmt: skip
+    assert world.study(study_id).status == "final"

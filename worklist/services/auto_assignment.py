@@ -1,4 +1,5 @@
-"""Auto-assignment (push): a scheduler job hands waiting studies to on-duty radiologists.
+"""Auto-assignment (push): a scheduler job hands waiting studies to on-duty radiologists,
+and preliminary reports waiting for verification to on-duty consultants.
 
 Balances the effort given to each reader this session, lets every trust take turns so
 that a busy trust cannot starve a quiet one, respects session capacity (stat and
@@ -21,7 +22,8 @@ from sqlalchemy.orm import Session, selectinload
 from worklist.db.models import Assignment, DutySession, Study, User
 from worklist.domain.eligibility import DutySlot, Radiologist, current_session, may_report
 from worklist.domain.priority import tier_from_urgency
-from worklist.services.pool import READY, WORKLIST_ORDER, unclaimed
+from worklist.services import verification
+from worklist.services.pool import PRELIMINARY, READY, WORKLIST_ORDER, unclaimed
 from worklist.services.worklist import (
     DEFAULT_LEASE,
     MAX_EXPLAINED_SKIPS,
@@ -105,9 +107,16 @@ def auto_assign(
         )  # fmt: skip
     if not readers:
         return []
-    pool = session.scalars(
-        sa.select(Study).where(unclaimed(READY)).order_by(*WORKLIST_ORDER).limit(pool_size)
-    ).all()
+    # Reporting and verification work in one order: a preliminary report waiting for a
+    # consultant ranks by the same urgency as a study waiting for its first report.
+    waiting = [
+        study
+        for status in (READY, PRELIMINARY)
+        for study in session.scalars(
+            sa.select(Study).where(unclaimed(status)).order_by(*WORKLIST_ORDER).limit(pool_size)
+        )
+    ]
+    pool = sorted(waiting, key=lambda s: (-s.urgency, -s.id))[:pool_size]
     codes = trust_codes(session)
     readings = readings_of(session, [s.id for s in pool if needs_double_reading(s)])
     made: list[Assignment] = []
@@ -118,7 +127,10 @@ def auto_assign(
             continue  # bundled with a same-patient study earlier in this run
         choices: list[tuple[float, float, int, _Reader]] = []
         refused: list[dict[str, Any]] = []
+        verify = study.status == PRELIMINARY
         for reader in readers:
+            if verify and not reader.user.can_finalise:
+                continue  # only a consultant verifies a preliminary report
             candidate = study_to_read(
                 study, user=reader.user, trust_code=codes.get(study.trust_id),
                 readings=readings.get(study.id, ()),
@@ -134,24 +146,35 @@ def auto_assign(
             continue
         choices.sort(key=lambda c: c[:3])
         chosen = choices[0][3]
-        if not conditional_claim(
-            session, study=study, user_id=chosen.user.id, now=now, lease=lease
-        ):
-            continue
         trust = codes.get(study.trust_id, "?")
         why = (
-            f"auto-assigned: tier {tier_from_urgency(study.urgency)}, turn {turn + 1} for trust "
-            f"{trust}; you had the least work this session ({chosen.assigned:g} effort given, "
+            f"auto-assigned{' for verification' if verify else ''}: tier "
+            f"{tier_from_urgency(study.urgency)}, turn {turn + 1} for trust {trust}; you had "
+            f"the least work this session ({chosen.assigned:g} effort given, "
             f"{chosen.held:g} of {chosen.slot.capacity:g} held)"
         )
         others = [
             {"user": c[3].user.username, "assigned": c[0], "held": c[1]} for c in choices[1:6]
         ]
+        extra = {"other_candidates": others, "skipped": refused[:MAX_EXPLAINED_SKIPS]}
+        if verify:
+            assigned = verification.assign_for_verification(
+                session, study=study, user=chosen.user, now=now, lease=lease, why=why,
+                extra=extra,
+            )  # fmt: skip
+            if assigned is not None:
+                made.append(assigned)
+                chosen.held += study.effort
+                chosen.assigned += study.effort
+            continue  # a report to verify is never bundled with others
+        if not conditional_claim(
+            session, study=study, user_id=chosen.user.id, now=now, lease=lease
+        ):
+            continue
         made.append(
             record_assignment(
                 session, study=study, user=chosen.user, kind="push", now=now, lease=lease,
-                why=why, extra={"other_candidates": others,
-                                "skipped": refused[:MAX_EXPLAINED_SKIPS]},
+                why=why, extra=extra,
             )
         )  # fmt: skip
         chosen.held += study.effort

@@ -123,7 +123,7 @@ def _preliminary_version(session: Session, study: Study) -> ReportVersion | None
 
 def _record(
     session: Session, *, study: Study, user: User, now: datetime, lease: timedelta, why: str,
-    extra: dict[str, Any] | None = None, remote_addr: str | None = None,
+    extra: dict[str, Any] | None = None, remote_addr: str | None = None, kind: str = "pull",
 ) -> Assignment:  # fmt: skip
     version = _preliminary_version(session, study)
     author = session.get(User, version.author_id) if version is not None else None
@@ -143,7 +143,7 @@ def _record(
         **(extra or {}),
     }
     row = Assignment(
-        study_id=study.id, user_id=user.id, kind="pull", started_at=now,
+        study_id=study.id, user_id=user.id, kind=kind, started_at=now,
         expires_at=now + lease, explanation=explanation,
     )  # fmt: skip
     session.add(row)
@@ -211,6 +211,20 @@ def claim_if_more_urgent(
         logger.info("study %s claimed by %s for verification", study.id, user.username)
         return worklist_service.ClaimResult(study, assignment, why)
     return None
+
+
+def assign_for_verification(
+    session: Session, *, study: Study, user: User, now: datetime, lease: timedelta, why: str,
+    extra: dict[str, Any] | None = None,
+) -> Assignment | None:  # fmt: skip
+    """Push (auto-assignment): claim a preliminary study for `user` to verify, or None if
+    another consultant took it meanwhile. The caller has checked eligibility."""
+    if _claim(session, study_id=study.id, user_id=user.id, now=now, lease=lease) is None:
+        return None
+    return _record(
+        session, study=study, user=user, now=now, lease=lease, why=why, extra=extra,
+        kind="push",
+    )  # fmt: skip
 
 
 def claim_for_verification(
