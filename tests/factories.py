@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -60,6 +60,7 @@ def make_patient(
     nhs_number: str | None = None,
     family_name: str = "Test",
     given_name: str = "Patient",
+    birth_date: date | None = None,
 ) -> Patient:
     nhs = normalise_nhs_number(nhs_number)
     valid = is_valid_nhs_number(nhs)
@@ -69,6 +70,7 @@ def make_patient(
         local_authority=trust.code,
         family_name=family_name,
         given_name=given_name,
+        birth_date=birth_date,
         nhs_number=nhs,
         nhs_number_valid=valid,
         link_nhs_number=nhs if valid else None,

@@ -9,9 +9,9 @@ agreement, credential and exclusion rules allow.
 from __future__ import annotations
 
 import itertools
-from datetime import timedelta
+from datetime import date, timedelta
 
-from tests.factories import make_study, make_trust, make_user
+from tests.factories import make_patient, make_study, make_trust, make_user
 from worklist.db.models import Assignment, ReportingPermission, Study
 from worklist.domain.eligibility import RefusalCode, may_report
 from worklist.services import worklist as wl
@@ -19,6 +19,7 @@ from worklist.services.pool import PRELIMINARY, pool_query
 
 MODALITIES = ("CT", "MR", "XR", "US", "MG", "NM")
 AREAS = ("HEAD", "Chest", "KNEE", "BREAST", "ABDOMEN", "SPINE", "PAED", None)
+BORN = (date(1970, 5, 1), date(2019, 2, 3), None)  # an adult, a child (paediatric), unknown
 #: The refusals about the person and the moment, not about which study: the pools leave
 #: duty and capacity to next case.
 NOT_ABOUT_THE_STUDY = {RefusalCode.OFF_DUTY, RefusalCode.OVER_CAPACITY}
@@ -30,7 +31,7 @@ def _region(session, now):
     )
     reader = make_user(
         session, now=now, trusts=("RW6", "RM3"), on_duty=True,
-        credentials=("CT:NEURO", "MR", "XR:CHEST", "US:MSK", "MG:BREAST", "XR:PAEDIATRIC"),
+        credentials=("CT:NEURO", "MR", "XR:CHEST", "US:MSK", "MG:BREAST", "XR:PAED"),
     )  # fmt: skip
     today, day = now.date(), timedelta(days=1)
     session.add_all(
@@ -62,9 +63,10 @@ def test_the_ready_pool_holds_exactly_the_studies_the_rules_allow(session, clock
     trusts, reader = _region(session, now)
     codes = {t.id: t.code for t in trusts}
     studies = [
-        make_study(session, trust=trust, now=now, modality=modality, body_area=area)
-        for trust, modality, area in itertools.product(trusts, MODALITIES, AREAS)
-    ]
+        make_study(session, trust=trust, now=now, modality=modality, body_area=area,
+                   patient=make_patient(session, trust=trust, now=now, birth_date=born))
+        for trust, modality, area, born in itertools.product(trusts, MODALITIES, AREAS, BORN)
+    ]  # fmt: skip
     # A double read this reader has already given one reading of, and one they have not.
     read_once, unread = (
         make_study(session, trust=trusts[0], now=now, modality="MG", body_area="BREAST",
@@ -87,6 +89,8 @@ def test_the_ready_pool_holds_exactly_the_studies_the_rules_allow(session, clock
 
     assert in_sql == allowed
     assert unread.id in allowed and read_once.id not in allowed
+    children = {s.id for s in studies if s.paediatric}
+    assert children and children & allowed and children - allowed
     assert 10 < len(allowed) < len(studies) / 2  # the rules keep some and refuse most
 
 

@@ -520,3 +520,17 @@ def test_the_scheduler_job_raises_a_waiting_study_as_it_ages(runtime, clock):
         assert study.priority_explanation["ageing"] == (
             "raised from tier 3 to 2 after waiting 21 days"
         )
+
+
+def test_a_childs_study_goes_to_a_radiologist_with_a_paediatric_credential(session, clock, region):
+    rw6, _ = region
+    now = clock.now()
+    child = make_patient(session, trust=rw6, now=now, birth_date=date(2019, 6, 1))
+    head_ct = ready(session, clock, rw6, patient=child, modality="CT", body_area="HEAD")
+    assert head_ct.paediatric
+    assert head_ct.priority_explanation["paediatric"] is True
+    neuro = radiologist(session, clock, credentials=("CT:NEURO",))
+    paeds = radiologist(session, clock, credentials=("CT:PAED",))
+    refused = wl.next_case(session, user=neuro, now=now)
+    assert refused.study is None
+    assert wl.next_case(session, user=paeds, now=now).study is head_ct

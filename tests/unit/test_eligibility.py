@@ -93,6 +93,10 @@ def test_a_paediatric_study_needs_a_paediatric_or_any_area_credential():
     assert may_report(radiologist(), xr_child, NOW).allowed
     paeds = radiologist(credentials=(HeldCredential("CT", "paediatric"),))
     assert may_report(paeds, child, NOW).allowed
+    # Entered as RIS code tables spell it; and it covers studies coded PAED by body area.
+    paed = radiologist(credentials=(HeldCredential("CT", "PAED"),))
+    assert may_report(paed, child, NOW).allowed
+    assert may_report(paed, study(modality="CT", body_area="PAED"), NOW).allowed
 
 
 def test_off_duty_refuses_alone():

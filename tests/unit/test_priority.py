@@ -302,3 +302,26 @@ def test_a_region_names_its_own_critical_work_and_bad_entries_are_refused():
     assert "critical[0].when: must name at least one attribute" in problems
     assert "critical[1].name: every critical rule needs a name" in problems
     assert "critical[1].when.colour: unknown attribute" in problems
+
+
+def test_a_child_at_the_examination_makes_a_paediatric_study_by_the_rules_age():
+    scanned = NOW - timedelta(hours=1)
+
+    def born(years_before: int, days: int = 0) -> bool:
+        birth = (scanned - timedelta(days=days)).date().replace(year=scanned.year - years_before)
+        return prioritise(
+            facts(performed_at=scanned, patient_birth_date=birth), RULES, NOW
+        ).paediatric
+
+    assert born(10) and born(16, days=-1)  # 16 tomorrow: still a child today
+    assert not born(16) and not born(40)
+    assert not prioritise(facts(performed_at=scanned), RULES, NOW).paediatric  # no birth date
+    doc = copy.deepcopy(DEFAULT_RULES)
+    doc["paediatric_under_years"] = 18
+    assert prioritise(
+        facts(performed_at=scanned, patient_birth_date=scanned.date().replace(year=2010)),
+        load_rules(doc), NOW,
+    ).paediatric  # fmt: skip
+    doc["paediatric_under_years"] = "sixteen"
+    with pytest.raises(PriorityRulesError, match="paediatric_under_years: must be a whole"):
+        load_rules(doc)

@@ -309,6 +309,8 @@ class Study(Base):
     effort: Mapped[float] = mapped_column(default=1.0)
     # Matched a critical rule (e.g. a timing-critical order): given even over a full session.
     critical: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
+    # A child at the examination (the rules' paediatric age): needs a paediatric credential.
+    paediatric: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
     # The claim: a lease held by one radiologist at a time.
     claimed_by_id: Mapped[int | None] = mapped_column(sa.ForeignKey("user_account.id"))
     claimed_at: Mapped[datetime | None]
@@ -330,8 +332,9 @@ class Study(Base):
         # worklist page read it top-down with ORDER BY urgency DESC, id DESC; a backward
         # scan of this small partial index instead of the whole study history). The constant
         # leading status column lets PostgreSQL use it for the order; the trailing columns
-        # make it cover the candidate query (ids only), so SQLite too prefers it to
-        # ix_study_status_urgency, which walks past every claimed study at the top.
+        # make it cover the candidate query (ids only; the stat-or-critical and paediatric
+        # terms included), so SQLite too prefers it to ix_study_status_urgency, which walks
+        # past every claimed study at the top.
         sa.Index(
             "ix_study_ready_pool",
             "status",
@@ -341,6 +344,8 @@ class Study(Base):
             "modality",
             "body_area",
             "claimed_by_id",
+            "critical",
+            "paediatric",
             postgresql_where=sa.text("status = 'ready' AND claimed_by_id IS NULL"),
             sqlite_where=sa.text("status = 'ready' AND claimed_by_id IS NULL"),
         ),
@@ -355,6 +360,8 @@ class Study(Base):
             "modality",
             "body_area",
             "claimed_by_id",
+            "critical",
+            "paediatric",
             postgresql_where=sa.text("status = 'preliminary' AND claimed_by_id IS NULL"),
             sqlite_where=sa.text("status = 'preliminary' AND claimed_by_id IS NULL"),
         ),

@@ -32,7 +32,9 @@ __all__ = [
     "RefusalCode",
     "ReportingAgreement",
     "StudyToRead",
+    "PAEDIATRIC",
     "SUBSPECIALTY_BODY_AREAS",
+    "credential_area",
     "agreements_expiring",
     "credential_covers",
     "current_session",
@@ -66,10 +68,25 @@ SUBSPECIALTY_BODY_AREAS: Mapping[str, frozenset[str]] = {
     "chest": frozenset({"chest", "thorax", "lung", "lungs", "cardiac", "heart"}),
     "body": frozenset({"abdomen", "pelvis", "chest abdomen pelvis", "liver", "renal", "kidney"}),
     "breast": frozenset({"breast"}),
-    "paediatric": frozenset(),
+    "paediatric": frozenset({"paed", "paeds", "paediatrics"}),  # as RIS code tables spell it
     "cardiac": frozenset({"cardiac", "heart", "coronary"}),
     "vascular": frozenset({"vascular", "aorta", "peripheral vascular"}),
 }
+
+
+#: The subspecialty of a child's study (under the rules' paediatric age at the examination).
+PAEDIATRIC = "paediatric"
+#: Other spellings of a subspecialty that credentials are entered with.
+_SUBSPECIALTY_NAMES: Mapping[str, str] = {"paed": PAEDIATRIC, "paeds": PAEDIATRIC,
+                                          "paediatrics": PAEDIATRIC}  # fmt: skip
+
+
+def credential_area(body_area: str | None) -> str | None:
+    """A credential's body area or subspecialty as the rules compare it (None = any)."""
+    if body_area is None or not body_area.strip():
+        return None
+    held = body_area.strip().lower()
+    return _SUBSPECIALTY_NAMES.get(held, held)
 
 
 class RefusalCode(StrEnum):
@@ -200,7 +217,7 @@ def credential_covers(
     """Does this credential cover the study's modality and body area / subspecialty?"""
     if credential.modality.strip().upper() not in ("*", (study.modality or "").strip().upper()):
         return False
-    held = credential.body_area.strip().lower() if credential.body_area else None
+    held = credential_area(credential.body_area)
     if held is None:
         return True
     if study.subspecialty:

@@ -21,7 +21,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, tzinfo
+from datetime import date, datetime, timedelta, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -214,6 +214,9 @@ class TrustRules:
     effort_by_procedure: Mapping[str, float]
     # Work that passes a full session's cap as stat work does (e.g. timing-critical orders).
     critical: tuple[CriticalRule, ...] = ()
+    # A patient younger than this at the examination makes it a paediatric study: reported
+    # by a radiologist with a paediatric credential (or one for any body area).
+    paediatric_under_years: int | None = None
 
 
 @dataclass(frozen=True)
@@ -262,6 +265,7 @@ class OrderFacts:
     performed_at: datetime | None = None
     images_available_at: datetime | None = None
     ready_at: datetime | None = None
+    patient_birth_date: date | None = None
 
 
 @dataclass(frozen=True)
@@ -289,6 +293,7 @@ class Priority:
     rules_name: str
     rules_version: int
     critical: str | None = None  # the critical rule matched: passes a full session's cap
+    paediatric: bool = False  # a child at the examination: needs a paediatric credential
 
     def explanation(self) -> dict[str, Any]:
         """JSON-ready explanation stored with the study (times in UTC ISO 8601)."""
@@ -320,6 +325,7 @@ class Priority:
             "review_at": _iso(self.review_at),
             "urgency": self.urgency,
             "critical": self.critical,
+            "paediatric": self.paediatric,
             "summary": self.summary(),
         }
 
@@ -370,7 +376,7 @@ def load_rules(document: Mapping[str, Any]) -> RuleSet:
         raise PriorityRulesError(["the document must be a JSON object"])
     known = {
         "version", "name", "outer_bound", "clock_start", "default_class", "ageing_ceiling",
-        "classes", "rules", "effort", "trusts", "critical",
+        "classes", "rules", "effort", "trusts", "critical", "paediatric_under_years",
     }  # fmt: skip
     for key in document:
         if key not in known:
@@ -470,6 +476,17 @@ def _resolve(
         if found is not None:
             critical.append(found)
 
+    paediatric_under = document.get("paediatric_under_years")
+    if paediatric_under is not None and (
+        not isinstance(paediatric_under, int) or isinstance(paediatric_under, bool)
+        or not 1 <= paediatric_under <= 25
+    ):  # fmt: skip
+        problems.append(
+            "paediatric_under_years: must be a whole number of years 1..25, "
+            f"got {paediatric_under!r}"
+        )
+        paediatric_under = None
+
     default_class = document.get("default_class")
     if default_class not in classes_doc:
         problems.append(f"default_class: {default_class!r} is not one of the classes")
@@ -505,6 +522,7 @@ def _resolve(
         effort_by_modality={k.upper(): float(v) for k, v in by_modality.items()},
         effort_by_procedure={k.upper(): float(v) for k, v in by_procedure.items()},
         critical=tuple(critical),
+        paediatric_under_years=paediatric_under,
     )
 
 
@@ -778,7 +796,17 @@ def prioritise(facts: OrderFacts, rules: RuleSet | TrustRules, now: datetime) ->
         rules_name=trust_rules.name,
         rules_version=trust_rules.version,
         critical=next((c.name for c in trust_rules.critical if c.matches(facts)), None),
+        paediatric=_is_child(facts.patient_birth_date, clock_start, trust_rules),
     )
+
+
+def _is_child(birth_date: date | None, examined_at: datetime, rules: TrustRules) -> bool:
+    """Younger than the rules' paediatric age on the day of the examination (UK date)."""
+    if birth_date is None or rules.paediatric_under_years is None:
+        return False
+    day = examined_at.astimezone(ZoneInfo("Europe/London")).date()
+    age = day.year - birth_date.year - ((day.month, day.day) < (birth_date.month, birth_date.day))
+    return age < rules.paediatric_under_years
 
 
 def _clock_start(facts: OrderFacts, fields: Sequence[str], now: datetime) -> tuple[str, datetime]:

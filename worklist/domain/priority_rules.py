@@ -108,6 +108,9 @@ DEFAULT_RULES: dict[str, Any] = {
             ],
         },
     },
+    # Under 16 at the examination: paediatric (RCR paediatric imaging: children's services
+    # commonly to the 16th birthday; set 18 where the trust's children's service runs to 18).
+    "paediatric_under_years": 16,
     # Critical work is given even to a radiologist whose session is full, as stat work is.
     "critical": [
         {

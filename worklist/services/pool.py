@@ -21,7 +21,14 @@ from datetime import datetime
 import sqlalchemy as sa
 
 from worklist.db.models import Assignment, Study
-from worklist.domain.eligibility import LONDON, SUBSPECIALTY_BODY_AREAS, HeldCredential, Radiologist
+from worklist.domain.eligibility import (
+    LONDON,
+    PAEDIATRIC,
+    SUBSPECIALTY_BODY_AREAS,
+    HeldCredential,
+    Radiologist,
+    credential_area,
+)
 from worklist.domain.priority import urgency_floor
 from worklist.domain.study import StudyStatus
 
@@ -114,22 +121,33 @@ def _not_already_read(user_id: int) -> sa.ColumnElement[bool]:
 
 
 def credential_clause(credentials: Iterable[HeldCredential]) -> sa.ColumnElement[bool]:
-    """SQL for `credential_covers`: modality, then body area or the areas of a subspecialty."""
+    """SQL for `credential_covers`: modality, then body area or the areas of a subspecialty;
+    a child's study (paediatric) needs a paediatric credential or an any-area one."""
     by_modality: dict[str, set[str] | None] = {}
+    for_children: set[str] = set()
     for credential in credentials:
         modality = credential.modality.strip().upper()
-        if credential.body_area is None:
+        held = credential_area(credential.body_area)
+        if held is None or held == PAEDIATRIC:
+            for_children.add(modality)
+        if held is None:
             by_modality[modality] = None  # any body area
             continue
-        held = credential.body_area.strip().lower()
         areas = {held} | set(SUBSPECIALTY_BODY_AREAS.get(held, ()))
         current = by_modality.setdefault(modality, set())
         if current is not None:
             current.update(areas)
-    clauses = []
+    adults = []
     for modality, covered in sorted(by_modality.items()):
         parts = [] if modality == "*" else [Study.modality == modality]
         if covered is not None:
             parts.append(sa.func.lower(Study.body_area).in_(sorted(covered)))
-        clauses.append(sa.and_(sa.true(), *parts))
-    return sa.or_(*clauses) if clauses else sa.false()
+        adults.append(sa.and_(sa.true(), *parts))
+    if "*" in for_children:
+        children: sa.ColumnElement[bool] = sa.true()
+    else:
+        children = Study.modality.in_(sorted(for_children)) if for_children else sa.false()
+    return sa.or_(
+        sa.and_(Study.paediatric.is_(False), sa.or_(*adults) if adults else sa.false()),
+        sa.and_(Study.paediatric.is_(True), children),
+    )

@@ -30,7 +30,7 @@ import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -51,6 +51,7 @@ from worklist.db.models import (
 )
 from worklist.domain.eligibility import (
     LONDON,
+    PAEDIATRIC,
     DutySlot,
     Eligibility,
     HeldCredential,
@@ -135,7 +136,7 @@ def rules_for(settings: Any = None) -> RuleSet:
 # --- prioritising -------------------------------------------------------------------
 
 
-def order_facts(study: Study, trust_code: str | None) -> OrderFacts:
+def order_facts(study: Study, trust_code: str | None, birth_date: date | None = None) -> OrderFacts:
     return OrderFacts(
         trust_code=trust_code,
         order_priority=study.order_priority,
@@ -149,6 +150,7 @@ def order_facts(study: Study, trust_code: str | None) -> OrderFacts:
         performed_at=study.performed_at,
         images_available_at=study.images_available_at,
         ready_at=study.ready_at,
+        patient_birth_date=birth_date,
     )
 
 
@@ -160,10 +162,12 @@ def _apply_priority(study: Study, priority: Priority, effort: float) -> bool:
         or study.priority_class != priority.class_code
         or study.effort != effort
         or study.critical != (priority.critical is not None)
+        or study.paediatric != priority.paediatric
         or (study.priority_explanation or {}) != explanation
     )
     if changed:
         study.critical = priority.critical is not None
+        study.paediatric = priority.paediatric
         study.priority_class = priority.class_code
         study.due_at = priority.due_at
         study.urgency = priority.urgency
@@ -180,8 +184,13 @@ def prioritise_study(
     Call when an order arrives or changes; the scheduler also sweeps every ready study.
     """
     rules = rules or rules_for()
-    code = session.scalar(sa.select(Trust.code).where(Trust.id == study.trust_id))
-    facts = order_facts(study, code)
+    code, birth_date = session.execute(
+        sa.select(Trust.code, Patient.birth_date)
+        .select_from(Trust)
+        .outerjoin(Patient, Patient.id == study.patient_id)
+        .where(Trust.id == study.trust_id)
+    ).one()
+    facts = order_facts(study, code, birth_date)
     priority = prioritise(facts, rules, now)
     _apply_priority(study, priority, effort_for(facts, rules))
     return priority
@@ -220,8 +229,13 @@ def reprioritise_batch(
     rules = rules or rules_for()
     codes = trust_codes(session)
     changed = 0
-    for study in session.scalars(sa.select(Study).where(Study.id.in_(list(study_ids)))):
-        facts = order_facts(study, codes.get(study.trust_id))
+    rows = session.execute(
+        sa.select(Study, Patient.birth_date)
+        .join(Patient, Patient.id == Study.patient_id)
+        .where(Study.id.in_(list(study_ids)))
+    )
+    for study, birth_date in rows:
+        facts = order_facts(study, codes.get(study.trust_id), birth_date)
         if _apply_priority(study, prioritise(facts, rules, now), effort_for(facts, rules)):
             changed += 1
     session.flush()
@@ -403,6 +417,7 @@ def study_to_read(
         trust_code=trust_code,
         modality=study.modality,
         body_area=study.body_area,
+        subspecialty=PAEDIATRIC if study.paediatric else None,
         tier=tier_from_urgency(study.urgency),
         critical=bool(study.critical),
         effort=study.effort,
