@@ -57,12 +57,44 @@ the runs, so figures move by a third from run to run; 3,000 ORM^O01 of ~1 KB):
   against 806/s and 173/s with one in the run after): they take the listener's CPU.
   Draining alone, 2 workers ~205/s against ~166/s with one, 4 workers ~142/s. One stays
   the default on 2 cores.
-* What bounds us now: the ACK path is CPU-bound in the listener process (~0.4 ms of
-  parsing, checking and ACK building a message in the event loop, ~0.5 ms of storing
-  per message in batches of 8: 8 senders each wait for their ACK); a second store
-  writer (two transactions in flight) measured no better. Applying is CPU-bound in
-  SQLAlchemy's unit of work (~2.4 ms a message); the 500/s target needs a Core-level
-  apply path or more cores.
+* A Core apply path, 2026-11-23 afternoon (`worklist.services.orders.CoreBatch`): order
+  messages are decided by the same `_Run` code as `apply_events`, on plain rows read
+  ahead in one query each for the batch; new rows get their ids up front and the new and
+  changed rows go out in one executemany per table. What only the ORM path does (ending a
+  claim, a merged patient, ADT, an order without accession number) still goes through
+  `apply_events`, in order, in the same transaction. The apply loop alone (`apply_pending`,
+  944-1,776 ORM^O01): PostgreSQL 208/s -> 834/s at 50 a batch, 1,300-1,970/s at 200
+  (6.3 -> 0.1-0.6 statements and 3.7 -> 0.4-0.8 ms CPU a message); SQLite 569/s ->
+  1,200-1,500/s at 50, ~1,970/s at 100. Once a message is cheap, the batch's fixed cost
+  (~20 ms: read-ahead, ids, re-prioritisation, states, commit) rules, so PostgreSQL now
+  applies 200 a batch (was 50) and SQLite drains 100 after a burst (was 25; still 3
+  while frames arrive). The store's resend check is a query built once (with expanding
+  parameters), not per group commit: store CPU 0.26 -> 0.12 ms a message on SQLite,
+  0.42 -> 0.16-0.21 on PostgreSQL (batches of 8).
+* Same client, both databases in one run each, 3,000 ORMs:
+    before  (13:02, load average 3.7 -> 2.4) SQLite ack 959/s = 53 % of floor (b)
+            1,801/s, applied 317/s, p99 ACK 39 ms at 200/s offered; PostgreSQL ack
+            657/s = 46 % of floor (b) 1,426/s, applied 205/s, p99 17 ms at 200/s.
+    after   (14:00, load average 1.4 -> 1.3; a clean checkout of a1e36da, without
+            other work in progress in the shared tree) SQLite ack 1,060/s = 63 % of floor (b)
+            1,695/s, applied 578/s, p99 26 ms at 200/s; PostgreSQL ack 584/s = 47 % of
+            floor (b) 1,235/s, applied 484/s, p99 28 ms at 200/s. Other runs the same
+            hour (load 1-4.5): SQLite ack 940-1,430/s (46-65 %), applied 537-700/s;
+            PostgreSQL ack 430-832/s (37-51 %), applied 370-654/s, p99 at 200/s 20-59 ms
+            (over 40 ms only with load average above 4).
+* Measured and not kept: two store writers on PostgreSQL (frames shared by sender:
+  ack 434/s against 612/s with one, in back-to-back runs); the apply worker as a child
+  process on SQLite (ack 1,329/s against 1,430/s, applied 316/s against 674/s: it has
+  no idle batch, and waits on SQLite's lock).
+* What bounds us now: applied on PostgreSQL follows the ACK rate (the worker keeps up
+  with it: ~1 s of backlog at the end of a 5 s burst). The ACK path: ~0.2 ms of parsing,
+  checking and ACK building a message in the event loop and ~0.15 ms of storing, in one
+  process, so SQLite is CPU-bound (GIL); on PostgreSQL the event loop idles half the
+  time waiting on the store, whose group commit costs four round trips (pool pre-ping,
+  resend check, INSERT, COMMIT) while floor (b) keeps eight transactions in flight.
+  Next: the resend check and the INSERT in one round trip (or a unique index on
+  (MSH-3, MSH-4, MSH-10) of originals and INSERT ... ON CONFLICT), no pre-ping for the
+  store's connection, and on SQLite parsing off the GIL (a second listener process).
 
     .venv/bin/python bench/ingest.py                      # both databases, 4000 messages
     .venv/bin/python bench/ingest.py --db sqlite --messages 2000
