@@ -37,6 +37,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from hl7.ack import ack_is_enhanced, build_ack, build_error_ack, minimal_header
@@ -538,7 +539,9 @@ def _stored_originals(
         return {}
     applications = {k[0] for k in wanted}
     facilities = {k[1] for k in wanted}
-    query = _originals_query("" in applications, "" in facilities)
+    query = _originals_query(
+        "" in applications, "" in facilities, session.get_bind().dialect.name == "postgresql"
+    )
     parameters = {
         "applications": sorted(a for a in applications if a),
         "facilities": sorted(f for f in facilities if f),
@@ -553,13 +556,20 @@ def _stored_originals(
 
 
 @functools.cache
-def _originals_query(application_null: bool, facility_null: bool) -> sa.Select[Any]:
-    """Built once per shape, not per batch: building it cost as much CPU as the INSERT
-    (expanding parameters take the batch's values; an empty MSH-3/MSH-4 is stored NULL)."""
+def _originals_query(
+    application_null: bool, facility_null: bool, arrays: bool = False
+) -> sa.Select[Any]:
+    """Built once per shape, not per batch: building it cost as much CPU as the INSERT.
+    PostgreSQL takes the values as arrays (`= ANY`), so the SQL text is the same for any
+    batch and the server plans it once (psycopg prepares it); elsewhere expanding IN
+    lists. An empty MSH-3/MSH-4 is stored NULL."""
     table = _INBOUND
 
     def column_in(column: sa.ColumnElement[Any], name: str, null: bool) -> sa.ColumnElement[bool]:
-        clause = column.in_(sa.bindparam(name, expanding=True))
+        if arrays:
+            clause = column == sa.any_(sa.bindparam(name, type_=postgresql.ARRAY(sa.String)))
+        else:
+            clause = column.in_(sa.bindparam(name, expanding=True))
         return sa.or_(clause, column.is_(None)) if null else clause
 
     return (
@@ -574,7 +584,7 @@ def _originals_query(application_null: bool, facility_null: bool) -> sa.Select[A
         .where(
             column_in(table.c.sending_application, "applications", application_null),
             column_in(table.c.sending_facility, "facilities", facility_null),
-            table.c.control_id.in_(sa.bindparam("control_ids", expanding=True)),
+            column_in(table.c.control_id, "control_ids", False),
             table.c.state != DUPLICATE,
         )
         .order_by(table.c.id)
