@@ -68,9 +68,11 @@ the runs, so figures move by a third from run to run; 3,000 ORM^O01 of ~1 KB):
   1,200-1,500/s at 50, ~1,970/s at 100. Once a message is cheap, the batch's fixed cost
   (~20 ms: read-ahead, ids, re-prioritisation, states, commit) rules, so PostgreSQL now
   applies 200 a batch (was 50) and SQLite drains 100 after a burst (was 25; still 3
-  while frames arrive). The store's resend check is a query built once (with expanding
-  parameters), not per group commit: store CPU 0.26 -> 0.12 ms a message on SQLite,
-  0.42 -> 0.16-0.21 on PostgreSQL (batches of 8).
+  while frames arrive). The store's resend check is a query built once, not per group
+  commit: store CPU 0.26 -> 0.12 ms a message on SQLite, 0.42 -> 0.16-0.21 on
+  PostgreSQL (batches of 8); on PostgreSQL its values go as arrays (`= ANY`), one SQL
+  text whatever the batch, planned once: 2.4-2.9 -> 1.3-1.5 ms a batch of 8 for that
+  statement, 5.9-6.3 -> 3.9-4.5 ms for the whole store (alternating runs).
 * Same client, both databases in one run each, 3,000 ORMs:
     before  (13:02, load average 3.7 -> 2.4) SQLite ack 959/s = 53 % of floor (b)
             1,801/s, applied 317/s, p99 ACK 39 ms at 200/s offered; PostgreSQL ack
@@ -81,7 +83,12 @@ the runs, so figures move by a third from run to run; 3,000 ORM^O01 of ~1 KB):
             floor (b) 1,235/s, applied 484/s, p99 28 ms at 200/s. Other runs the same
             hour (load 1-4.5): SQLite ack 940-1,430/s (46-65 %), applied 537-700/s;
             PostgreSQL ack 430-832/s (37-51 %), applied 370-654/s, p99 at 200/s 20-59 ms
-            (over 40 ms only with load average above 4).
+            (over 40 ms only with load average above 4); p50 at 200/s on PostgreSQL
+            was 5-12 ms against 4.9 ms in the one run before: not explained yet.
+    = ANY   (14:03, load average 0.7 -> 0.9, clean checkout of cd5b7f1) SQLite ack
+            1,131/s = 65 % of 1,741/s, applied 661/s, p99 25 ms at 200/s; PostgreSQL
+            ack 546/s = 38 % of 1,446/s, applied 451/s, p99 22 ms at 200/s: the cheaper
+            store statement does not show end to end in one run.
 * Measured and not kept: two store writers on PostgreSQL (frames shared by sender:
   ack 434/s against 612/s with one, in back-to-back runs); the apply worker as a child
   process on SQLite (ack 1,329/s against 1,430/s, applied 316/s against 674/s: it has
