@@ -83,12 +83,18 @@ the runs, so figures move by a third from run to run; 3,000 ORM^O01 of ~1 KB):
             floor (b) 1,235/s, applied 484/s, p99 28 ms at 200/s. Other runs the same
             hour (load 1-4.5): SQLite ack 940-1,430/s (46-65 %), applied 537-700/s;
             PostgreSQL ack 430-832/s (37-51 %), applied 370-654/s, p99 at 200/s 20-59 ms
-            (over 40 ms only with load average above 4); p50 at 200/s on PostgreSQL
-            was 5-12 ms against 4.9 ms in the one run before: not explained yet.
+            (over 40 ms only with load average above 4).
     = ANY   (14:03, load average 0.7 -> 0.9, clean checkout of cd5b7f1) SQLite ack
             1,131/s = 65 % of 1,741/s, applied 661/s, p99 25 ms at 200/s; PostgreSQL
             ack 546/s = 38 % of 1,446/s, applied 451/s, p99 22 ms at 200/s: the cheaper
             store statement does not show end to end in one run.
+    A/B     PostgreSQL only, before (97abee0) and after (cd5b7f1) alternating, clean
+            checkouts, 14:04-14:06, load average 0.7-1.2: before ack 638 and 653/s,
+            applied 203 and 213/s, p50/p99 at 200/s 5.6/19 and 5.5/22 ms; after ack 701
+            and 747/s, applied 526 and 551/s, p50/p99 at 200/s 7.8/18 and 10.4/22 ms.
+            The p50 at 200/s is higher, probably because the apply worker now writes a
+            batch in a few pipelined statements, so its (un-niced) PostgreSQL backend
+            works in bursts beside the store's (not verified); the p99 is unchanged.
 * Measured and not kept: two store writers on PostgreSQL (frames shared by sender:
   ack 434/s against 612/s with one, in back-to-back runs); the apply worker as a child
   process on SQLite (ack 1,329/s against 1,430/s, applied 316/s against 674/s: it has
