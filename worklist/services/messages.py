@@ -13,8 +13,10 @@ The life of a message (DESIGN.md "Acknowledgements and bad input"):
    ``rejected`` (AR: unknown sender, unsupported type/version, unreadable).
 2. `apply_pending` (the listener's apply worker, and recovery at start-up):
    takes ``received`` messages in arrival order, in batches, and applies their
-   events with `worklist.services.orders.apply_events`; a message that cannot
-   be applied becomes ``failed`` with its reason (the error queue).
+   events: order messages with `worklist.services.orders.CoreBatch` (Core
+   statements per batch), the rest with `worklist.services.orders.apply_events`
+   (the ORM; the same decisions); a message that cannot be applied becomes
+   ``failed`` with its reason (the error queue).
 3. The error queue: `list_messages`, `get_message`, `edit_message` (failed or
    rejected only; the old bytes go to the audit log) and `replay_message`
    (applies it exactly once: a conditional state change guards it).

@@ -46,6 +46,11 @@ the HL7 table 0357 code its negative ACK should carry, with ACK code AE):
 When `apply_events` raises, nothing of that call is left in the session (it runs
 inside a savepoint), so the caller can still record the failure in the same
 transaction.
+
+Two ways to write, one set of decisions (`_Run`): `apply_events` through the ORM,
+one message at a time, for everything; `CoreBatch` for a batch of order messages
+with Core statements (the apply worker's hot path), which hands back to
+`apply_events` what it cannot do (`NeedsOrm`: a claim to end, a merged patient).
 """
 
 from __future__ import annotations
