@@ -301,10 +301,16 @@ def _radiologist_facts_query(through_driver: bool = False) -> sa.CompoundSelect[
         DutySession.capacity,
         DutySession.free_choice,
     ).where(DutySession.user_id == user_id, DutySession.starts_at <= now, DutySession.ends_at > now)
-    # The held studies as in `_held_by` (no status term: see there), filtered here.
+    # The effort of the studies held to report or verify, summed in the database (one row
+    # however many are held); the status test inside the sum so that both planners reach
+    # the rows through ix_study_claimed_by (see `_held_by`).
+    held_statuses = sa.literal_column(", ".join(f"'{s}'" for s in sorted(_HELD_STATUSES)))
+    load = sa.func.coalesce(
+        sa.func.sum(sa.case((Study.status.in_([held_statuses]), Study.effort), else_=0.0)), 0.0
+    )
     held = sa.select(
-        sa.literal(3), Study.id, sa.null(), sa.null(), sa.null(), Study.status, sa.null(),
-        sa.null(), sa.null(), Study.effort, sa.null(),
+        sa.literal(3), sa.literal(0), sa.null(), sa.null(), sa.null(), sa.null(), sa.null(),
+        sa.null(), sa.null(), load, sa.null(),
     ).where(Study.claimed_by_id == user_id)  # fmt: skip
     # One row when any preliminary report waits unclaimed (ix_study_verification_pool):
     # next case asks the verification pool only then.
@@ -352,8 +358,8 @@ def _facts(session: Session, *, user: User, now: datetime) -> tuple[Radiologist,
             slots.append(DutySlot(starts_at, ends_at, number, bool(flag), text1, row_id))
         elif kind == 4:
             verification_waiting = True
-        elif text1 in _HELD_STATUSES:  # reporting and verifying both fill a session
-            load += float(number)
+        elif kind == 3:  # reporting and verifying both fill a session
+            load = float(number or 0.0)
     radiologist = Radiologist(
         user_id=user.id,
         agreements=tuple(permissions),
