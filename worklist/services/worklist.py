@@ -154,25 +154,25 @@ def order_facts(study: Study, trust_code: str | None, birth_date: date | None = 
     )
 
 
+def _priority_values(priority: Priority, effort: float) -> dict[str, Any]:
+    """The study columns prioritisation sets."""
+    return {
+        "priority_class": priority.class_code,
+        "due_at": priority.due_at,
+        "urgency": priority.urgency,
+        "priority_explanation": priority.explanation(),
+        "effort": effort,
+        "critical": priority.critical is not None,
+        "paediatric": priority.paediatric,
+    }
+
+
 def _apply_priority(study: Study, priority: Priority, effort: float) -> bool:
-    explanation = priority.explanation()
-    changed = (
-        study.urgency != priority.urgency
-        or study.due_at != priority.due_at
-        or study.priority_class != priority.class_code
-        or study.effort != effort
-        or study.critical != (priority.critical is not None)
-        or study.paediatric != priority.paediatric
-        or (study.priority_explanation or {}) != explanation
-    )
+    values = _priority_values(priority, effort)
+    changed = any(getattr(study, name) != value for name, value in values.items())
     if changed:
-        study.critical = priority.critical is not None
-        study.paediatric = priority.paediatric
-        study.priority_class = priority.class_code
-        study.due_at = priority.due_at
-        study.urgency = priority.urgency
-        study.priority_explanation = explanation
-        study.effort = effort
+        for name, value in values.items():
+            setattr(study, name, value)
     return changed
 
 
@@ -226,20 +226,55 @@ def ready_study_ids(session: Session) -> list[int]:
 def reprioritise_batch(
     session: Session, *, now: datetime, rules: RuleSet | None, study_ids: Sequence[int]
 ) -> int:
+    """Core reads and one executemany UPDATE of the studies whose priority changed: the
+    apply worker calls this for every batch of messages, where loading ORM objects and
+    flushing a row at a time cost a fifth of the batch."""
     rules = rules or rules_for()
     codes = trust_codes(session)
-    changed = 0
+    session.flush()  # the rows as the unit of work has them
     rows = session.execute(
-        sa.select(Study, Patient.birth_date)
+        sa.select(*_REPRIORITISE_COLUMNS, Patient.birth_date)
         .join(Patient, Patient.id == Study.patient_id)
         .where(Study.id.in_(list(study_ids)))
     )
-    for study, birth_date in rows:
-        facts = order_facts(study, codes.get(study.trust_id), birth_date)
-        if _apply_priority(study, prioritise(facts, rules, now), effort_for(facts, rules)):
-            changed += 1
-    session.flush()
-    return changed
+    changes = []
+    for row in rows:
+        facts = order_facts(row, codes.get(row.trust_id), row.birth_date)  # type: ignore[arg-type]
+        values = _priority_values(prioritise(facts, rules, now), effort_for(facts, rules))
+        if any(getattr(row, name) != value for name, value in values.items()):
+            changes.append((row.id, values))
+    if not changes:
+        return 0
+    session.connection().execute(
+        _PRIORITY_UPDATE,
+        [{"study_id": study_id, **{f"new_{k}": v for k, v in values.items()}}
+         for study_id, values in changes],
+    )  # fmt: skip
+    for study_id, values in changes:  # studies the session holds see what was written
+        study = session.identity_map.get(session.identity_key(Study, study_id))
+        if study is not None:
+            for name, value in values.items():
+                set_committed_value(study, name, value)
+    return len(changes)
+
+
+_PRIORITY_COLUMN_NAMES = (
+    "priority_class", "due_at", "urgency", "priority_explanation", "effort", "critical",
+    "paediatric",
+)  # fmt: skip
+_REPRIORITISE_COLUMNS = [
+    Study.__table__.c[name]
+    for name in (
+        "id", "trust_id", "order_priority", "patient_class", "modality", "body_area",
+        "procedure_code", "pathway", "referral_at", "requested_at", "performed_at",
+        "images_available_at", "ready_at", *_PRIORITY_COLUMN_NAMES,
+    )
+]  # fmt: skip
+_PRIORITY_UPDATE = (
+    sa.update(Study.__table__)
+    .where(Study.__table__.c.id == sa.bindparam("study_id"))
+    .values({name: sa.bindparam(f"new_{name}") for name in _PRIORITY_COLUMN_NAMES})
+)
 
 
 def reprioritise_job(runtime: Any, batch_size: int = 2000) -> None:
