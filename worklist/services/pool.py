@@ -45,7 +45,8 @@ def _literal(name: str, value: str) -> sa.BindParameter[str]:
     return sa.bindparam(name, value, literal_execute=True)
 
 
-_STATUS = {
+#: The pool statuses as literals (see `_literal`).
+STATUS_LITERAL = {
     READY: _literal("ready_status", READY),
     PRELIMINARY: _literal("prelim_status", PRELIMINARY),
 }
@@ -53,7 +54,7 @@ _STATUS = {
 
 def unclaimed(status: str) -> sa.ColumnElement[bool]:
     """`status` and unclaimed: the predicate of that pool's partial index."""
-    return sa.and_(Study.status == _STATUS[status], Study.claimed_by_id.is_(None))
+    return sa.and_(Study.status == STATUS_LITERAL[status], Study.claimed_by_id.is_(None))
 
 
 def pool_query(

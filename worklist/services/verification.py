@@ -37,7 +37,7 @@ from worklist.domain.study import StudyStatus
 from worklist.errors import Conflict, Forbidden
 from worklist.services import audit
 from worklist.services import worklist as worklist_service
-from worklist.services.pool import pool_query
+from worklist.services.pool import STATUS_LITERAL, pool_query
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +45,6 @@ logger = logging.getLogger(__name__)
 #: leaves the verification pool to the ready pool for this call.
 _MAX_TRIES = 20
 PRELIMINARY = StudyStatus.PRELIMINARY.value
-# A literal, so that the planner can match ix_study_verification_pool's predicate.
-_PRELIMINARY_LITERAL: sa.BindParameter[str] = sa.bindparam(
-    "preliminary_status", PRELIMINARY, literal_execute=True
-)
 
 
 def verification_pool_query(
@@ -273,7 +269,8 @@ def claim_for_verification(
 
 def preliminary_study_ids(session: Session) -> list[int]:
     """Every preliminary study awaiting verification (claimed or not)."""
-    return list(session.scalars(sa.select(Study.id).where(Study.status == _PRELIMINARY_LITERAL)))
+    status = STATUS_LITERAL[PRELIMINARY]
+    return list(session.scalars(sa.select(Study.id).where(Study.status == status)))
 
 
 def reprioritise_verification_pool(session: Session, *, now: datetime) -> int:

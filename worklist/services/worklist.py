@@ -78,7 +78,7 @@ from worklist.domain.priority import (
 from worklist.domain.study import StudyStatus
 from worklist.errors import Conflict, Forbidden, InvalidInput, NotFound
 from worklist.services import audit
-from worklist.services.pool import pool_query
+from worklist.services.pool import PRELIMINARY, pool_query, unclaimed
 
 logger = logging.getLogger(__name__)
 
@@ -96,12 +96,6 @@ _STOPPED_CLAIM_REASONS = {
 MAX_EXPLAINED_SKIPS = 10
 #: Claims are held on ready studies, and on preliminary ones being verified.
 _HELD_STATUSES = frozenset({READY, StudyStatus.PRELIMINARY.value})
-# Rendered as a literal so that the planner can match the partial index's predicate
-# even for a prepared statement.
-_READY_LITERAL: sa.BindParameter[str] = sa.bindparam("ready_status", READY, literal_execute=True)
-_PRELIMINARY_LITERAL: sa.BindParameter[str] = sa.bindparam(
-    "preliminary_status", StudyStatus.PRELIMINARY.value, literal_execute=True
-)
 
 
 # --- rules ---------------------------------------------------------------------------
@@ -354,7 +348,7 @@ def _radiologist_facts_query(through_driver: bool = False) -> sa.CompoundSelect[
         sa.null(), sa.null(), sa.null(), sa.null(),
     ).where(
         sa.select(Study.id)
-        .where(Study.status == _PRELIMINARY_LITERAL, Study.claimed_by_id.is_(None))
+        .where(unclaimed(PRELIMINARY))
         .exists()
     )  # fmt: skip
     return sa.union_all(agreements, credentials, duty, held, waiting)
@@ -925,7 +919,7 @@ def _claim_update(candidates: sa.Select[Study], through_driver: bool) -> sa.Upda
     now = _value("claim_now", Study.claimed_at.type, through_driver)
     claim = (
         sa.update(Study.__table__)
-        .where(Study.id == first, Study.claimed_by_id.is_(None), Study.status == _READY_LITERAL)
+        .where(Study.id == first, unclaimed(READY))
         .values(
             claimed_by_id=_value("claimer_id", sa.Integer(), through_driver),
             claimed_at=now,
