@@ -1,9 +1,8 @@
-"""study.critical and study.paediatric, both in the pool indexes; the ready pool by due time
+"""study.critical and study.paediatric, and both in the pool indexes
 
 critical: work given even over a full session's capacity; paediatric: a child at the
 examination, reported with a paediatric credential. The pool indexes carry both so that
 they still cover the candidate query (SQLite chooses them only when they do).
-ix_study_ready_due serves the worklist page's "breached" filter.
 
 Revision ID: 0002
 Revises: 0001
@@ -13,7 +12,6 @@ Create Date: 2026-11-23
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-
 from alembic import op
 
 revision: str = "0002"
@@ -22,7 +20,6 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 POOLS = {"ix_study_ready_pool": "ready", "ix_study_verification_pool": "preliminary"}
-READY_UNCLAIMED = sa.text("status = 'ready' AND claimed_by_id IS NULL")
 POOL_COLUMNS = ["status", "urgency", "id", "trust_id", "modality", "body_area", "claimed_by_id"]
 
 
@@ -45,15 +42,10 @@ def upgrade() -> None:
         )
         for name in POOLS:
             _pool_index(batch, name, [*POOL_COLUMNS, "critical", "paediatric"])
-        batch.create_index(
-            "ix_study_ready_due", ["status", "due_at"], unique=False,
-            postgresql_where=READY_UNCLAIMED, sqlite_where=READY_UNCLAIMED,
-        )  # fmt: skip
 
 
 def downgrade() -> None:
     with op.batch_alter_table("study") as batch:
-        batch.drop_index("ix_study_ready_due")
         for name in POOLS:
             batch.drop_index(name)
         batch.drop_column("paediatric")

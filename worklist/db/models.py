@@ -365,16 +365,6 @@ class Study(Base):
             postgresql_where=sa.text("status = 'preliminary' AND claimed_by_id IS NULL"),
             sqlite_where=sa.text("status = 'preliminary' AND claimed_by_id IS NULL"),
         ),
-        # The ready pool by due time: the worklist page's "breached" filter (due_at <= now)
-        # reads the few breached studies here instead of walking the pool in urgency order
-        # (when breached studies are rare, that walk passed most of the pool).
-        sa.Index(
-            "ix_study_ready_due",
-            "status",
-            "due_at",
-            postgresql_where=sa.text("status = 'ready' AND claimed_by_id IS NULL"),
-            sqlite_where=sa.text("status = 'ready' AND claimed_by_id IS NULL"),
-        ),
     )
 
 
