@@ -53,11 +53,14 @@ What we measured and chose (2 cores, shared; one run each, figures move by a thi
                     (floor: p99 633 ms, its writers sleep in the busy handler).
                     Worklist page p99 12 ms SQLite, 37 ms PostgreSQL; priors p99 4.5 ms
                     SQLite, 10.3 ms PostgreSQL.
-* 100,000 ready / 2,000,000 history, PostgreSQL (13:54-14:08, the test suite ran beside
-  it for part of the run): next case 1 process 123/s; 8 processes 296/s, p50 20 ms, p99
-  92 ms, ratio 0.16; worklist page p99 14-22 ms but 154 ms with the "breached" filter
-  (mean 31 ms: breached studies are rare among the most urgent, so the scan walks far);
-  priors p99 9.5 ms.
+* 100,000 ready / 2,000,000 history, PostgreSQL, 14:32-14:42, load average 1-2: next
+  case 1 process 205 claims/s (p50 4.5 ms); 8 processes 363/s, p50 17 ms, p99 76 ms,
+  ratio 0.14 to the floor's 2,534/s; 32: 234/s (p99 0.9 s); worklist page p99 10-34 ms
+  without a filter or with a trust or modality; priors p99 12.5 ms (p50 6 ms). The
+  "breached" filter: p50 10 ms, p99 154 ms in an earlier, noisier run. An index on the
+  ready pool's due time was tried for it and reverted: 73 % of the bench's ready studies
+  are breached, PostgreSQL chose the index anyway and sorted 49k rows (p50 134 ms),
+  whereas the walk in urgency order meets breached studies at the top.
 * Targets not met: next-case p99 under 20 ms at 8 concurrent and 0.5 of the floor need
   about 2 ms of CPU a claim in all; we spend ~5.
 
