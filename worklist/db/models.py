@@ -248,6 +248,14 @@ class ApiToken(Base):
 # --- Studies ----------------------------------------------------------------------------
 
 
+def _pool_index(name: str, status: str) -> sa.Index:
+    """A pool's partial index: the unclaimed studies of one status, in worklist order."""
+    where = sa.text(f"status = '{status}' AND claimed_by_id IS NULL")
+    columns = ("status", "urgency", "id", "trust_id", "modality", "body_area", "claimed_by_id",
+               "critical", "paediatric")  # fmt: skip
+    return sa.Index(name, *columns, postgresql_where=where, sqlite_where=where)
+
+
 class Study(Base):
     """One examination ordered by a trust; the unit of the worklist.
 
@@ -335,36 +343,10 @@ class Study(Base):
         # make it cover the candidate query (ids only; the stat-or-critical and paediatric
         # terms included), so SQLite too prefers it to ix_study_status_urgency, which walks
         # past every claimed study at the top.
-        sa.Index(
-            "ix_study_ready_pool",
-            "status",
-            "urgency",
-            "id",
-            "trust_id",
-            "modality",
-            "body_area",
-            "claimed_by_id",
-            "critical",
-            "paediatric",
-            postgresql_where=sa.text("status = 'ready' AND claimed_by_id IS NULL"),
-            sqlite_where=sa.text("status = 'ready' AND claimed_by_id IS NULL"),
-        ),
+        _pool_index("ix_study_ready_pool", "ready"),
         # The verification pool: preliminary reports awaiting a consultant, unclaimed, in
         # worklist order (worklist.services.verification reads it like the ready pool).
-        sa.Index(
-            "ix_study_verification_pool",
-            "status",
-            "urgency",
-            "id",
-            "trust_id",
-            "modality",
-            "body_area",
-            "claimed_by_id",
-            "critical",
-            "paediatric",
-            postgresql_where=sa.text("status = 'preliminary' AND claimed_by_id IS NULL"),
-            sqlite_where=sa.text("status = 'preliminary' AND claimed_by_id IS NULL"),
-        ),
+        _pool_index("ix_study_verification_pool", "preliminary"),
     )
 
 
