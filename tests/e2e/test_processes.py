@@ -36,6 +36,15 @@ def _get(url: str, token: str | None = None) -> tuple[int, dict]:
         return error.code, json.loads(error.read())
 
 
+def _token(username: str, env: dict[str, str]) -> str:
+    """A bearer token made by the real console script (`worklist token create`)."""
+    made = subprocess.run(
+        [WORKLIST, "token", "create", username], env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    return made.stdout.strip()
+
+
 def _wait_for(url: str, deadline: float, process: subprocess.Popen) -> None:
     while time.monotonic() < deadline and process.poll() is None:
         try:
@@ -68,24 +77,12 @@ def test_serve_with_demo_data_shows_a_populated_regional_worklist(env) -> None:
     try:
         _wait_for(f"http://127.0.0.1:{port}/healthz", time.monotonic() + 60, process)
         assert _get(f"http://127.0.0.1:{port}/readyz")[0] == 200
-        token = subprocess.run(
-            [WORKLIST, "token", "create", "manager"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        ).stdout.strip()
+        token = _token("manager", env)
         status, body = _get(f"http://127.0.0.1:{port}/api/v1/studies?status=ready&limit=5", token)
         assert status == 200
         assert body["total"] > 100 and len(body["studies"]) == 5
         # The simulated RIS systems send orders over MLLP, and the listener applies them.
-        admin = subprocess.run(
-            [WORKLIST, "token", "create", "admin"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        ).stdout.strip()
+        admin = _token("admin", env)
         deadline, applied = time.monotonic() + 30, []
         while time.monotonic() < deadline and not applied:
             time.sleep(1)

@@ -401,12 +401,6 @@ def _facts(session: Session, *, user: User, now: datetime) -> tuple[Radiologist,
     return radiologist, verification_waiting
 
 
-def held_effort(session: Session, *, user_id: int) -> float:
-    """Effort of the studies `user_id` holds now to report or verify (what capacity counts)."""
-    held = session.execute(_held_by(user_id).with_only_columns(Study.effort, Study.status))
-    return float(sum(effort for effort, status in held if status in _HELD_STATUSES))
-
-
 def _held_by(user_id: int) -> sa.Select[Study]:
     """The studies a user holds: a handful of rows, filtered and sorted in Python, so that
     both planners reach them through ix_study_claimed_by alone (with a status term SQLite
@@ -1414,14 +1408,6 @@ def expire_claims_job(runtime: Any) -> None:
         ended = expire_claims(session, now=runtime.clock.now())
     if ended:
         logger.info("ended %d claims (expired leases, cancelled or held studies)", ended)
-
-
-def end_claim_for_status(session: Session, *, study: Study, now: datetime) -> bool:
-    """The orders service calls this when the RIS cancels, discontinues or holds a claimed study."""
-    reason = _STOPPED_CLAIM_REASONS.get(study.status)
-    if reason is None or study.claimed_by_id is None:
-        return False
-    return end_claim(session, study=study, now=now, end_reason=reason)
 
 
 # --- double reading -----------------------------------------------------------------------
