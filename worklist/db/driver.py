@@ -15,16 +15,20 @@ from __future__ import annotations
 
 import functools
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
+from psycopg import pq
 from psycopg.types.json import Jsonb
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, make_transient_to_detached
+from sqlalchemy.orm.attributes import set_committed_value
 
 _DIALECT = postgresql.dialect(paramstyle="pyformat")  # type: ignore[no-untyped-call]
 _MARK = "__driver_param__"
+T = TypeVar("T")
 _MARKED = re.compile(f"{_MARK}(\\w+?){_MARK}")
 
 
@@ -40,15 +44,23 @@ def json(value: Any) -> Jsonb:
     return Jsonb(value)
 
 
+@dataclass
+class Compiled:
+    """A statement's SQL for psycopg, and the names of its result columns once known."""
+
+    text: str
+    names: tuple[str, ...] | None = None
+
+
 @functools.lru_cache(maxsize=4096)
-def sql(statement: sa.Executable) -> str:
+def sql(statement: sa.Executable) -> Compiled:
     """The statement's SQL for psycopg, every value but the `param()`s as a literal."""
     text = str(
         statement.compile(  # type: ignore[attr-defined]
             dialect=_DIALECT, compile_kwargs={"literal_binds": True}
         )
     )
-    return _MARKED.sub(r"%(\1)s", text)
+    return Compiled(_MARKED.sub(r"%(\1)s", text))
 
 
 def rows(
@@ -61,12 +73,31 @@ def rows(
     session.flush()
     connection = session.connection().connection.driver_connection
     assert connection is not None
+    compiled = sql(statement)
     with connection.cursor() as cursor:
-        cursor.execute(sql(statement), params)
-        if cursor.description is None:
+        cursor.execute(compiled.text, params)
+        result = cursor.pgresult
+        if result is None or result.status != pq.ExecStatus.TUPLES_OK:
             return (), []
-        names = tuple(column.name for column in cursor.description)
-        return names, [tuple(_utc(v) for v in row) for row in cursor.fetchall()]
+        if compiled.names is None:  # psycopg builds `description` anew each call
+            compiled.names = tuple(column.name for column in cursor.description or ())
+        return compiled.names, [tuple(_utc(v) for v in row) for row in cursor.fetchall()]
+
+
+def loaded(session: Session, model: type[T], values: dict[str, Any]) -> T:
+    """The `model` instance for a row read through the driver, as if the session had
+    loaded it (identity-mapped, nothing pending)."""
+    found = session.identity_map.get(session.identity_key(model, values["id"]))
+    if found is None:
+        # The row's values as loaded state, without one attribute event per column.
+        found = model.__mapper__.class_manager.new_instance()  # type: ignore[attr-defined]
+        found.__dict__.update(values)
+        make_transient_to_detached(found)
+        session.add(found)
+    else:
+        for name, value in values.items():
+            set_committed_value(found, name, value)
+    return found  # type: ignore[no-any-return]
 
 
 def _utc(value: Any) -> Any:

@@ -618,29 +618,22 @@ class ClaimResult:
     together: list[Study] = field(default_factory=list)  # same patient, claimed with it
 
 
-def _lock_candidates(session: Session, query: sa.Select[Study], limit: int) -> list[Study]:
-    """Candidate rows; on PostgreSQL locked FOR UPDATE SKIP LOCKED (SQLite ignores it)."""
-    locked = query.limit(limit).with_for_update(skip_locked=True, of=Study)
-    return list(session.scalars(locked).all())
-
-
 def conditional_claim(
     session: Session, *, study: Study, user_id: int, now: datetime, lease: timedelta,
     expected_holder: int | None = None,
 ) -> bool:  # fmt: skip
     """The one claim statement: succeeds only if the study is still ready and free."""
-    holder = (
-        Study.claimed_by_id.is_(None)
-        if expected_holder is None
-        else Study.claimed_by_id == expected_holder
-    )
-    result = session.execute(
-        sa.update(Study)
-        .where(Study.id == study.id, Study.status == READY, holder)
-        .values(claimed_by_id=user_id, claimed_at=now, claim_expires_at=now + lease, updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    through_driver = _on_postgresql(session)
+    statement = _conditional_claim_update(through_driver, expected_holder is not None)
+    values = {"study_id": study.id, "claimer_id": user_id, "claim_now": now,
+              "claim_expires_at": now + lease}  # fmt: skip
+    if expected_holder is not None:
+        values["expected_holder"] = expected_holder
+    if through_driver:
+        claimed = bool(driver.rows(session, statement, values)[1])
+    else:
+        claimed = session.execute(statement, values).first() is not None
+    if not claimed:
         return False
     # The row now holds exactly these values; tell the ORM without reading it back.
     for name, value in (
@@ -649,6 +642,33 @@ def conditional_claim(
     ):  # fmt: skip
         set_committed_value(study, name, value)
     return True
+
+
+@functools.cache
+def _conditional_claim_update(through_driver: bool, expects_holder: bool) -> sa.Update:
+    holder = (
+        Study.claimed_by_id == _value("expected_holder", sa.Integer(), through_driver)
+        if expects_holder
+        else Study.claimed_by_id.is_(None)
+    )
+    now = _value("claim_now", Study.claimed_at.type, through_driver)
+    return (
+        sa.update(Study.__table__)
+        .where(
+            Study.id == _value("study_id", sa.Integer(), through_driver),
+            Study.status == sa.literal_column(f"'{READY}'"),
+            holder,
+        )
+        .values(
+            claimed_by_id=_value("claimer_id", sa.Integer(), through_driver),
+            claimed_at=now,
+            claim_expires_at=_value(
+                "claim_expires_at", Study.claim_expires_at.type, through_driver
+            ),
+            updated_at=now,
+        )  # fmt: skip
+        .returning(Study.id)
+    )
 
 
 def _open_assignment(session: Session, study_id: int) -> Assignment | None:
@@ -889,7 +909,7 @@ def _claim_first(
             return None, False
         row = dict(zip(names, rows[0], strict=True))
         together = bool(row.pop("maybe_together"))
-        return _as_loaded(session, row), together
+        return driver.loaded(session, Study, row), together
     study = session.scalars(
         _claim_statement(candidates), values, execution_options={"populate_existing": True}
     ).one_or_none()
@@ -940,21 +960,6 @@ def _together_query() -> sa.Select[tuple[bool]]:
     )
 
 
-def _as_loaded(session: Session, values: dict[str, Any]) -> Study:
-    """The Study for a row read through the driver, as if the session had loaded it."""
-    study = session.identity_map.get(session.identity_key(Study, values["id"]))
-    if study is None:
-        # The row's values as loaded state, without one attribute event per column.
-        study = Study.__mapper__.class_manager.new_instance()
-        study.__dict__.update(values)
-        make_transient_to_detached(study)
-        session.add(study)
-    else:
-        for name, value in values.items():
-            set_committed_value(study, name, value)
-    return study
-
-
 def _on_postgresql(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
@@ -1001,17 +1006,62 @@ def _undo_claim(session: Session, *, study: Study, user_id: int) -> None:
         set_committed_value(study, name, None)
 
 
-def same_person_patient_ids(patient_id: int) -> sa.CompoundSelect[tuple[int]]:
+def same_person_patient_ids(
+    patient_id: int | sa.ColumnElement[int],
+) -> sa.CompoundSelect[tuple[int]]:
     """This patient record and every record sharing its valid NHS number (any trust).
 
     A UNION of two index lookups: an OR of both makes SQLite scan every patient. Records
     merged by ADT need nothing here: the merge moves their studies to the survivor.
     """
-    link = sa.select(Patient.link_nhs_number).where(Patient.id == patient_id).scalar_subquery()
+    this = patient_id if isinstance(patient_id, sa.ColumnElement) else sa.literal(patient_id)
+    link = sa.select(Patient.link_nhs_number).where(Patient.id == this).scalar_subquery()
     return sa.union(
-        sa.select(sa.literal(patient_id)),
+        sa.select(this),
         sa.select(Patient.id).where(Patient.link_nhs_number == link),
     )
+
+
+def _waiting_for_same_person(session: Session, anchor: Study) -> list[Study]:
+    """The patient's other ready, unclaimed studies (up to 20), locked, most urgent first.
+
+    The planner must reach these few rows through ix_study_patient_id, never walk the
+    ready studies: so no ORDER BY (they are sorted here), and the status and claim terms
+    are wrapped in coalesce(), which no index serves (given a plain `status = ?` and two
+    patient ids, SQLite scanned every ready study through ix_study_status_urgency).
+    """
+    if _on_postgresql(session):
+        # The people as a subquery, planned as the few index lookups: one statement,
+        # built once, through the driver.
+        names, rows = driver.rows(
+            session, _waiting_for_same_person_query(), {"patient_id": anchor.patient_id,
+                                                        "anchor_id": anchor.id},
+        )  # fmt: skip
+        found = [driver.loaded(session, Study, dict(zip(names, row, strict=True))) for row in rows]
+    else:
+        # SQLite: the ids as a list: given a short IN list it reaches the rows through
+        # ix_study_patient_id; given the subquery it walked every ready study.
+        people = list(session.scalars(same_person_patient_ids(anchor.patient_id)))
+        same_person = _same_person_waiting(Study.patient_id.in_(people), Study.id != anchor.id)
+        found = list(session.scalars(same_person.limit(20)))
+    return sorted(found, key=lambda s: (-s.urgency, -s.id))
+
+
+def _same_person_waiting(*terms: sa.ColumnElement[bool]) -> sa.Select[Study]:
+    return sa.select(Study).where(
+        *terms,
+        sa.func.coalesce(Study.status, sa.literal_column("''")) == sa.literal_column(f"'{READY}'"),
+        sa.func.coalesce(Study.claimed_by_id, sa.literal_column("0")) == sa.literal_column("0"),
+    )
+
+
+@functools.cache
+def _waiting_for_same_person_query() -> sa.Select[Study]:
+    people = same_person_patient_ids(driver.param("patient_id", sa.Integer()))
+    query = _same_person_waiting(
+        Study.patient_id.in_(people), Study.id != driver.param("anchor_id", sa.Integer())
+    )
+    return query.limit(sa.literal_column("20")).with_for_update(skip_locked=True, of=Study)
 
 
 def claim_patient_studies(
@@ -1027,26 +1077,7 @@ def claim_patient_studies(
     by: User | None = None,
 ) -> list[Study]:
     """Keep a patient's unread studies with one reader, where the rules allow."""
-    # SQLite: the ids as a list, not a subquery: given a short IN list it reaches the rows
-    # through ix_study_patient_id; given the subquery it walked every ready study.
-    # PostgreSQL plans the subquery as the few index lookups, saving a round trip.
-    people = same_person_patient_ids(anchor.patient_id)
-    same_person = Study.patient_id.in_(
-        people if session.get_bind().dialect.name == "postgresql" else list(session.scalars(people))
-    )
-    # The planner must reach these few rows through ix_study_patient_id, never walk the
-    # ready studies: so no ORDER BY (they are sorted here), and the status and claim terms
-    # are wrapped in coalesce(), which no index serves (given a plain `status = ?` and two
-    # patient ids, SQLite scanned every ready study through ix_study_status_urgency).
-    others_query = sa.select(Study).where(
-        same_person,
-        Study.id != anchor.id,
-        sa.func.coalesce(Study.status, "") == READY,
-        sa.func.coalesce(Study.claimed_by_id, 0) == 0,
-    )
-    candidates = sorted(
-        _lock_candidates(session, others_query, 20), key=lambda s: (-s.urgency, -s.id)
-    )
+    candidates = _waiting_for_same_person(session, anchor)
     if not candidates:
         return []
     load = radiologist.session_load + anchor.effort

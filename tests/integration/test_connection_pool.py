@@ -1,0 +1,50 @@
+"""Pooled PostgreSQL connections: tested on checkout only after sitting idle."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from worklist import bootstrap
+from worklist.bootstrap import Runtime
+
+
+def _backend_pid(runtime: Runtime) -> int:
+    with runtime.session() as s:
+        return int(s.execute(sa.text("SELECT pg_backend_pid()")).scalar_one())
+
+
+def _kill(runtime: Runtime, pid: int) -> None:
+    other = sa.create_engine(runtime.engine.url, poolclass=sa.pool.NullPool)
+    with other.connect() as c:
+        c.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        c.commit()
+    other.dispose()
+
+
+@pytest.fixture
+def postgres_runtime(runtime: Runtime, on_postgres: bool) -> Runtime:
+    if not on_postgres:
+        pytest.skip("connection pinging is the PostgreSQL pool's (SQLite has no server)")
+    return runtime
+
+
+def test_an_idle_connection_that_died_is_replaced_before_use(
+    postgres_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dead = _backend_pid(postgres_runtime)
+    _kill(postgres_runtime, dead)
+    monkeypatch.setattr(bootstrap, "IDLE_BEFORE_PING", 0.0)  # it has sat idle long enough
+
+    assert _backend_pid(postgres_runtime) != dead  # the request never saw the dead one
+
+
+def test_a_connection_used_a_moment_ago_is_not_pinged(postgres_runtime: Runtime) -> None:
+    """No round trip on a busy pool: a connection killed within the idle allowance fails
+    its one request, and the pool then hands out a fresh connection."""
+    dead = _backend_pid(postgres_runtime)
+    _kill(postgres_runtime, dead)
+
+    with pytest.raises(sa.exc.OperationalError):
+        _backend_pid(postgres_runtime)
+    assert _backend_pid(postgres_runtime) != dead
