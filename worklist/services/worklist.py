@@ -34,7 +34,7 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session, aliased, make_transient_to_detached
+from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.attributes import set_committed_value
 
 from worklist.db import driver
@@ -732,10 +732,9 @@ def record_assignment(
         connection = session.connection()
         new_id = connection.execute(_ASSIGNMENT_INSERT, values).scalar_one()
         connection.execute(_AUDIT_INSERT, event)
-    row = Assignment(id=new_id, ended_at=None, end_reason=None, **values)
-    make_transient_to_detached(row)  # as if loaded: no second INSERT
-    session.add(row)
-    return row
+    # As if loaded (no second INSERT), without the instrumented constructor's events.
+    return driver.loaded(session, Assignment, {"id": new_id, "ended_at": None,
+                                               "end_reason": None, **values})  # fmt: skip
 
 
 _ASSIGNMENT_INSERT = sa.insert(Assignment.__table__).returning(Assignment.__table__.c.id)
