@@ -1,5 +1,7 @@
 """Every /api/v1 endpoint needs a valid bearer token; tokens are stored hashed."""
 
+from datetime import timedelta
+
 import sqlalchemy as sa
 
 from tests.factories import make_study, make_token, make_trust, make_user
@@ -113,3 +115,36 @@ def test_a_radiologist_sees_only_studies_of_trusts_they_may_report_for(
     everything = client.get("/api/v1/studies", headers=_auth(manager)).json
     assert sorted(s["accession_number"] for s in everything["studies"]) == ["B1", "C1"]
     assert client.get("/api/v1/studies?limit=0", headers=_auth(manager)).status_code == 400
+
+
+def test_a_call_with_a_token_costs_one_query_and_records_its_use_to_the_minute(
+    runtime, client, clock
+) -> None:
+    with runtime.session() as session:
+        user = make_user(session, now=clock.now(), role="admin")
+        token = make_token(session, user=user, now=clock.now())
+    statements: list[str] = []
+
+    def count(_conn, _cursor, statement, *_args) -> None:  # type: ignore[no-untyped-def]
+        if not statement.startswith("BEGIN"):  # SQLite's BEGIN IMMEDIATE
+            statements.append(statement)
+
+    def last_used():  # type: ignore[no-untyped-def]
+        with runtime.session() as session:
+            return session.scalar(sa.select(ApiToken.last_used_at))
+
+    first_use = clock.now()
+    assert client.get("/api/v1/me", headers=_auth(token)).status_code == 200
+    assert last_used() == first_use
+    clock.advance(timedelta(seconds=30))
+    sa.event.listen(runtime.engine, "before_cursor_execute", count)
+    try:
+        with runtime.session() as session:
+            assert accounts.authenticate_token(session, token=token, now=clock.now()) is not None
+    finally:
+        sa.event.remove(runtime.engine, "before_cursor_execute", count)
+    assert len(statements) == 1  # the token with its user; no UPDATE within the minute
+    assert last_used() == first_use
+    clock.advance(timedelta(seconds=31))
+    assert client.get("/api/v1/me", headers=_auth(token)).status_code == 200
+    assert last_used() == clock.now()
