@@ -376,7 +376,8 @@ def _facts(session: Session, *, user: User, now: datetime) -> tuple[Radiologist,
     if _on_postgresql(session):
         rows = driver.rows(session, _radiologist_facts_query(through_driver=True), values)[1]
     else:
-        rows = list(session.execute(_radiologist_facts_query(), values).all())
+        session.flush()  # as the session's own queries do; then Core, not the ORM's execute
+        rows = list(session.connection().execute(_radiologist_facts_query(), values).all())
     for kind, row_id, trust_id, starts_on, ends_on, text1, text2, starts_at, ends_at, number, \
             flag in sorted(rows, key=lambda r: (r[0], r[1])):  # fmt: skip
         if kind == 0:
@@ -909,14 +910,17 @@ def _claim_first(
         row = dict(zip(names, rows[0], strict=True))
         together = bool(row.pop("maybe_together"))
         return driver.loaded(session, Study, row), together
-    study = session.scalars(
-        _claim_statement(candidates), values, execution_options={"populate_existing": True}
-    ).one_or_none()
-    if study is None:
+    # SQLite: Core, the row made a Study as `driver.loaded` does (the ORM's loading of
+    # 45 columns cost more than the statement).
+    session.flush()
+    connection = session.connection()
+    claimed = connection.execute(_claim_update(candidates, through_driver=False), values)
+    row = claimed.mappings().one_or_none()
+    if row is None:
         return None, False
     # SQLite renders RETURNING columns unqualified, which a correlated EXISTS cannot use.
-    together = session.connection().scalar(_together_query(), {"study_id": study.id})
-    return study, bool(together)
+    together = connection.scalar(_together_query(), {"study_id": row["id"]})
+    return driver.loaded(session, Study, dict(row)), bool(together)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -944,12 +948,6 @@ def _claim_update(candidates: sa.Select[Study], through_driver: bool) -> sa.Upda
         .returning(*Study.__table__.columns)
     )
     return claim.returning(_others_waiting_for_same_person()) if through_driver else claim
-
-
-@functools.lru_cache(maxsize=4096)
-def _claim_statement(candidates: sa.Select[Study]) -> sa.Select[tuple[Study]]:
-    """The claim loaded as an identity-mapped Study (SQLite)."""
-    return sa.select(Study).from_statement(_claim_update(candidates, through_driver=False))
 
 
 @functools.cache
