@@ -7,8 +7,10 @@ report) of patients partly linked across trusts by NHS number, 32 radiologists o
 with mixed agreements and credentials, then measures:
 
   next case   `services.worklist.next_case` (one transaction each: choose, claim, record
-              the assignment and audit) with 1, 8 and 32 concurrent radiologists:
-              p50/p99 latency and claims per second;
+              the assignment and audit) with 1, 8 and 32 concurrent radiologists, each
+              a process: p50/p99 latency and claims per second once the process has
+              built its statements (one claim rolled back first; that first claim's
+              time is reported on its own);
   floor       the bare claim loop on the same tables and index, through the driver:
               SELECT id ... WHERE status='ready' AND claimed_by_id IS NULL ORDER BY
               urgency DESC, id DESC LIMIT 1 FOR UPDATE SKIP LOCKED; UPDATE ...; COMMIT
@@ -389,8 +391,15 @@ def _next_case_child(url: str, user_id: int, claims: int, ready, go, out) -> Non
     settings = Settings(instance_path=Path(tempfile.gettempdir()), database_url=url,
                         environment="test", db_pool_size=1).validated()  # fmt: skip
     runtime = build_runtime(settings, clock=FixedClock(NOW))
-    with runtime.session() as s:  # connect before the clock starts
-        s.get(User, user_id)
+    # Connect, and build this radiologist's statements, before the clock starts: one
+    # claim rolled back. A worker process does that once and serves claims for hours;
+    # its time is reported on its own as the first claim of a new process.
+    t0 = time.perf_counter()
+    s = runtime.session_factory()
+    with s.begin():
+        service.next_case(s, user=s.get(User, user_id), now=NOW)
+        s.rollback()
+    first = time.perf_counter() - t0
     ready.release()
     go.wait()
     latencies, started, errors = [], time.time(), 0
@@ -405,7 +414,7 @@ def _next_case_child(url: str, user_id: int, claims: int, ready, go, out) -> Non
         if not found:
             break
         latencies.append(time.perf_counter() - t0)
-    out.put((latencies, started, time.time(), errors))
+    out.put((latencies, started, time.time(), errors, first))
     runtime.dispose()
 
 
@@ -436,7 +445,8 @@ def bench_next_case(runtime: Runtime, url: str, user_ids: list[int], concurrency
     return_all_claims(runtime)
     return {**summary_ms(latencies), "concurrency": concurrency, "processes": True,
             "claims_per_second": round(len(latencies) / elapsed, 1),
-            "lock_timeouts": sum(r[3] for r in results)}  # fmt: skip
+            "lock_timeouts": sum(r[3] for r in results),
+            "first_claim_of_a_process_ms": summary_ms([r[4] for r in results])}  # fmt: skip
 
 
 def bench_floor(runtime: Runtime, url: str, user_ids: list[int], threads: int, claims: int,
