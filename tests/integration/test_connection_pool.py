@@ -25,7 +25,7 @@ def _kill(runtime: Runtime, pid: int) -> None:
 @pytest.fixture
 def postgres_runtime(runtime: Runtime, on_postgres: bool) -> Runtime:
     if not on_postgres:
-        pytest.skip("connection pinging is the PostgreSQL pool's (SQLite has no server)")
+        pytest.skip("pooled PostgreSQL connections: SQLite has no server")
     return runtime
 
 
