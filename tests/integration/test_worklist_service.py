@@ -173,6 +173,36 @@ def test_the_worklist_lists_eligible_studies_in_order_with_filters_and_paging(
     assert {(s.trust_id, s.modality) for s in only_mr_rw6.studies} == {(rw6.id, "MR")}
 
 
+def test_worklist_filters_on_other_columns_walk_the_pool_in_order_past_many_misses(
+    session, clock, region
+):
+    """Breached and priority-class filters are checked on the rows the walk finds: a page
+    of rare matches takes several steps through the pool (ties of urgency across a step's
+    edge included) and still lists each match once, in worklist order."""
+    rw6, _ = region
+    reader = radiologist(session, clock, credentials=("CT",))
+    now = clock.now()
+    studies = [ready(session, clock, rw6, performed_ago=timedelta(hours=1)) for _ in range(160)]
+    for i, study in enumerate(studies):
+        study.urgency = float(1000 - i // 4)  # groups of four share an urgency
+        study.due_at = now - timedelta(hours=1) if i % 9 == 4 else now + timedelta(hours=1)
+        study.priority_class = "inpatient" if i % 9 == 4 else "outpatient_routine"
+    session.flush()
+    in_order = sorted(studies, key=lambda s: (-s.urgency, -s.id))
+    breached = [s for s in in_order if s.due_at <= now]
+
+    def listed(limit: int, offset: int = 0, **filters: object) -> list[Study]:
+        return wl.worklist(
+            session, user=reader, now=now, limit=limit, offset=offset,
+            filters=wl.WorklistFilters(**filters),  # type: ignore[arg-type]
+        ).studies  # fmt: skip
+
+    assert listed(10, breached=True) == breached[:10]
+    assert listed(10, offset=10, breached=True) == breached[10:]
+    assert listed(50, priority_classes=("inpatient",)) == breached
+    assert listed(200, breached=False) == [s for s in in_order if s.due_at > now]
+
+
 def test_the_worklist_shows_an_off_duty_radiologist_what_they_could_report_and_why_not_now(
     session, clock, region
 ):

@@ -87,6 +87,8 @@ DEFAULT_LEASE = timedelta(minutes=30)
 #: Pathway flags whose studies need two independent readings (NHS Breast Screening).
 DOUBLE_READ_PATHWAYS = frozenset({"double_read", "breast_screening", "bsp"})
 #: Refusals the worklist page ignores: it shows what you could report, on duty or not.
+#: The most pool rows the worklist page reads in one step (an IN list of ids follows).
+MAX_WALK_CHUNK = 1000
 _LIST_IGNORES = frozenset({RefusalCode.OFF_DUTY, RefusalCode.OVER_CAPACITY})
 _STOPPED_CLAIM_REASONS = {
     StudyStatus.CANCELLED.value: "cancelled: the RIS cancelled the order",
@@ -496,7 +498,8 @@ def worklist(
     filters = filters or WorklistFilters()
     radiologist = radiologist_facts(session, user=user, now=now)
     codes = trust_codes(session)
-    query = _filtered(pool_query(radiologist, now), filters, codes, now)
+    query = _filtered(pool_query(radiologist, now), filters, codes)
+    row_terms = _row_filters(filters, now)
     wanted = offset + limit + 1
     accepted: list[Study] = []
     if not _filters_can_match(radiologist, filters, codes, now):
@@ -504,13 +507,20 @@ def worklist(
     # The SQL already applies the agreement and credential rules, so nearly every row
     # fetched is shown; read a little more than a page, and more only when rows drop out.
     chunk = wanted + 10
-    position = 0
+    after: tuple[float, int] | None = None  # the last (urgency, id) walked
     while len(accepted) < wanted:
-        # Ids first (ix_study_ready_pool covers that query on both databases), then rows.
-        ids = session.scalars(query.with_only_columns(Study.id).limit(chunk).offset(position)).all()
-        by_id = {s.id: s for s in session.scalars(sa.select(Study).where(Study.id.in_(ids)))}
+        # Ids first (ix_study_ready_pool covers that query on both databases), each chunk
+        # going on from where the last stopped; then the rows that pass the filters on
+        # columns outside that index.
+        walk = query.with_only_columns(Study.id, Study.urgency).limit(chunk)
+        if after is not None:
+            walk = walk.where(sa.tuple_(Study.urgency, Study.id) < after)
+        walked = session.execute(walk).all()
+        ids = [row.id for row in walked]
+        by_id = {
+            s.id: s for s in session.scalars(sa.select(Study).where(Study.id.in_(ids), *row_terms))
+        }
         rows = [by_id[i] for i in ids if i in by_id]
-        position += len(ids)
         readings = readings_of(session, [s.id for s in rows if needs_double_reading(s)])
         for study in rows:
             facts = study_to_read(
@@ -522,7 +532,8 @@ def worklist(
                 accepted.append(study)
         if len(ids) < chunk:
             break
-        chunk *= 2
+        after = (walked[-1].urgency, walked[-1].id)
+        chunk = min(chunk * 2, MAX_WALK_CHUNK)
     mine = sorted(
         (s for s in session.scalars(_held_by(user.id)) if s.status in _HELD_STATUSES),
         key=lambda s: (-s.urgency, -s.id),
@@ -582,8 +593,10 @@ def _filters_can_match(
 
 
 def _filtered(
-    query: sa.Select[Study], filters: WorklistFilters, codes: dict[int, str], now: datetime
+    query: sa.Select[Study], filters: WorklistFilters, codes: dict[int, str]
 ) -> sa.Select[Study]:
+    """The filters on columns of ix_study_ready_pool, which the walk of the pool checks
+    in the index itself."""
     if filters.trusts:
         wanted = {c.upper() for c in filters.trusts}
         query = query.where(
@@ -595,15 +608,24 @@ def _filtered(
         query = query.where(
             sa.func.upper(Study.body_area).in_([b.upper() for b in filters.body_areas])
         )
-    if filters.priority_classes:
-        query = query.where(Study.priority_class.in_(filters.priority_classes))
     if filters.max_tier is not None:
         query = query.where(Study.urgency > urgency_floor(filters.max_tier))
-    if filters.breached is True:
-        query = query.where(Study.due_at <= now)
-    elif filters.breached is False:
-        query = query.where(Study.due_at > now)
     return query
+
+
+def _row_filters(filters: WorklistFilters, now: datetime) -> list[sa.ColumnElement[bool]]:
+    """The filters on columns outside ix_study_ready_pool, checked on the rows the walk
+    found, never in the walk: given `due_at <= now` in it, PostgreSQL underestimated the
+    matches, read every row of the radiologist's pool and sorted them (0.9 s at 100,000
+    ready studies) instead of walking the index in order until a page was full."""
+    terms: list[sa.ColumnElement[bool]] = []
+    if filters.priority_classes:
+        terms.append(Study.priority_class.in_(filters.priority_classes))
+    if filters.breached is True:
+        terms.append(Study.due_at <= now)
+    elif filters.breached is False:
+        terms.append(Study.due_at > now)
+    return terms
 
 
 # --- claiming ----------------------------------------------------------------------------
