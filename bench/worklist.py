@@ -63,8 +63,62 @@ What we measured and chose (2 cores, shared; one run each, figures move by a thi
   ready pool's due time was tried for it and reverted: 73 % of the bench's ready studies
   are breached, PostgreSQL chose the index anyway and sorted 49k rows (p50 134 ms),
   whereas the walk in urgency order meets breached studies at the top.
-* Targets not met: next-case p99 under 20 ms at 8 concurrent and 0.5 of the floor need
-  about 2 ms of CPU a claim in all; we spend ~5.
+* Afternoon of 2026-11-23 (py-spy, /proc CPU of client and backend, PostgreSQL's
+  statement log, cProfile call counts; one process, 32 radiologists in turn, steady
+  state): what a claim cost and what was cut.
+    - SQLAlchemy's pool_pre_ping tested every checkout: a round trip and ~0.3 ms of CPU
+      on every request. Connections are now tested only after a second idle
+      (`worklist.bootstrap`).
+    - psycopg builds `cursor.description` anew (a Column a field) on every call: the
+      driver read it twice a statement, 10 % of a claim's client CPU. Names are kept
+      per statement now.
+    - The conditional claim and a patient's other waiting studies went through the ORM
+      (~1.2 ms on the claims that have them); now through the driver. A new assignment
+      is made a loaded row, not through the instrumented constructor (7 %).
+    - SQLite: the claim and the facts through Core, the claimed row made a Study without
+      the ORM's loading of 45 columns.
+    - Python calls a claim (cProfile, deterministic where CPU time is not): PostgreSQL
+      3,815 -> 2,135, SQLite 3,138 -> 2,404. CPU a claim: PostgreSQL client 3.7 -> 2.2-2.9
+      ms, backend 1.9 -> 1.4-1.8 ms; SQLite 4.3 -> 3.3-3.7 ms.
+    - A claim's backend time by statement (PostgreSQL log, steady state): the claim
+      UPDATE 0.45 ms (index walk, 7 index entries of the new row version, the
+      same-patient EXISTS, the RETURNING), COMMIT 0.30, the facts 0.20, assignment and
+      audit 0.13, the user 0.03. The bare floor with history costs 0.75 ms of backend
+      and 0.56 ms of client CPU a claim.
+    - Under 8 processes every backend was seen waiting on its client ("idle in
+      transaction, ClientRead") far more than on WAL: the 2 cores are saturated, and
+      each round trip waits for the scheduler, not the network.
+    - PostgreSQL's JIT: on a pessimistic estimate (a correlated subquery costed per
+      candidate) the worklist page spent 390 ms compiling to run for 14 ms. Our
+      connections run with jit=off.
+    - The worklist page's "breached" filter: with `due_at <= now` in the walk,
+      PostgreSQL underestimated the matches (16 rows estimated, 10,850 found), read the
+      whole of one neuro radiologist's pool and sorted it (0.9 s). The filters on columns
+      outside ix_study_ready_pool (due time, priority class) are now checked on the rows
+      the walk finds, and each step of the walk goes on from the last (urgency, id)
+      (keyset, an index condition on both databases) instead of an OFFSET.
+    - Each next-case process now builds its statements before the clock starts (one
+      claim rolled back): its first claim (45-60 ms alone, 150-400 ms among 8-32
+      starting processes) had set the p99 at 8 processes; it is reported on its own.
+    - API tokens: the token and its user in one query and its last use written to the
+      minute (every API call was three statements before the view's own).
+* 100,000 ready / 2,000,000 history, both databases, 15:46-16:00, load average ~1.8
+  (before the page's filter change; the priors change in progress):
+    PostgreSQL  next case 1 process 173 claims/s (p50 5.5 ms); 8 processes 379/s, p50
+                18 ms, p99 49 ms (was 363/s, p99 76 ms), ratio 0.18 to the floor's
+                2,120/s (floor with history 1,574/s, p99 14 ms); 32: 242/s, p99 0.49 s.
+                Worklist page p99 22-37 ms, but 210 ms with "breached" (35 ms after the
+                change above, same data); priors p50 5.0 ms, p99 10.1 ms.
+    SQLite      next case 1 process 151/s (p50 6.5 ms); 8 processes 201/s, p50 42 ms,
+                p99 80 ms; 32: 205/s, p99 0.30 s (floor: 460/s, p99 1.1 s: its writers
+                sleep in the busy handler). Worklist page p99 14-16 ms; priors p99 6.3 ms.
+* Targets not met: next-case p99 under 20 ms at 8 concurrent and 0.5 of the floor. At
+  8 processes on 2 cores a claim's latency is its CPU (client + backend, ~3.5 ms) times
+  the queue: ~1,000 claims/s, p99 20 ms, need ~1.5 ms in all, the floor with history's
+  own cost. Left to try: the facts and the claim in one statement (guarded by the facts
+  the cached pool statement was built from), a patient's other studies claimed and
+  recorded in one statement, and on SQLite the time held under the write lock (the
+  whole claim, ~3.5 ms: 8 processes queue behind each other, p50 40 ms).
 
     .venv/bin/python bench/worklist.py                            # small: 10k ready, 100k history
     .venv/bin/python bench/worklist.py --db postgresql --ready 100000 --historical 2000000
