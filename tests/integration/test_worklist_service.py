@@ -383,6 +383,25 @@ def test_a_patients_unread_studies_stay_with_one_reader(session, clock, region):
     assert wl.next_case(session, user=other, now=clock.now()).study is stranger
 
 
+def test_a_patients_study_the_reader_may_not_report_or_another_holds_is_not_bundled(
+    session, clock, region
+):
+    rw6, _ = region
+    reader = radiologist(session, clock, credentials=("CT",))
+    other = radiologist(session, clock, credentials=("CT", "MR"))
+    patient = make_patient(session, trust=rw6, now=clock.now())
+    chest = ready(session, clock, rw6, patient=patient, body_area="CHEST", order_priority="A")
+    brain_mr = ready(session, clock, rw6, patient=patient, modality="MR", body_area="HEAD")
+    held = ready(session, clock, rw6, patient=patient, body_area="ABDOMEN")
+    assert wl.conditional_claim(
+        session, study=held, user_id=other.id, now=clock.now(), lease=wl.DEFAULT_LEASE
+    )
+    result = wl.next_case(session, user=reader, now=clock.now())
+    assert result.study is chest and result.together == []
+    assert brain_mr.claimed_by_id is None and held.claimed_by_id == other.id
+    assert wl.next_case(session, user=other, now=clock.now()).study is brain_mr
+
+
 def test_the_same_persons_study_at_another_trust_stays_with_one_reader_too(session, clock, region):
     rw6, rm3 = region
     reader = radiologist(session, clock, trusts=("RW6", "RM3"), credentials=("CT",))
