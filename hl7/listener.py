@@ -12,8 +12,9 @@ The work is split three ways:
   batch of ACKs back);
 * the store writer (`_store_loop`): takes every frame waiting from any
   connection, stores them in one transaction (group commit: one fsync for the
-  batch) through `worklist.services.messages.store_messages`, then releases
-  their ACKs. If the database is down, nothing is stored and each sender gets
+  batch) through `worklist.services.messages.store_writer` (on a database
+  connection of its own: on PostgreSQL the batch is one statement, one round
+  trip; on SQLite the sqlite3 module directly), then releases their ACKs. If the database is down, nothing is stored and each sender gets
   AR 207 ("resend later"): no ACK is ever sent for a message not on disk;
 * the apply worker: applies stored messages in arrival order, in batches, off
   the ACK path (the ACK waits only for the durable write). At start it first
@@ -127,6 +128,8 @@ class MllpListener:
             self.apply_batch, 100 if runtime.dialect == "sqlite" else self.apply_batch
         )
         self.directory = messages.TrustDirectory(runtime.settings)
+        # The store writer's database connection is its own (`messages.store_writer`).
+        self._writer = messages.store_writer(runtime, self.directory)
         self.stats = ListenerStats()
         self._server: asyncio.Server | None = None
         self._queue: asyncio.Queue[_Pending] | None = None
@@ -199,6 +202,7 @@ class MllpListener:
             except asyncio.CancelledError:
                 pass
         self._tasks.clear()
+        self._writer.close()
         if self._workers and self._signals is not None:
             self._signals.stop.set()
             self._signals.wake.set()
@@ -377,14 +381,9 @@ class MllpListener:
         arrivals: list[messages.Arrival],
         verdicts: list[messages.Verdict | None] | None = None,
     ) -> list[bytes]:
-        with self.runtime.session() as session:
-            outcomes = messages.store_messages(
-                session,
-                arrivals,
-                directory=self.directory,
-                now=self.runtime.clock.now(),
-                prepared=verdicts,
-            )
+        outcomes = self._writer.store(
+            arrivals, verdicts or [None] * len(arrivals), self.runtime.clock.now()
+        )
         return [o.ack for o in outcomes]
 
     def _unavailable_ack(self, arrival: messages.Arrival, exc: Exception) -> bytes:

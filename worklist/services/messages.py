@@ -2,8 +2,9 @@
 
 The life of a message (DESIGN.md "Acknowledgements and bad input"):
 
-1. `store_messages` (called by the listener for a batch of frames, one
-   transaction, committed *before* any ACK leaves): reads the header, finds the
+1. `store_messages` (for a batch of frames, one transaction, committed *before*
+   any ACK leaves; the listener's `store_writer` does the same on a connection of
+   its own, on PostgreSQL in one statement): reads the header, finds the
    trust by MSH-3/MSH-4 (and checks the peer against its address allowlist),
    turns the message into domain events to check its content, answers a
    resend of an already-stored MSH-10 from the same sender with the very ACK
@@ -34,9 +35,9 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
@@ -65,6 +66,9 @@ from worklist.db.models import InboundMessage, Patient, PatientIdentifier, Study
 from worklist.domain.events import DomainEvent, OrderEvent, PatientsMerged, PatientUpdated
 from worklist.errors import Conflict, InvalidInput, NotFound, WorklistError
 from worklist.services import audit, orders
+
+if TYPE_CHECKING:
+    from worklist.bootstrap import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -406,16 +410,8 @@ def store_messages(
     `prepared` holds verdicts already worked out by `interpret(None, ...)` (the
     listener does the parsing while this thread waits on the database).
     """
-    settings = directory.settings
-    outcomes: list[StoreOutcome] = []
-    seen: dict[tuple[str, str, str], _Original] = {}
-    rows: list[dict[str, Any]] = []
     with session.no_autoflush:
-        ready = list(prepared) if prepared is not None else [None] * len(arrivals)
-        verdicts: list[Verdict] = [
-            verdict or interpret(session, arrival, directory=directory)  # type: ignore[misc]
-            for arrival, verdict in zip(arrivals, ready, strict=True)
-        ]
+        verdicts = _verdicts(session, arrivals, prepared, directory)
         originals = _stored_originals(
             session,
             [
@@ -424,9 +420,51 @@ def store_messages(
                 if a.oversize_bytes is None
             ],
         )
+    rows, outcomes = _store_rows(arrivals, verdicts, originals, directory.settings, now)
+    # One multi-row INSERT (Core, not ORM units of work: this is the ACK's hot path).
+    table = _INBOUND
+    ids = (
+        session.connection()
+        .execute(table.insert().returning(table.c.id, sort_by_parameter_order=True), rows)
+        .scalars()
+        .all()
+    )
+    stored = [
+        replace(o, message_id=message_id) for message_id, o in zip(ids, outcomes, strict=True)
+    ]
+    _log_refusals(rows, stored)
+    return stored
+
+
+def _verdicts(
+    session: Session,
+    arrivals: Sequence[Arrival],
+    prepared: Sequence[Verdict | None] | None,
+    directory: TrustDirectory,
+) -> list[Verdict]:
+    """The prepared verdicts, the missing ones (unknown sender, stale cache) worked out with
+    the database."""
+    ready = list(prepared) if prepared is not None else [None] * len(arrivals)
+    return [
+        verdict or interpret(session, arrival, directory=directory)  # type: ignore[misc]
+        for arrival, verdict in zip(arrivals, ready, strict=True)
+    ]
+
+
+def _store_rows(
+    arrivals: Sequence[Arrival],
+    verdicts: Sequence[Verdict],
+    originals: dict[tuple[str, str, str], _Original],
+    settings: Settings,
+    now: datetime,
+) -> tuple[list[dict[str, Any]], list[StoreOutcome]]:
+    """The rows to insert and the outcomes to answer, in order: a resend of a stored message
+    (`originals`) or of an earlier one in the batch is a duplicate with that one's ACK."""
+    outcomes: list[StoreOutcome] = []
+    seen: dict[tuple[str, str, str], _Original] = {}
+    rows: list[dict[str, Any]] = []
     for arrival, verdict in zip(arrivals, verdicts, strict=True):
         header = verdict.header
-        application, facility = _sender(header)
         control_id = header.control_id
         key = _duplicate_key(header)
         original = None
@@ -449,6 +487,7 @@ def store_messages(
             "patient_identifier": patient,
             "error": None,
         }
+        trust_code = verdict.trust.code if verdict.trust else None
         if original is not None:
             row["state"] = DUPLICATE
             row["ack"] = original.ack
@@ -463,7 +502,7 @@ def store_messages(
                     state=DUPLICATE,
                     ack=original.ack,
                     ack_code=original.ack_code or "",
-                    trust_code=verdict.trust.code if verdict.trust else None,
+                    trust_code=trust_code,
                     control_id=control_id,
                     duplicate_of=original.id,
                 )
@@ -477,14 +516,6 @@ def store_messages(
         else:
             row["state"] = REJECTED if verdict.error.ack_code == "AR" else FAILED
             row["error"] = _describe(verdict.error)
-            logger.warning(
-                "HL7 %s from %s/%s control id %r: %s",
-                ack_code,
-                application,
-                facility,
-                control_id,
-                row["error"],
-            )
         row["ack"] = ack
         row["ack_code"] = ack_code
         if control_id:
@@ -496,30 +527,344 @@ def store_messages(
                 state=row["state"],
                 ack=ack,
                 ack_code=ack_code,
-                trust_code=verdict.trust.code if verdict.trust else None,
+                trust_code=trust_code,
                 control_id=control_id,
             )
         )
-    # One multi-row INSERT (Core, not ORM units of work: this is the ACK's hot path).
-    table = _INBOUND
-    ids = (
-        session.connection()
-        .execute(table.insert().returning(table.c.id, sort_by_parameter_order=True), rows)
-        .scalars()
-        .all()
-    )
-    return [
-        StoreOutcome(
-            message_id=message_id,
-            state=o.state,
-            ack=o.ack,
-            ack_code=o.ack_code,
-            trust_code=o.trust_code,
-            control_id=o.control_id,
-            duplicate_of=o.duplicate_of,
-        )
-        for message_id, o in zip(ids, outcomes, strict=True)
-    ]
+    return rows, outcomes
+
+
+def _log_refusals(rows: Sequence[dict[str, Any]], stored: Sequence[StoreOutcome]) -> None:
+    for row, outcome in zip(rows, stored, strict=True):
+        if outcome.state in ERROR_QUEUE:
+            logger.warning(
+                "HL7 %s from %s/%s control id %r: %s",
+                outcome.ack_code,
+                row["sending_application"] or "",
+                row["sending_facility"] or "",
+                outcome.control_id,
+                row["error"],
+            )
+
+
+class StoreWriter:
+    """The listener's store writer: `store` commits a batch of arrivals and returns what to
+    answer, in order (the ACKs may go once it returns). One thread uses it at a time.
+
+    This one opens a session per batch (`store_messages`); `PostgresStoreWriter` is the
+    PostgreSQL one. `store_writer` picks.
+    """
+
+    def __init__(self, runtime: Runtime, directory: TrustDirectory) -> None:
+        self.runtime = runtime
+        self.directory = directory
+
+    def store(
+        self, arrivals: Sequence[Arrival], prepared: Sequence[Verdict | None], now: datetime
+    ) -> list[StoreOutcome]:
+        with self.runtime.session() as session:
+            return store_messages(
+                session, arrivals, directory=self.directory, now=now, prepared=prepared
+            )
+
+    def close(self) -> None:
+        pass
+
+
+class PostgresStoreWriter(StoreWriter):
+    """PostgreSQL: a batch is one statement, in one round trip, on a connection of its own.
+
+    The statement (`_PG_STORE`, one SQL text whatever the batch: psycopg prepares it and
+    PostgreSQL plans it once) takes the batch's columns as arrays, looks up each message's
+    stored original (same MSH-3, MSH-4, MSH-10) on the sender/control-id index, inserts the
+    rows (a resend as ``duplicate`` with its original's ACK) and returns what was stored.
+    The connection is in autocommit mode, so the statement is its own transaction: when it
+    returns, the batch is committed. Through a session the same took four or five round
+    trips (pool pre-ping, BEGIN, the resend check, INSERT, COMMIT). The connection is taken
+    from the pool once and kept (no pre-ping per batch); if it turns out broken (the
+    database restarted, or the backend was killed) the batch is sent once more on a new
+    one: a batch that did commit before the break comes back as resends of itself, answered
+    with the same ACKs.
+    """
+
+    def __init__(self, runtime: Runtime, directory: TrustDirectory) -> None:
+        super().__init__(runtime, directory)
+        self._connection: Any = None
+        self._record: Any = None
+
+    def store(
+        self, arrivals: Sequence[Arrival], prepared: Sequence[Verdict | None], now: datetime
+    ) -> list[StoreOutcome]:
+        if any(v is None for v in prepared):
+            with self.runtime.session() as session:
+                verdicts = _verdicts(session, arrivals, prepared, self.directory)
+        else:
+            verdicts = list(prepared)  # type: ignore[arg-type]
+        rows, outcomes = _store_rows(arrivals, verdicts, {}, self.directory.settings, now)
+        checked = [
+            bool(row["control_id"]) and arrival.oversize_bytes is None
+            for row, arrival in zip(rows, arrivals, strict=True)
+        ]
+        # A resend within the batch is marked already (`_store_rows`), but is checked too: if
+        # the first of the batch is a resend of a stored message, so is it, with that ACK.
+        parameters: dict[str, Any] = {name: [row[name] for row in rows] for name, _ in _PG_COLUMNS}
+        parameters["checked"] = checked
+        result = self._execute(parameters)
+        stored = []
+        for outcome, (message_id, original_id, state, ack, ack_code) in zip(
+            outcomes, result, strict=True
+        ):
+            if original_id is None:
+                stored.append(replace(outcome, message_id=message_id))
+            else:
+                stored.append(
+                    replace(
+                        outcome,
+                        message_id=message_id,
+                        state=state,
+                        ack=bytes(ack),
+                        ack_code=ack_code or "",
+                        duplicate_of=original_id,
+                    )
+                )
+        _log_refusals(rows, stored)
+        return stored
+
+    def _execute(self, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
+        import psycopg
+
+        for attempt in (1, 2):
+            connection = self._connect()
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute(_PG_STORE, parameters)
+                    return cursor.fetchall()
+            except psycopg.OperationalError:
+                broken = connection.broken or connection.closed
+                self.close()
+                if not broken or attempt == 2:
+                    raise
+                logger.warning("the HL7 store connection broke; storing the batch on a new one")
+            except BaseException:
+                if connection.broken or connection.closed:
+                    self.close()
+                raise
+        raise AssertionError("unreachable")
+
+    def _connect(self) -> Any:
+        if self._connection is None:
+            record = self.runtime.engine.raw_connection()
+            connection: Any = record.driver_connection
+            record.detach()  # ours until closed, never handed back to the pool
+            connection.autocommit = True
+            connection.prepare_threshold = 0
+            self._record, self._connection = record, connection
+        return self._connection
+
+    def close(self) -> None:
+        record, self._record, self._connection = self._record, None, None
+        if record is not None:
+            try:
+                record.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                logger.debug("closing the HL7 store connection failed", exc_info=True)
+
+
+class SqliteStoreWriter(StoreWriter):
+    """SQLite: a batch on a connection of its own, through the sqlite3 module directly.
+
+    The same transaction as `store_messages` (BEGIN IMMEDIATE in turn with every other
+    writer, on the `<database>-writer` lock of `worklist.db.sqlite_writers`; the resend
+    check; the INSERTs; COMMIT), without a session and SQLAlchemy's per-statement work:
+    the listener's process is CPU-bound on SQLite, and the store thread holds its GIL.
+    Values go through the columns' own bind processors, so rows are as the ORM writes them.
+    """
+
+    def __init__(self, runtime: Runtime, directory: TrustDirectory, database: str) -> None:
+        super().__init__(runtime, directory)
+        from worklist.db.sqlite_writers import WriterQueue
+
+        self._turns = WriterQueue(database)
+        self._connection: Any = None
+        self._record: Any = None
+        dialect = runtime.engine.dialect
+        self._columns = [name for name, _ in _PG_COLUMNS]
+        self._binders = [
+            (name, _INBOUND.c[name].type.dialect_impl(dialect).bind_processor(dialect))
+            for name in self._columns
+        ]
+
+    def store(
+        self, arrivals: Sequence[Arrival], prepared: Sequence[Verdict | None], now: datetime
+    ) -> list[StoreOutcome]:
+        if any(v is None for v in prepared):
+            with self.runtime.session() as session:
+                verdicts = _verdicts(session, arrivals, prepared, self.directory)
+        else:
+            verdicts = list(prepared)  # type: ignore[arg-type]
+        wanted = {
+            _duplicate_key(v.header)
+            for v, a in zip(verdicts, arrivals, strict=True)
+            if a.oversize_bytes is None and v.header.control_id
+        }
+        connection = self._connect()
+        self._turns.wait_turn(connection)
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                originals: dict[tuple[str, str, str], _Original] = {}
+                for key in wanted:
+                    found = connection.execute(
+                        _SQLITE_ORIGINAL, (key[0] or None, key[1] or None, key[2])
+                    ).fetchone()
+                    if found is not None:
+                        originals[key] = _Original(found[0], found[1], found[2])
+                rows, outcomes = _store_rows(
+                    arrivals, verdicts, originals, self.directory.settings, now
+                )
+                ids = [
+                    connection.execute(
+                        _SQLITE_INSERT,
+                        [bind(row[name]) if bind else row[name] for name, bind in self._binders],
+                    ).lastrowid
+                    for row in rows
+                ]
+                connection.execute("COMMIT")
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+        except BaseException:
+            self.close()  # a fresh connection for the next batch
+            raise
+        finally:
+            self._turns.done(connection)
+        stored = [
+            replace(o, message_id=message_id) for message_id, o in zip(ids, outcomes, strict=True)
+        ]
+        _log_refusals(rows, stored)
+        return stored
+
+    def _connect(self) -> Any:
+        if self._connection is None:
+            record = self.runtime.engine.raw_connection()
+            connection: Any = record.driver_connection
+            record.detach()  # ours until closed, never handed back to the pool
+            self._turns.opened(connection)
+            self._record, self._connection = record, connection
+        return self._connection
+
+    def close(self) -> None:
+        record, connection = self._record, self._connection
+        self._record = self._connection = None
+        if connection is not None:
+            self._turns.closed(connection)
+        if record is not None:
+            try:
+                record.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                logger.debug("closing the HL7 store connection failed", exc_info=True)
+
+
+def store_writer(runtime: Runtime, directory: TrustDirectory) -> StoreWriter:
+    if runtime.dialect == "postgresql" and runtime.engine.dialect.driver == "psycopg":
+        return PostgresStoreWriter(runtime, directory)
+    database = runtime.engine.url.database
+    if (
+        runtime.dialect == "sqlite"
+        and runtime.engine.dialect.driver == "pysqlite"
+        and database
+        and database != ":memory:"
+        and not database.startswith("file:")
+    ):
+        return SqliteStoreWriter(runtime, directory, database)
+    return StoreWriter(runtime, directory)
+
+
+_PG_COLUMNS = (
+    ("trust_id", "integer"),
+    ("sending_application", "text"),
+    ("sending_facility", "text"),
+    ("control_id", "text"),
+    ("message_type", "text"),
+    ("message_time", "timestamptz"),
+    ("received_at", "timestamptz"),
+    ("peer", "text"),
+    ("raw", "bytea"),
+    ("state", "text"),
+    ("error", "text"),
+    ("ack", "bytea"),
+    ("ack_code", "text"),
+    ("accession_number", "text"),
+    ("patient_identifier", "text"),
+)
+
+
+def _pg_store_sql() -> str:
+    names = [name for name, _ in _PG_COLUMNS]
+    arrays = ", ".join(f"%({name})s::{type_}[]" for name, type_ in _PG_COLUMNS)
+    # The stored original of a message, if any: the first non-duplicate row with its
+    # sender and MSH-10. An empty MSH-3/MSH-4 is stored NULL; each NULL combination is its
+    # own branch, so that every branch is one scan of the sender/control-id index.
+    branches = []
+    for application_null in (False, True):
+        for facility_null in (False, True):
+            conditions = [
+                "i.checked",
+                "m.control_id = i.control_id",
+                f"m.state <> '{DUPLICATE}'",
+                "m.ack IS NOT NULL",
+            ]
+            for column, null in (
+                ("sending_application", application_null),
+                ("sending_facility", facility_null),
+            ):
+                if null:
+                    conditions += [f"i.{column} IS NULL", f"m.{column} IS NULL"]
+                else:
+                    conditions.append(f"m.{column} = i.{column}")
+            branches.append(
+                "SELECT m.id, m.ack, m.ack_code FROM inbound_message m WHERE "
+                + " AND ".join(conditions)
+            )
+    plain = [n for n in names if n not in ("state", "error", "ack", "ack_code")]
+    return f"""
+WITH incoming AS (
+    SELECT * FROM unnest({arrays}, %(checked)s::boolean[])
+        WITH ORDINALITY AS i({", ".join(names)}, checked, ord)
+),
+resolved AS (
+    SELECT nextval(pg_get_serial_sequence('inbound_message', 'id')) AS id,
+        i.ord, o.id AS original_id,
+        CASE WHEN o.id IS NULL THEN i.state ELSE '{DUPLICATE}' END AS state,
+        CASE WHEN o.id IS NULL THEN i.error ELSE 'resend of message ' || o.id END AS error,
+        CASE WHEN o.id IS NULL THEN i.ack ELSE o.ack END AS ack,
+        CASE WHEN o.id IS NULL THEN i.ack_code ELSE o.ack_code END AS ack_code,
+        {", ".join(f"i.{n}" for n in plain)}
+    FROM incoming i LEFT JOIN LATERAL (
+        {" UNION ALL ".join(branches)}
+        ORDER BY id LIMIT 1
+    ) o ON true
+    ORDER BY i.ord
+),
+inserted AS (
+    INSERT INTO inbound_message (id, {", ".join(names)})
+    SELECT id, {", ".join(names)} FROM resolved
+)
+SELECT id, original_id, state, ack, ack_code FROM resolved ORDER BY ord
+"""
+
+
+_PG_STORE = _pg_store_sql()
+
+_SQLITE_ORIGINAL = (
+    "SELECT id, ack, ack_code FROM inbound_message WHERE sending_application IS ?"
+    " AND sending_facility IS ? AND control_id = ?"
+    f" AND state <> '{DUPLICATE}' AND ack IS NOT NULL ORDER BY id LIMIT 1"
+)
+_SQLITE_INSERT = (
+    f"INSERT INTO inbound_message ({', '.join(n for n, _ in _PG_COLUMNS)})"
+    f" VALUES ({', '.join('?' for _ in _PG_COLUMNS)})"
+)
 
 
 @dataclass(frozen=True)
