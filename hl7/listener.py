@@ -14,8 +14,9 @@ The work is split three ways:
   connection, stores them in one transaction (group commit: one fsync for the
   batch) through `worklist.services.messages.store_writer` (on a database
   connection of its own: on PostgreSQL the batch is one statement, one round
-  trip; on SQLite the sqlite3 module directly), then releases their ACKs. If the database is down, nothing is stored and each sender gets
-  AR 207 ("resend later"): no ACK is ever sent for a message not on disk;
+  trip; on SQLite the sqlite3 module directly), then releases their ACKs. If
+  the database is down, nothing is stored and each sender gets AR 207
+  ("resend later"): no ACK is ever sent for a message not on disk;
 * the apply worker: applies stored messages in arrival order, in batches, off
   the ACK path (the ACK waits only for the durable write). At start it first
   drains anything stored but not applied before a crash. `serve_hl7` runs it as
