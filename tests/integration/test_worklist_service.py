@@ -506,6 +506,24 @@ def test_auto_assignment_balances_effort_over_a_simulated_day_and_serves_every_t
     assert pushed.explanation["why"].startswith("auto-assigned: tier")
 
 
+def test_auto_assignment_counts_what_an_uncapped_session_already_holds(session, clock, region):
+    """A rota row without a cap is pushed to up to the default capacity, counting the
+    studies its reader already holds (pulled before, say), not only what it pushes now."""
+    rw6, _ = region
+    busy = radiologist(session, clock, credentials=("CT",))  # on duty, no cap
+    free = radiologist(session, clock, credentials=("CT",))
+    held = [ready(session, clock, rw6, performed_ago=timedelta(hours=2)) for _ in range(5)]
+    for study in held:
+        assert wl.conditional_claim(
+            session, study=study, user_id=busy.id, now=clock.now(), lease=wl.DEFAULT_LEASE
+        )
+    assert sum(s.effort for s in held) >= auto_assignment.DEFAULT_PUSH_CAPACITY
+    waiting = [ready(session, clock, rw6) for _ in range(3)]
+    made = auto_assignment.auto_assign(session, now=clock.now())
+    assert {a.study_id for a in made} == {s.id for s in waiting}
+    assert {a.user_id for a in made} == {free.id}
+
+
 def test_a_priority_tier_is_recoverable_from_the_stored_urgency(session, clock, region):
     rw6, _ = region
     stat = ready(session, clock, rw6, order_priority="S")

@@ -29,6 +29,7 @@ from worklist.services.worklist import (
     MAX_EXPLAINED_SKIPS,
     claim_patient_studies,
     conditional_claim,
+    held_effort,
     needs_double_reading,
     radiologist_facts,
     readings_of,
@@ -91,6 +92,9 @@ def auto_assign(
         .order_by(User.id)
     ).all()
     readers: list[_Reader] = []
+    # Every reader's held effort, capped session or not: a session without its own cap
+    # is pushed to up to `default_capacity`, counting what it already holds.
+    holding = held_effort(session, (user.id for user in on_duty))
     for user in on_duty:
         facts = radiologist_facts(session, user=user, now=now)
         slot = current_session(facts.sessions, now)
@@ -98,10 +102,11 @@ def auto_assign(
             continue
         if slot.capacity is None:
             slot = replace(slot, capacity=default_capacity)
-        facts = replace(facts, sessions=(slot,))
+        held = holding.get(user.id, 0.0)
+        facts = replace(facts, sessions=(slot,), session_load=held)
         readers.append(
             _Reader(
-                user, facts, slot, facts.session_load,
+                user, facts, slot, held,
                 _session_assigned_effort(session, user_id=user.id, since=slot.starts_at),
             )
         )  # fmt: skip

@@ -339,10 +339,22 @@ def _radiologist_facts_query(through_driver: bool = False) -> sa.CompoundSelect[
     load = sa.func.coalesce(
         sa.func.sum(sa.case((Study.status.in_([held_statuses]), Study.effort), else_=0.0)), 0.0
     )
+    # Summed only under a capped session (only the cap reads it): a reader holding many
+    # studies made every claim walk them all.
+    capped = (
+        sa.select(DutySession.id)
+        .where(
+            DutySession.user_id == user_id,
+            DutySession.starts_at <= now,
+            DutySession.ends_at > now,
+            DutySession.capacity.is_not(None),
+        )  # fmt: skip
+        .exists()
+    )
     held = sa.select(
         sa.literal(3), sa.literal(0), sa.null(), sa.null(), sa.null(), sa.null(), sa.null(),
         sa.null(), sa.null(), load, sa.null(),
-    ).where(Study.claimed_by_id == user_id)  # fmt: skip
+    ).where(Study.claimed_by_id == user_id, capped)  # fmt: skip
     # One row when any preliminary report waits unclaimed (ix_study_verification_pool):
     # next case asks the verification pool only then.
     waiting = sa.select(
@@ -402,6 +414,21 @@ def _facts(session: Session, *, user: User, now: datetime) -> tuple[Radiologist,
         active=user.active and user.role != "integration",
     )
     return radiologist, verification_waiting
+
+
+def held_effort(session: Session, user_ids: Iterable[int]) -> dict[int, float]:
+    """The effort each user holds to report or verify (what fills a session), in one
+    query: for callers that need it without a capped session (the facts sum it only
+    under one)."""
+    ids = list(user_ids)
+    if not ids:
+        return {}
+    rows = session.execute(
+        sa.select(Study.claimed_by_id, sa.func.sum(Study.effort))
+        .where(Study.claimed_by_id.in_(ids), Study.status.in_(sorted(_HELD_STATUSES)))
+        .group_by(Study.claimed_by_id)
+    ).all()
+    return {int(user_id): float(total or 0.0) for user_id, total in rows}
 
 
 def _held_by(user_id: int) -> sa.Select[Study]:
