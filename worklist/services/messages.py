@@ -591,15 +591,40 @@ class PostgresStoreWriter(StoreWriter):
         super().__init__(runtime, directory)
         self._connection: Any = None
         self._record: Any = None
+        self._async: Any = None  # the connection of `store_async`
 
     def store(
         self, arrivals: Sequence[Arrival], prepared: Sequence[Verdict | None], now: datetime
     ) -> list[StoreOutcome]:
+        verdicts = self.verdicts(arrivals, prepared)
+        rows, outcomes, parameters = self._batch(arrivals, verdicts, now)
+        return self._stored(rows, outcomes, self._execute(parameters))
+
+    async def store_async(
+        self, arrivals: Sequence[Arrival], prepared: Sequence[Verdict | None], now: datetime
+    ) -> list[StoreOutcome]:
+        """As `store`, awaiting the database in the caller's event loop (no thread: handing a
+        batch to a thread and back cost the listener more CPU than storing it)."""
+        import asyncio
+
         if any(v is None for v in prepared):
-            with self.runtime.session() as session:
-                verdicts = _verdicts(session, arrivals, prepared, self.directory)
+            verdicts = await asyncio.to_thread(self.verdicts, arrivals, prepared)
         else:
             verdicts = list(prepared)  # type: ignore[arg-type]
+        rows, outcomes, parameters = self._batch(arrivals, verdicts, now)
+        return self._stored(rows, outcomes, await self._execute_async(parameters))
+
+    def verdicts(
+        self, arrivals: Sequence[Arrival], prepared: Sequence[Verdict | None]
+    ) -> list[Verdict]:
+        if all(v is not None for v in prepared):
+            return list(prepared)  # type: ignore[arg-type]
+        with self.runtime.session() as session:
+            return _verdicts(session, arrivals, prepared, self.directory)
+
+    def _batch(
+        self, arrivals: Sequence[Arrival], verdicts: Sequence[Verdict], now: datetime
+    ) -> tuple[list[dict[str, Any]], list[StoreOutcome], dict[str, Any]]:
         rows, outcomes = _store_rows(arrivals, verdicts, {}, self.directory.settings, now)
         checked = [
             bool(row["control_id"]) and arrival.oversize_bytes is None
@@ -609,7 +634,14 @@ class PostgresStoreWriter(StoreWriter):
         # the first of the batch is a resend of a stored message, so is it, with that ACK.
         parameters: dict[str, Any] = {name: [row[name] for row in rows] for name, _ in _PG_COLUMNS}
         parameters["checked"] = checked
-        result = self._execute(parameters)
+        return rows, outcomes, parameters
+
+    def _stored(
+        self,
+        rows: list[dict[str, Any]],
+        outcomes: list[StoreOutcome],
+        result: list[tuple[Any, ...]],
+    ) -> list[StoreOutcome]:
         stored = []
         for outcome, (message_id, original_id, state, ack, ack_code) in zip(
             outcomes, result, strict=True
@@ -629,6 +661,46 @@ class PostgresStoreWriter(StoreWriter):
                 )
         _log_refusals(rows, stored)
         return stored
+
+    async def _execute_async(self, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
+        import psycopg
+
+        for attempt in (1, 2):
+            connection = await self._connect_async()
+            try:
+                async with connection.cursor() as cursor:
+                    await cursor.execute(_PG_STORE, parameters)
+                    return await cursor.fetchall()
+            except psycopg.OperationalError:
+                broken = connection.broken or connection.closed
+                await self.close_async()
+                if not broken or attempt == 2:
+                    raise
+                logger.warning("the HL7 store connection broke; storing the batch on a new one")
+            except BaseException:
+                if connection.broken or connection.closed:
+                    await self.close_async()
+                raise
+        raise AssertionError("unreachable")
+
+    async def _connect_async(self) -> Any:
+        if self._async is None:
+            import psycopg
+
+            engine = self.runtime.engine
+            args, kwargs = engine.dialect.create_connect_args(engine.url)
+            self._async = await psycopg.AsyncConnection.connect(
+                *args, **kwargs, autocommit=True, prepare_threshold=0
+            )
+        return self._async
+
+    async def close_async(self) -> None:
+        connection, self._async = self._async, None
+        if connection is not None:
+            try:
+                await connection.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                logger.debug("closing the HL7 store connection failed", exc_info=True)
 
     def _execute(self, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
         import psycopg
