@@ -27,6 +27,7 @@ from hl7.mllp import Frame, MllpDecoder, frame
 from tests.factories import make_study, make_trust, make_user
 from worklist.bootstrap import Runtime
 from worklist.db.models import Alert, InboundMessage, Patient, Study, StudyStatusChange, Trust
+from worklist.services import messages
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "hl7"
 CORPUS = Path(__file__).resolve().parents[3] / "shared" / "hl7-corpus"
@@ -191,6 +192,27 @@ def test_a_resent_message_is_answered_with_the_same_ack_and_applied_once(
     with runtime.session() as session:
         changes = session.scalar(sa.select(sa.func.count()).select_from(StudyStatusChange))
     assert changes == 1
+
+
+def test_the_store_connection_killed_by_the_database_is_replaced_without_an_ar(
+    runtime: Runtime, listener: RunningListener
+) -> None:
+    """PostgreSQL: the store writer keeps one connection of its own (no pre-ping); when the
+    server ends it (a restart, a killed backend) the next batch goes on a new one, once."""
+    writer = listener.listener._writer
+    if not isinstance(writer, messages.PostgresStoreWriter):
+        pytest.skip("the store's own connection is PostgreSQL's")
+    template = fixture("orm-o01-v24-nw-ct-head.hl7")
+    client = Client(listener.port)
+    assert msa(client.send(template))[1] == "AA"
+    pid = writer._async.info.backend_pid
+    with runtime.engine.connect() as connection:
+        assert connection.scalar(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+    time.sleep(0.2)
+    second = template.replace(b"RW6000123", b"RW6000124").replace(b"RW6ACC0001", b"RW6ACC0002")
+    assert msa(client.send(second))[1] == "AA"
+    assert writer._async.info.backend_pid != pid
+    assert [r.control_id for r in rows(runtime)] == ["RW6000123", "RW6000124"]
 
 
 def test_frames_split_across_reads_and_several_in_one_read_are_acknowledged_in_order(
