@@ -694,6 +694,17 @@ def conditional_claim(
     return True
 
 
+def _claim_values(through_driver: bool) -> dict[str, Any]:
+    """What a claim sets: the claimer, the time and the lease's end, as per-call values."""
+    now = _value("claim_now", Study.claimed_at.type, through_driver)
+    return {
+        "claimed_by_id": _value("claimer_id", sa.Integer(), through_driver),
+        "claimed_at": now,
+        "claim_expires_at": _value("claim_expires_at", Study.claim_expires_at.type, through_driver),
+        "updated_at": now,
+    }
+
+
 @functools.cache
 def _conditional_claim_update(through_driver: bool, expects_holder: bool) -> sa.Update:
     holder = (
@@ -701,7 +712,6 @@ def _conditional_claim_update(through_driver: bool, expects_holder: bool) -> sa.
         if expects_holder
         else Study.claimed_by_id.is_(None)
     )
-    now = _value("claim_now", Study.claimed_at.type, through_driver)
     return (
         sa.update(Study.__table__)
         .where(
@@ -709,14 +719,7 @@ def _conditional_claim_update(through_driver: bool, expects_holder: bool) -> sa.
             Study.status == sa.literal_column(f"'{READY}'"),
             holder,
         )
-        .values(
-            claimed_by_id=_value("claimer_id", sa.Integer(), through_driver),
-            claimed_at=now,
-            claim_expires_at=_value(
-                "claim_expires_at", Study.claim_expires_at.type, through_driver
-            ),
-            updated_at=now,
-        )  # fmt: skip
+        .values(_claim_values(through_driver))
         .returning(Study.id)
     )
 
@@ -982,18 +985,10 @@ def _claim_update(candidates: sa.Select[Study], through_driver: bool) -> sa.Upda
         .with_for_update(skip_locked=True)
         .scalar_subquery()
     )
-    now = _value("claim_now", Study.claimed_at.type, through_driver)
     claim = (
         sa.update(Study.__table__)
         .where(Study.id == first, unclaimed(READY))
-        .values(
-            claimed_by_id=_value("claimer_id", sa.Integer(), through_driver),
-            claimed_at=now,
-            claim_expires_at=_value(
-                "claim_expires_at", Study.claim_expires_at.type, through_driver
-            ),
-            updated_at=now,
-        )  # fmt: skip
+        .values(_claim_values(through_driver))
         .returning(*Study.__table__.columns)
     )
     return claim.returning(_others_waiting_for_same_person()) if through_driver else claim
