@@ -99,15 +99,50 @@ the runs, so figures move by a third from run to run; 3,000 ORM^O01 of ~1 KB):
   ack 434/s against 612/s with one, in back-to-back runs); the apply worker as a child
   process on SQLite (ack 1,329/s against 1,430/s, applied 316/s against 674/s: it has
   no idle batch, and waits on SQLite's lock).
-* What bounds us now: applied on PostgreSQL follows the ACK rate (the worker keeps up
-  with it: ~1 s of backlog at the end of a 5 s burst). The ACK path: ~0.2 ms of parsing,
-  checking and ACK building a message in the event loop and ~0.15 ms of storing, in one
-  process, so SQLite is CPU-bound (GIL); on PostgreSQL the event loop idles half the
-  time waiting on the store, whose group commit costs four round trips (pool pre-ping,
-  resend check, INSERT, COMMIT) while floor (b) keeps eight transactions in flight.
-  Next: the resend check and the INSERT in one round trip (or a unique index on
-  (MSH-3, MSH-4, MSH-10) of originals and INSERT ... ON CONFLICT), no pre-ping for the
-  store's connection, and on SQLite parsing off the GIL (a second listener process).
+* What bounded us then (before the store writer below): applied on PostgreSQL followed
+  the ACK rate (~1 s of backlog at the end of a 5 s burst). The ACK path: ~0.2 ms of
+  parsing, checking and ACK building a message in the event loop and ~0.15 ms of
+  storing, in one process, so SQLite was CPU-bound (GIL); on PostgreSQL the event loop
+  idled half the time waiting on the store, whose group commit cost four round trips
+  (pool pre-ping, resend check, INSERT, COMMIT; five with psycopg's BEGIN).
+* The store writer, 2026-11-23 evening (`worklist.services.messages.store_writer`):
+  baseline first (15:16, load average 1.3): SQLite ack 981/s = 67 % of floor (b)
+  1,472/s, applied 583/s, p99 55 ms at 200/s; PostgreSQL ack 539/s = 45 % of floor (b)
+  1,187/s, applied 471/s, p99 23 ms at 200/s.
+  - PostgreSQL, one statement a batch on a connection of its own: the batch's columns as
+    arrays into one fixed SQL text (unnest; prepared once), which finds each message's
+    stored original (same MSH-3/MSH-4/MSH-10; one scan of the sender/control-id index per
+    NULL combination), inserts the rows (a resend as duplicate with the original's ACK)
+    and returns them; autocommit, so one round trip, and no pre-ping (the connection is
+    kept; a broken one is replaced and the batch sent once more). No schema change: a
+    unique index for ON CONFLICT would have to leave out the duplicates and oversize
+    rejects, which share keys. Ack 539 -> 716-857/s (58-59 % of floor (b), runs at load
+    1.3-2.5); store wall p50 ~3 ms a batch of ~3.7 (1-7), 0.8 ms of it CPU in the thread.
+  - SQLite, the same transaction on a sqlite3 connection of its own (BEGIN IMMEDIATE in
+    turn on the writer lock, the resend check a query a key, the INSERTs, COMMIT; values
+    through the columns' bind processors): ack 981 -> 1,228/s (67 -> 75 %, load 2.5).
+  - Then the thread pool taken out of the ACK path: handing each batch to a thread and
+    back (run_in_executor, the GIL to and fro) cost more of the listener's CPU than the
+    store did. SQLite stores in the event loop itself (a commit waits on no disk in WAL
+    with synchronous=NORMAL): alternating runs 1,351 and 1,254/s (0.72-0.75 ms listener
+    CPU a message) -> 1,799 and 1,984/s (0.46-0.48 ms). PostgreSQL awaits the same
+    statement on psycopg's AsyncConnection: 907-931/s before, 804-1,151/s after in
+    single runs at load 2.7-3.9 (the listener 0.59-0.72 ms CPU a message).
+  - Both databases in one run (16:34, load average 3.6 -> 2.7): SQLite ack 1,948/s =
+    135 % of floor (b) 1,444/s, applied 812/s, p99 22 ms at 200/s; PostgreSQL ack
+    1,003/s = 63 % of floor (b) 1,600/s, applied 648/s, p99 9 ms at 200/s.
+  - Measured and not kept: two PostgreSQL store writers (a batch commits while the next
+    is collected; a resend waits for an original in flight in the other), alternating
+    runs: one writer 907 and 931/s, two 868 and 782/s (batches of 2.6 instead of 3.7,
+    the same CPU per batch). The apply worker as a child process on SQLite (with the
+    writer above): 1,452-1,453/s against 1,587/s with the thread. A shorter GIL switch
+    interval (0.5 ms) for the listener: no change (870/s).
+* What bounds us now on PostgreSQL: CPU on 2 cores. With the apply worker off the
+  listener acknowledged 1,273/s (load 4); with it, the worker and its backend take
+  ~0.5 ms of CPU a message during the burst (niced, but its backend is not), the store's
+  backend ~0.3 ms (the statement), the listener ~0.6 ms (parsing ~0.25 ms of it). Next:
+  apply less during a burst (it catches up at ~1,500/s after; applied must stay >= 500/s),
+  a cheaper statement on the server side, and parsing off the listener's GIL.
 
     .venv/bin/python bench/ingest.py                      # both databases, 4000 messages
     .venv/bin/python bench/ingest.py --db sqlite --messages 2000
