@@ -31,7 +31,8 @@ the runs, so figures move by a third from run to run; 3,000 ORM^O01 of ~1 KB):
   (before the apply changes below).
 * Choices: the raw message is committed before its ACK, many connections' frames in
   one transaction (group commit); parsing, checking and building the ACK happen in
-  the event loop while the store thread waits on the database; applying is off the
+  the event loop while the store waits on the database (since 2026-11-23 evening in
+  the loop too: see the store writer below); applying is off the
   ACK path (a thread on SQLite; a niced child process on PostgreSQL, trusts shared
   between workers by advisory lock so each trust's messages stay in order).
 * Applying, 2026-11-23 (`worklist.services.messages.apply_pending`): each message in
@@ -135,8 +136,9 @@ the runs, so figures move by a third from run to run; 3,000 ORM^O01 of ~1 KB):
     is collected; a resend waits for an original in flight in the other), alternating
     runs: one writer 907 and 931/s, two 868 and 782/s (batches of 2.6 instead of 3.7,
     the same CPU per batch). The apply worker as a child process on SQLite (with the
-    writer above): 1,452-1,453/s against 1,587/s with the thread. A shorter GIL switch
-    interval (0.5 ms) for the listener: no change (870/s).
+    writer above, and given the thread's idle batch): 1,452-1,453/s against 1,587/s
+    with the thread. A shorter GIL switch interval (0.5 ms), with the store still in
+    a thread: no change (870/s).
 * What bounds us now on PostgreSQL: CPU on 2 cores. With the apply worker off the
   listener acknowledged 1,273/s (load 4); with it, the worker and its backend take
   ~0.5 ms of CPU a message during the burst (niced, but its backend is not), the store's

@@ -338,8 +338,8 @@ class MllpListener:
         else:
             self.stats.frames += 1
             arrival = messages.Arrival(payload=event.payload, peer=peer, received_at=now)
-        # Parse, check and build the ACK here, while the store thread waits on the
-        # database for the previous batch: CPU and I/O overlap.
+        # Parse, check and build the ACK here, while the store waits on the database for
+        # the previous batch (PostgreSQL: CPU and I/O overlap).
         verdict = messages.prepare(arrival, directory=self.directory, now=now)
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         await self._queue.put((arrival, verdict, future))
