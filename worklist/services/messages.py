@@ -567,6 +567,16 @@ class StoreWriter:
                 session, arrivals, directory=self.directory, now=now, prepared=prepared
             )
 
+    def verdicts(
+        self, arrivals: Sequence[Arrival], prepared: Sequence[Verdict | None]
+    ) -> list[Verdict]:
+        """The prepared verdicts; those missing (unknown sender, stale cache) read with a
+        session."""
+        if all(v is not None for v in prepared):
+            return list(prepared)  # type: ignore[arg-type]
+        with self.runtime.session() as session:
+            return _verdicts(session, arrivals, prepared, self.directory)
+
     def close(self) -> None:
         pass
 
@@ -613,14 +623,6 @@ class PostgresStoreWriter(StoreWriter):
             verdicts = list(prepared)  # type: ignore[arg-type]
         rows, outcomes, parameters = self._batch(arrivals, verdicts, now)
         return self._stored(rows, outcomes, await self._execute_async(parameters))
-
-    def verdicts(
-        self, arrivals: Sequence[Arrival], prepared: Sequence[Verdict | None]
-    ) -> list[Verdict]:
-        if all(v is not None for v in prepared):
-            return list(prepared)  # type: ignore[arg-type]
-        with self.runtime.session() as session:
-            return _verdicts(session, arrivals, prepared, self.directory)
 
     def _batch(
         self, arrivals: Sequence[Arrival], verdicts: Sequence[Verdict], now: datetime
@@ -769,11 +771,7 @@ class SqliteStoreWriter(StoreWriter):
     def store(
         self, arrivals: Sequence[Arrival], prepared: Sequence[Verdict | None], now: datetime
     ) -> list[StoreOutcome]:
-        if any(v is None for v in prepared):
-            with self.runtime.session() as session:
-                verdicts = _verdicts(session, arrivals, prepared, self.directory)
-        else:
-            verdicts = list(prepared)  # type: ignore[arg-type]
+        verdicts = self.verdicts(arrivals, prepared)
         wanted = {
             _duplicate_key(v.header)
             for v, a in zip(verdicts, arrivals, strict=True)
