@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from types import SimpleNamespace
 
 import pytest
@@ -16,7 +16,7 @@ from worklist.db.models import Assignment, AuditEvent, DutySession, Report, Repo
 from worklist.domain.priority import PriorityRulesError, tier_from_urgency
 from worklist.domain.priority_rules import DEFAULT_RULES
 from worklist.errors import Conflict, Forbidden, NotFound
-from worklist.services import auto_assignment
+from worklist.services import accounts, auto_assignment
 from worklist.services import priors as priors_service
 from worklist.services import worklist as wl
 
@@ -539,6 +539,22 @@ def test_agreements_end_on_the_date_given(session, clock, region):
     study = ready(session, clock, rw6)
     verdict = wl.eligibility_for(session, study=study, user=reader, now=clock.now())
     assert verdict.explain() == "reporting agreement for RW6 ended on 2026-11-22"
+
+
+def test_which_trusts_a_radiologist_sees_turns_at_london_midnight_everywhere(session, region):
+    """00:30 in London (BST) is still the day before in UTC: an agreement that ended
+    "yesterday" in London hides that trust from lists and from single studies alike."""
+    rw6, _ = region
+    london_half_past_midnight = datetime(2026, 6, 30, 23, 30, tzinfo=UTC)
+    reader = make_user(session, now=london_half_past_midnight, trusts=("RW6",))
+    reader.permissions[0].ends_on = date(2026, 6, 30)
+    session.flush()
+    now = london_half_past_midnight
+    assert accounts.visible_trust_ids(session, user=reader, on=now) == set()
+    assert not wl.may_see_trust(session, user=reader, trust_id=rw6.id, now=now)
+    earlier = now - timedelta(hours=1)  # 23:30 in London, the agreement's last day
+    assert accounts.visible_trust_ids(session, user=reader, on=earlier) == {rw6.id}
+    assert wl.may_see_trust(session, user=reader, trust_id=rw6.id, now=earlier)
 
 
 def test_reprioritising_named_studies_touches_only_those(session, clock, region):

@@ -8,12 +8,14 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from worklist.db.models import ApiToken, Credential, DutySession, ReportingPermission, Trust, User
+from worklist.domain.eligibility import LONDON
 from worklist.errors import Conflict, InvalidInput, NotFound
 
 ROLES = ("radiologist", "manager", "admin", "integration")
@@ -153,20 +155,35 @@ def revoke_token(session: Session, *, token: str, now: datetime) -> None:
     row.revoked_at = now
 
 
+#: Roles that see every trust's studies; a radiologist sees those of their agreements.
+SEES_EVERY_TRUST = frozenset({"manager", "admin"})
+
+
+def permission_in_force(user_id: Any, today: Any) -> sa.ColumnElement[bool]:
+    """The user's reporting agreements in force on `today` (a London date), as SQL: the
+    one definition of which trusts a radiologist may see. Values or SQL expressions."""
+    return sa.and_(
+        ReportingPermission.user_id == user_id,
+        sa.or_(ReportingPermission.starts_on.is_(None), ReportingPermission.starts_on <= today),
+        sa.or_(ReportingPermission.ends_on.is_(None), ReportingPermission.ends_on >= today),
+    )
+
+
 def visible_trust_ids(
     session: Session, *, user: User, on: datetime | None = None
 ) -> set[int] | None:
     """The trusts whose studies `user` may see; None means every trust (managers, admins).
 
-    A radiologist sees only trusts they hold a reporting agreement for (current on `on`).
+    A radiologist sees only trusts they hold a reporting agreement for (current on `on`,
+    by the London date).
     """
-    if user.role in {"manager", "admin"}:
+    if user.role in SEES_EVERY_TRUST:
         return None
-    query = sa.select(ReportingPermission.trust_id).where(ReportingPermission.user_id == user.id)
-    if on is not None:
-        today = on.date()
-        query = query.where(
-            sa.or_(ReportingPermission.starts_on.is_(None), ReportingPermission.starts_on <= today),
-            sa.or_(ReportingPermission.ends_on.is_(None), ReportingPermission.ends_on >= today),
+    if on is None:
+        query = sa.select(ReportingPermission.trust_id).where(
+            ReportingPermission.user_id == user.id
         )
+    else:
+        today = on.astimezone(LONDON).date()
+        query = sa.select(ReportingPermission.trust_id).where(permission_in_force(user.id, today))
     return set(session.scalars(query))

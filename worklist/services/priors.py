@@ -29,9 +29,9 @@ from worklist.db.models import (
 from worklist.domain.eligibility import LONDON
 from worklist.domain.study import StudyStatus
 from worklist.errors import NotFound
+from worklist.services import accounts
 from worklist.services.worklist import same_person_patient_ids, visible_study
 
-_SEE_EVERY_TRUST = ("manager", "admin")  # as `worklist.may_see_trust`
 _STOPPED = (StudyStatus.CANCELLED.value, StudyStatus.DISCONTINUED.value)
 Q = TypeVar("Q", bound=sa.Select[*tuple[Any, ...]])
 
@@ -175,7 +175,7 @@ def _priors_in_one_statement(
 ) -> list[Prior]:
     """The visibility check, the priors with their reports and the audit row in ONE
     statement through the driver: one round trip instead of five, and no ORM query."""
-    sees_every_trust = user.role in _SEE_EVERY_TRUST
+    sees_every_trust = user.role in accounts.SEES_EVERY_TRUST
     values: dict[str, Any] = {
         "study_id": study_id, "user_id": user.id, "username": user.username, "at": now,
         "remote_addr": remote_addr, "limit": limit,
@@ -228,16 +228,13 @@ def _priors_statement(sees_every_trust: bool) -> sa.Select[Any]:
     row at all when the study is missing or hidden. Built once."""
     param = driver.param
     visible = [Study.id == param("study_id", sa.Integer())]
-    if not sees_every_trust:  # as `worklist.may_see_trust`
-        today = param("today", sa.Date())
+    if not sees_every_trust:
         visible.append(
             sa.exists().where(
-                ReportingPermission.user_id == param("user_id", sa.Integer()),
-                ReportingPermission.trust_id == Study.trust_id,
-                sa.or_(
-                    ReportingPermission.starts_on.is_(None), ReportingPermission.starts_on <= today
+                accounts.permission_in_force(
+                    param("user_id", sa.Integer()), param("today", sa.Date())
                 ),
-                sa.or_(ReportingPermission.ends_on.is_(None), ReportingPermission.ends_on >= today),
+                ReportingPermission.trust_id == Study.trust_id,
             )
         )
     anchor = (

@@ -77,7 +77,7 @@ from worklist.domain.priority import (
 )
 from worklist.domain.study import StudyStatus
 from worklist.errors import Conflict, Forbidden, InvalidInput, NotFound
-from worklist.services import audit
+from worklist.services import accounts, audit
 from worklist.services.pool import PRELIMINARY, pool_query, unclaimed
 
 logger = logging.getLogger(__name__)
@@ -1153,18 +1153,14 @@ def visible_study(session: Session, *, study_id: int, user: User, now: datetime)
 
 
 def may_see_trust(session: Session, *, user: User, trust_id: int, now: datetime) -> bool:
-    if user.role in ("manager", "admin"):
+    if user.role in accounts.SEES_EVERY_TRUST:
         return True
     today = now.astimezone(LONDON).date()
     return (
         session.scalar(
             sa.select(ReportingPermission.id).where(
-                ReportingPermission.user_id == user.id,
+                accounts.permission_in_force(user.id, today),
                 ReportingPermission.trust_id == trust_id,
-                sa.or_(
-                    ReportingPermission.starts_on.is_(None), ReportingPermission.starts_on <= today
-                ),
-                sa.or_(ReportingPermission.ends_on.is_(None), ReportingPermission.ends_on >= today),
             )
         )
         is not None
