@@ -121,6 +121,23 @@ What we measured and chose (2 cores, shared; one run each, figures move by a thi
   work running): 1 process 239/s (p50 4.0 ms, p99 7.7 ms), ratio 0.24; 8 processes
   380/s, p50 18 ms, p99 47 ms, ratio 0.17 to the floor's 2,198/s (floor with history
   1,523/s); 32: 298/s, p99 0.37 s.
+* Final runs of the session, 100,000 ready / 2,000,000 history, databases kept from
+  earlier runs (`--database`), 16:58-17:08, load average under 1 (the other helpers
+  done):
+    PostgreSQL  next case 1 process 163/s (p50 5.9 ms); 8 processes 445/s, p50 15 ms,
+                p99 41 ms, ratio 0.22 to the floor's 2,003/s; 32: 275/s, p99 0.36 s.
+                Worklist page p99 27-38 ms (breached 27 ms); priors p50 4.5 ms, p99
+                8.9 ms (helper's runs on its own copy: p99 7.2-8.1 ms; 10-18 ms when run
+                after other parts or with other work on the machine: the priors of 200
+                random patients are partly read from outside shared_buffers' 128 MB).
+    SQLite      next case 1 process 189/s (p50 4.6 ms); 8 processes 206/s, p50 42 ms,
+                p99 71 ms; 32: 219/s, p99 0.40 s (floor 507/s, p99 0.94 s). Worklist
+                page p99 under 23 ms. Priors moved most between runs: p50 2.7-8.3 ms,
+                p99 14-26 ms in three runs (6.3 ms on a freshly loaded file): each call
+                commits its audit row, and the tail looks like WAL checkpoints (not
+                verified).
+  Targets: worklist page met on both databases; priors met on PostgreSQL in quiet
+  runs, not reliably on SQLite; next case not met (below).
 * Targets not met: next-case p99 under 20 ms at 8 concurrent and 0.5 of the floor. At
   8 processes on 2 cores a claim's latency is its CPU (client + backend, ~3.5 ms) times
   the queue: ~1,000 claims/s, p99 20 ms, need ~1.5 ms in all, the floor with history's
