@@ -16,11 +16,11 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from psycopg import pq
+from psycopg import postgres, pq
 from psycopg.types.json import Jsonb
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session, make_transient_to_detached
@@ -50,6 +50,7 @@ class Compiled:
 
     text: str
     names: tuple[str, ...] | None = None
+    times: tuple[int, ...] = ()  # where the timestamps are, turned to UTC
 
 
 @functools.lru_cache(maxsize=4096)
@@ -80,8 +81,15 @@ def rows(
         if result is None or result.status != pq.ExecStatus.TUPLES_OK:
             return (), []
         if compiled.names is None:  # psycopg builds `description` anew each call
-            compiled.names = tuple(column.name for column in cursor.description or ())
-        return compiled.names, [tuple(_utc(v) for v in row) for row in cursor.fetchall()]
+            description = cursor.description or ()
+            compiled.names = tuple(column.name for column in description)
+            compiled.times = tuple(
+                i for i, column in enumerate(description) if column.type_code in _TIMESTAMPS
+            )
+        found = cursor.fetchall()
+        if compiled.times:  # only the timestamp columns, not every value of every row
+            found = [_in_utc(row, compiled.times) for row in found]
+        return compiled.names, found
 
 
 def loaded(session: Session, model: type[T], values: dict[str, Any]) -> T:
@@ -100,5 +108,12 @@ def loaded(session: Session, model: type[T], values: dict[str, Any]) -> T:
     return found  # type: ignore[no-any-return]
 
 
-def _utc(value: Any) -> Any:
-    return value.astimezone(UTC) if isinstance(value, datetime) else value
+_TIMESTAMPS = frozenset(postgres.types[name].oid for name in ("timestamptz", "timestamp"))
+
+
+def _in_utc(row: tuple[Any, ...], times: tuple[int, ...]) -> tuple[Any, ...]:
+    values = list(row)
+    for i in times:
+        if values[i] is not None:
+            values[i] = values[i].astimezone(UTC)
+    return tuple(values)
