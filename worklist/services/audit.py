@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from worklist.db.models import AuditEvent, User
@@ -37,3 +38,36 @@ def record(
     )
     session.add(event)
     return event
+
+
+_INSERT = sa.insert(AuditEvent).values(
+    at=sa.bindparam("at"), user_id=sa.bindparam("user_id"),
+    username=sa.bindparam("username"), action=sa.bindparam("action"),
+    object_type=sa.bindparam("object_type"), object_id=sa.bindparam("object_id"),
+    detail=sa.bindparam("detail"), remote_addr=sa.bindparam("remote_addr"),
+)  # fmt: skip
+
+
+def insert(
+    session: Session,
+    *,
+    at: datetime,
+    action: str,
+    user: User | None = None,
+    object_type: str | None = None,
+    object_id: object | None = None,
+    detail: dict[str, Any] | None = None,
+    remote_addr: str | None = None,
+) -> None:
+    """The row `record` writes, inserted now with one Core statement: for hot paths,
+    where the unit of work's flush of a new object costs more than the statement."""
+    session.connection().execute(
+        _INSERT,
+        {
+            "at": at, "user_id": user.id if user else None,
+            "username": user.username if user else None, "action": action,
+            "object_type": object_type,
+            "object_id": None if object_id is None else str(object_id),
+            "detail": detail or {}, "remote_addr": remote_addr,
+        },
+    )  # fmt: skip

@@ -29,7 +29,7 @@ from worklist.db.models import (
 from worklist.domain.eligibility import LONDON
 from worklist.domain.study import StudyStatus
 from worklist.errors import NotFound
-from worklist.services import accounts
+from worklist.services import accounts, audit
 from worklist.services.worklist import same_person_patient_ids, visible_study
 
 _STOPPED = (StudyStatus.CANCELLED.value, StudyStatus.DISCONTINUED.value)
@@ -89,14 +89,10 @@ def priors(
         )
         for prior, code, kind, text, signed_at in rows
     ]
-    # A Core insert: the unit of work's flush of one new object costs more.
-    session.execute(
-        _AUDIT_INSERT,
-        {
-            "at": now, "user_id": user.id, "username": user.username,
-            "object_id": str(study.id), "remote_addr": remote_addr,
-            "detail": {"patient_id": study.patient_id, "priors": len(result)},
-        },
+    audit.insert(
+        session, at=now, action="view_priors", user=user, object_type="study",
+        object_id=study.id, detail={"patient_id": study.patient_id, "priors": len(result)},
+        remote_addr=remote_addr,
     )  # fmt: skip
     return result
 
@@ -151,14 +147,6 @@ def _priors_query() -> sa.Select[Study, str, str, str, datetime]:
         .limit(sa.bindparam("limit"))
     )
     return _with_latest_report(query, Study.id)
-
-
-_AUDIT_INSERT = sa.insert(AuditEvent).values(
-    at=sa.bindparam("at"), user_id=sa.bindparam("user_id"),
-    username=sa.bindparam("username"), action="view_priors", object_type="study",
-    object_id=sa.bindparam("object_id"), detail=sa.bindparam("detail"),
-    remote_addr=sa.bindparam("remote_addr"),
-)  # fmt: skip
 
 
 # --- PostgreSQL: one statement --------------------------------------------------------

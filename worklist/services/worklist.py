@@ -782,21 +782,17 @@ def record_assignment(
     else:
         # SQLite: two Core inserts (the same rows as the ORM and `audit.record` would
         # write, without the unit of work's bookkeeping inside the write lock).
-        connection = session.connection()
-        new_id = connection.execute(_ASSIGNMENT_INSERT, values).scalar_one()
-        connection.execute(_AUDIT_INSERT, event)
+        new_id = session.connection().execute(_ASSIGNMENT_INSERT, values).scalar_one()
+        audit.insert(
+            session, at=now, action=action, user=actor, object_type="study",
+            object_id=study.id, detail=detail, remote_addr=remote_addr,
+        )  # fmt: skip
     # As if loaded (no second INSERT), without the instrumented constructor's events.
     return driver.loaded(session, Assignment, {"id": new_id, "ended_at": None,
                                                "end_reason": None, **values})  # fmt: skip
 
 
 _ASSIGNMENT_INSERT = sa.insert(Assignment.__table__).returning(Assignment.__table__.c.id)
-_AUDIT_INSERT = sa.insert(AuditEvent.__table__).values(
-    at=sa.bindparam("at"), user_id=sa.bindparam("actor_id"),
-    username=sa.bindparam("actor_name"), action=sa.bindparam("action"), object_type="study",
-    object_id=sa.bindparam("object_id"), detail=sa.bindparam("detail"),
-    remote_addr=sa.bindparam("remote_addr"),
-)  # fmt: skip
 
 
 @functools.cache
