@@ -1009,14 +1009,7 @@ def _others_waiting_for_same_person() -> sa.ColumnElement[bool]:
     other = aliased(Study)
     linked = aliased(Patient)
     this_patient = aliased(Patient)
-    # The status and claim terms in coalesce(), which no index serves, so that SQLite too
-    # reaches the few rows through ix_study_patient_id rather than walking the ready pool
-    # (literals: PostgreSQL's RETURNING is compiled without literal_binds).
-    waiting = sa.and_(
-        other.id != Study.id,
-        sa.func.coalesce(other.status, sa.literal_column("''")) == sa.literal_column(f"'{READY}'"),
-        sa.func.coalesce(other.claimed_by_id, sa.literal_column("0")) == sa.literal_column("0"),
-    )
+    waiting = sa.and_(other.id != Study.id, _ready_and_unclaimed_unindexed(other))
     link = (
         sa.select(this_patient.link_nhs_number)
         .where(this_patient.id == Study.patient_id)
@@ -1085,10 +1078,16 @@ def _waiting_for_same_person(session: Session, anchor: Study) -> list[Study]:
 
 
 def _same_person_waiting(*terms: sa.ColumnElement[bool]) -> sa.Select[Study]:
-    return sa.select(Study).where(
-        *terms,
-        sa.func.coalesce(Study.status, sa.literal_column("''")) == sa.literal_column(f"'{READY}'"),
-        sa.func.coalesce(Study.claimed_by_id, sa.literal_column("0")) == sa.literal_column("0"),
+    return sa.select(Study).where(*terms, _ready_and_unclaimed_unindexed(Study))
+
+
+def _ready_and_unclaimed_unindexed(study: Any) -> sa.ColumnElement[bool]:
+    """Ready and unclaimed, written in coalesce(), which no index serves: so that both
+    planners reach a patient's few studies through ix_study_patient_id rather than walking
+    the ready pool (literals: PostgreSQL's RETURNING is compiled without literal_binds)."""
+    return sa.and_(
+        sa.func.coalesce(study.status, sa.literal_column("''")) == sa.literal_column(f"'{READY}'"),
+        sa.func.coalesce(study.claimed_by_id, sa.literal_column("0")) == sa.literal_column("0"),
     )
 
 
