@@ -402,6 +402,31 @@ def test_a_patients_study_the_reader_may_not_report_or_another_holds_is_not_bund
     assert wl.next_case(session, user=other, now=clock.now()).study is brain_mr
 
 
+def test_a_patients_study_over_the_sessions_cap_or_double_read_is_given_back_not_bundled(
+    session, clock, region
+):
+    """Claimed with the first study in one statement, then refused by the rules: the
+    study goes back to the pool untouched, with no assignment."""
+    rw6, _ = region
+    reader = make_user(session, now=clock.now(), trusts=("RW6",), credentials=("CT", "MG"))
+    session.add(DutySession(user_id=reader.id, starts_at=clock.now(), capacity=1.0,
+                            ends_at=clock.now() + timedelta(hours=4)))  # fmt: skip
+    other = radiologist(session, clock, credentials=("CT", "MG"))
+    patient = make_patient(session, trust=rw6, now=clock.now())
+    chest = ready(session, clock, rw6, patient=patient, body_area="CHEST", order_priority="A")
+    abdomen = ready(session, clock, rw6, patient=patient, body_area="ABDOMEN")
+    screening = ready(session, clock, rw6, patient=patient, modality="MG", body_area="BREAST",
+                      pathway="breast_screening")  # fmt: skip
+    result = wl.next_case(session, user=reader, now=clock.now())
+    assert result.study is chest and result.together == []
+    assert (abdomen.claimed_by_id, screening.claimed_by_id) == (None, None)
+    session.expire_all()
+    assert session.get(Study, abdomen.id).claimed_by_id is None
+    assert wl.assignment_history(session, study_id=abdomen.id) == []
+    taken = {wl.next_case(session, user=other, now=clock.now()).study for _ in range(2)}
+    assert taken == {session.get(Study, abdomen.id), session.get(Study, screening.id)}
+
+
 def test_the_same_persons_study_at_another_trust_stays_with_one_reader_too(session, clock, region):
     rw6, rm3 = region
     reader = radiologist(session, clock, trusts=("RW6", "RM3"), credentials=("CT",))

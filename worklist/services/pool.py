@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -57,16 +58,31 @@ def unclaimed(status: str) -> sa.ColumnElement[bool]:
     return sa.and_(Study.status == STATUS_LITERAL[status], Study.claimed_by_id.is_(None))
 
 
+def unclaimed_unindexed(status: str, study: Any = Study) -> sa.ColumnElement[bool]:
+    """`unclaimed(status)` written in coalesce(), which no index serves: so that both
+    planners reach a patient's few studies through ix_study_patient_id rather than walking
+    the pool (literals: PostgreSQL's RETURNING is compiled without literal_binds)."""
+    return sa.and_(
+        sa.func.coalesce(study.status, sa.literal_column("''")) == sa.literal_column(f"'{status}'"),
+        sa.func.coalesce(study.claimed_by_id, sa.literal_column("0")) == sa.literal_column("0"),
+    )
+
+
 def pool_query(
-    radiologist: Radiologist, now: datetime, *, status: str = READY, stat_only: bool = False
-) -> sa.Select[Study]:
+    radiologist: Radiologist, now: datetime, *, status: str = READY, stat_only: bool = False,
+    by_patient: bool = False,
+) -> sa.Select[Study]:  # fmt: skip
     """Unclaimed `status` studies of the trusts and credentials `radiologist` holds, in
     worklist order; with `stat_only`, only the stat and critical work that passes a full
-    session's cap."""
+    session's cap.
+
+    With `by_patient` the same rules are written so that no index serves them: for a
+    query that names a patient's few studies (ix_study_patient_id), which both planners
+    must reach through that index and never by walking the pool."""
     today = now.astimezone(LONDON).date()
     trusts = tuple(sorted({a.trust_id for a in radiologist.agreements if a.in_force(today)}))
     credentials = tuple(sorted(set(radiologist.credentials), key=_credential_sort_key))
-    return _pool(status, trusts, credentials, radiologist.user_id, stat_only)
+    return _pool(status, trusts, credentials, radiologist.user_id, stat_only, by_patient)
 
 
 def _credential_sort_key(credential: HeldCredential) -> tuple[str, str]:
@@ -80,14 +96,14 @@ def _pool(
     credentials: tuple[HeldCredential, ...],
     user_id: int,
     stat_only: bool,
+    by_patient: bool = False,
 ) -> sa.Select[Study]:
+    trust = Study.trust_id + sa.literal_column("0") if by_patient else Study.trust_id
     query = (
         sa.select(Study)
         .where(
-            unclaimed(status),
-            Study.trust_id.in_(
-                sa.bindparam("pool_trusts", list(trusts) or [-1], literal_execute=True)
-            ),
+            unclaimed_unindexed(status) if by_patient else unclaimed(status),
+            trust.in_(sa.bindparam("pool_trusts", list(trusts) or [-1], literal_execute=True)),
             credential_clause(credentials),
         )
         .order_by(*WORKLIST_ORDER)

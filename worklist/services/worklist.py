@@ -34,7 +34,8 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from worklist.db import driver
@@ -78,7 +79,7 @@ from worklist.domain.priority import (
 from worklist.domain.study import StudyStatus
 from worklist.errors import Conflict, Forbidden, InvalidInput, NotFound
 from worklist.services import accounts, audit
-from worklist.services.pool import PRELIMINARY, pool_query, unclaimed
+from worklist.services.pool import PRELIMINARY, pool_query, unclaimed, unclaimed_unindexed
 
 logger = logging.getLogger(__name__)
 
@@ -759,91 +760,147 @@ def record_assignment(
     extra: dict[str, Any] | None = None,
     remote_addr: str | None = None,
 ) -> Assignment:
-    explanation = {"why": why, "priority": _priority_summary(study, now), **(extra or {})}
+    return record_assignments(
+        session, [(study, why, extra or {})], user=user, kind=kind, now=now, lease=lease,
+        by=by, remote_addr=remote_addr,
+    )[0]  # fmt: skip
+
+
+def record_assignments(
+    session: Session,
+    handed: Sequence[Handed],
+    *,
+    user: User,
+    kind: str,
+    now: datetime,
+    lease: timedelta,
+    by: User | None = None,
+    remote_addr: str | None = None,
+) -> list[Assignment]:
+    """The assignment and audit rows of studies handed to `user` at once (a study, why,
+    and what else to explain), in that order."""
     action = "claim" if kind == "pull" else "assign"
-    detail = {"kind": kind, "to": user.username, "accession_number": study.accession_number,
-              "why": why}  # fmt: skip
-    values = {
-        "study_id": study.id,
-        "user_id": user.id,
-        "kind": kind,
-        "assigned_by_id": by.id if by else None,
-        "started_at": now,
-        "expires_at": now + lease,
-        "explanation": explanation,
-    }
     actor = by or user
-    event = {
-        "at": now, "actor_id": actor.id, "actor_name": actor.username, "action": action,
-        "object_id": str(study.id), "detail": detail, "remote_addr": remote_addr,
+    common = {
+        "user_id": user.id, "kind": kind, "assigned_by_id": by.id if by else None,
+        "started_at": now, "expires_at": now + lease,
     }  # fmt: skip
+    explanations = [
+        {"why": why, "priority": _priority_summary(study, now), **extra}
+        for study, why, extra in handed
+    ]
+    details = [
+        {"kind": kind, "to": user.username, "accession_number": study.accession_number,
+         "why": why}
+        for study, why, _ in handed
+    ]  # fmt: skip
     if _on_postgresql(session):
-        new_id = _insert_assignment_and_audit(session, values=values, event=event)
-    else:
-        # SQLite: two Core inserts (the same rows as the ORM and `audit.record` would
-        # write, without the unit of work's bookkeeping inside the write lock).
-        new_id = session.connection().execute(_ASSIGNMENT_INSERT, values).scalar_one()
-        audit.insert(
-            session, at=now, action=action, user=actor, object_type="study",
-            object_id=study.id, detail=detail, remote_addr=remote_addr,
+        new_ids = _insert_assignments_and_audit(
+            session,
+            {
+                **common, "at": now, "actor_id": actor.id, "actor_name": actor.username,
+                "action": action, "remote_addr": remote_addr,
+                "study_ids": [study.id for study, _, _ in handed],
+                "explanations": [driver.json(e) for e in explanations],
+                "object_ids": [str(study.id) for study, _, _ in handed],
+                "details": [driver.json(d) for d in details],
+            },
         )  # fmt: skip
+    else:
+        # SQLite: Core inserts (the same rows as the ORM and `audit.record` would write,
+        # without the unit of work's bookkeeping inside the write lock).
+        connection = session.connection()
+        new_ids = []
+        for (study, _, _), explanation, detail in zip(handed, explanations, details, strict=True):
+            values = {**common, "study_id": study.id, "explanation": explanation}
+            new_ids.append(connection.execute(_ASSIGNMENT_INSERT, values).scalar_one())
+            audit.insert(
+                session, at=now, action=action, user=actor, object_type="study",
+                object_id=study.id, detail=detail, remote_addr=remote_addr,
+            )  # fmt: skip
     # As if loaded (no second INSERT), without the instrumented constructor's events.
-    return driver.loaded(session, Assignment, {"id": new_id, "ended_at": None,
-                                               "end_reason": None, **values})  # fmt: skip
+    return [
+        driver.loaded(session, Assignment, {
+            "id": new_id, "ended_at": None, "end_reason": None, **common,
+            "study_id": study.id, "explanation": explanation,
+        })
+        for new_id, (study, _, _), explanation in zip(new_ids, handed, explanations, strict=True)
+    ]  # fmt: skip
 
 
 _ASSIGNMENT_INSERT = sa.insert(Assignment.__table__).returning(Assignment.__table__.c.id)
 
 
 @functools.cache
-def _assignment_and_audit_insert() -> sa.Select[tuple[int]]:
-    """Built once (building the CTEs' column collections costs more than running them)."""
-    names = (
-        "study_id", "user_id", "kind", "assigned_by_id", "started_at", "expires_at",
-        "explanation",
-    )  # fmt: skip
+def _assignments_and_audit_insert() -> sa.Select[tuple[int, int]]:
+    """Built once (building the CTEs' column collections costs more than running them).
+
+    The per-study values go in as arrays, unnested: one SQL text (one prepared
+    statement) however many studies are handed out together."""
     table = Assignment.__table__
+    handed = (
+        sa.func.unnest(
+            driver.param("study_ids", postgresql.ARRAY(sa.Integer())),
+            driver.param("explanations", postgresql.ARRAY(postgresql.JSONB())),
+            driver.param("object_ids", postgresql.ARRAY(sa.String())),
+            driver.param("details", postgresql.ARRAY(postgresql.JSONB())),
+        )
+        .table_valued("study_id", "explanation", "object_id", "detail")
+        .render_derived()
+    )
+    common = ("user_id", "kind", "assigned_by_id", "started_at", "expires_at")
     assignment = (
         sa.insert(Assignment)
-        .values({n: driver.param(n, table.c[n].type) for n in names})
-        .returning(Assignment.id)
-        .cte("assignment_row")
+        .from_select(
+            ("study_id", *common, "explanation"),
+            sa.select(
+                handed.c.study_id,
+                *(driver.param(n, table.c[n].type) for n in common),
+                handed.c.explanation,
+            ),
+        )
+        .returning(Assignment.id, Assignment.study_id)
+        .cte("assignment_rows")
     )
     events = AuditEvent.__table__
     event = (
         sa.insert(AuditEvent)
-        .values(
-            at=driver.param("at", events.c.at.type),
-            user_id=driver.param("actor_id", events.c.user_id.type),
-            username=driver.param("actor_name", events.c.username.type),
-            action=driver.param("action", events.c.action.type),
-            object_type="study",
-            object_id=driver.param("object_id", events.c.object_id.type),
-            detail=driver.param("detail", events.c.detail.type),
-            remote_addr=driver.param("remote_addr", events.c.remote_addr.type),
-        )
-        .cte("audit_row")
+        .from_select(
+            (
+                "at",
+                "user_id",
+                "username",
+                "action",
+                "object_type",
+                "object_id",
+                "detail",
+                "remote_addr",
+            ),
+            sa.select(
+                driver.param("at", events.c.at.type),
+                driver.param("actor_id", events.c.user_id.type),
+                driver.param("actor_name", events.c.username.type),
+                driver.param("action", events.c.action.type),
+                sa.literal_column("'study'"),
+                handed.c.object_id,
+                handed.c.detail,
+                driver.param("remote_addr", events.c.remote_addr.type),
+            ),
+        )  # fmt: skip
+        .cte("audit_rows")
     )
-    return sa.select(assignment.c.id).add_cte(event)
+    return sa.select(assignment.c.id, assignment.c.study_id).add_cte(event)
 
 
-def _insert_assignment_and_audit(
-    session: Session, *, values: dict[str, Any], event: dict[str, Any]
-) -> int:
-    """PostgreSQL: the assignment and its audit row in ONE statement (two data-modifying
-    CTEs), one round trip instead of two; the new assignment's id. The audit row is the
-    one `audit.record` writes."""
+def _insert_assignments_and_audit(session: Session, values: dict[str, Any]) -> list[int]:
+    """PostgreSQL: the assignments and their audit rows in ONE statement (two
+    data-modifying CTEs), one round trip however many; the new ids, in the studies'
+    order. The audit rows are those `audit.record` writes."""
     # Through the driver: nothing pending needs flushing first, and SQLAlchemy's
     # per-statement work cost more than the round trip.
-    _, rows = driver.rows(
-        session,
-        _assignment_and_audit_insert(),
-        {
-            **values, **event, "explanation": driver.json(values["explanation"]),
-            "detail": driver.json(event["detail"]),
-        },
-    )  # fmt: skip
-    return int(rows[0][0])
+    _, rows = driver.rows(session, _assignments_and_audit_insert(), values)
+    by_study = {study_id: new_id for new_id, study_id in rows}
+    return [by_study[study_id] for study_id in values["study_ids"]]
 
 
 def next_case(
@@ -879,12 +936,13 @@ def next_case(
             return verify
     # The pool holds only trusts with an agreement, so their codes come with it.
     codes = {a.trust_id: a.trust_code or "" for a in radiologist.agreements}
+    mates_pool = pool_query(radiologist, now, by_patient=True)
     skipped: list[dict[str, Any]] = []
     skipped_ids: list[int] = []
     while True:
         candidates = query.where(Study.id.not_in(skipped_ids)) if skipped_ids else query
-        study, maybe_together = _claim_first(
-            session, candidates, user_id=user.id, now=now, lease=lease
+        study, mates = _claim_first(
+            session, candidates, mates_pool, user_id=user.id, now=now, lease=lease
         )
         if study is None:
             reason = "no eligible study is waiting"
@@ -904,26 +962,19 @@ def next_case(
             why = "the most urgent waiting study you may report"
             if skipped:
                 why += f" ({len(skipped)} more urgent passed over: see skipped)"
-            assignment = record_assignment(
-                session, study=study, user=user, kind="pull", now=now, lease=lease, why=why,
-                extra={"skipped": skipped[:MAX_EXPLAINED_SKIPS]}, remote_addr=remote_addr,
+            together = _kept_with(
+                session, anchor=study, mates=mates, user=user, radiologist=radiologist,
+                now=now, codes=codes,
             )  # fmt: skip
-            together = (
-                claim_patient_studies(
-                    session,
-                    anchor=study,
-                    user=user,
-                    radiologist=radiologist,
-                    now=now,
-                    lease=lease,
-                    kind="pull",
-                    codes=codes,
-                )  # fmt: skip
-                if maybe_together
-                else []
-            )
+            assignment, *_ = record_assignments(
+                session,
+                [(study, why, {"skipped": skipped[:MAX_EXPLAINED_SKIPS]}),
+                 *_with_anchor(study, together)],
+                user=user, kind="pull", now=now, lease=lease, remote_addr=remote_addr,
+            )  # fmt: skip
             return ClaimResult(study, assignment, why, together)
-        _undo_claim(session, study=study, user_id=user.id)
+        for claimed in (study, *mates):
+            _undo_claim(session, study=claimed, user_id=user.id)
         skipped_ids.append(study.id)
         skipped.append(
             {
@@ -935,46 +986,46 @@ def next_case(
 
 
 def _claim_first(
-    session: Session, candidates: sa.Select[Study], *, user_id: int, now: datetime,
-    lease: timedelta,
-) -> tuple[Study | None, bool]:  # fmt: skip
-    """Claim the first candidate in ONE statement: (study or None, whether the patient
-    may have other unread studies to keep with this reader).
+    session: Session, candidates: sa.Select[Study], mates_pool: sa.Select[Study], *,
+    user_id: int, now: datetime, lease: timedelta,
+) -> tuple[Study | None, list[Study]]:  # fmt: skip
+    """Claim the first candidate and, with it, the same person's other waiting studies
+    that `mates_pool` (the same rules) offers: (study or None, its mates).
 
     UPDATE study SET claimed_by_id = :user ... WHERE id = (SELECT id ... ORDER BY urgency
     DESC, id DESC LIMIT 1 FOR UPDATE SKIP LOCKED) AND claimed_by_id IS NULL AND status =
     'ready' RETURNING study.*. PostgreSQL locks the chosen row and concurrent claimers skip
     it; SQLite ignores FOR UPDATE and serialises writers (BEGIN IMMEDIATE). Either way the
-    conditional WHERE means a study is never claimed twice.
-    It also says whether the same person has another ready, unclaimed study (on
-    PostgreSQL in the RETURNING), so that the usual claim (none) skips
-    `claim_patient_studies`.
+    conditional WHERE means a study is never claimed twice. On PostgreSQL the mates are
+    claimed in the same statement (a second data-modifying CTE); on SQLite by a second.
     """
     values = {"claimer_id": user_id, "claim_now": now, "claim_expires_at": now + lease}
     if _on_postgresql(session):
-        names, rows = driver.rows(session, _claim_update(candidates, through_driver=True), values)
-        if not rows:
-            return None, False
-        row = dict(zip(names, rows[0], strict=True))
-        together = bool(row.pop("maybe_together"))
-        return driver.loaded(session, Study, row), together
+        names, rows = driver.rows(session, _claim_update(candidates, mates_pool), values)
+        claimed = [
+            (row[0], driver.loaded(session, Study, dict(zip(names[1:], row[1:], strict=True))))
+            for row in rows
+        ]
+        study = next((s for is_mate, s in claimed if not is_mate), None)
+        return study, [s for is_mate, s in claimed if is_mate]
     # SQLite: Core, the row made a Study as `driver.loaded` does (the ORM's loading of
     # 45 columns cost more than the statement).
     session.flush()
-    connection = session.connection()
-    claimed = connection.execute(_claim_update(candidates, through_driver=False), values)
-    row = claimed.mappings().one_or_none()
+    row = session.connection().execute(_claim_update(candidates), values).mappings().first()
     if row is None:
-        return None, False
-    # SQLite renders RETURNING columns unqualified, which a correlated EXISTS cannot use.
-    together = connection.scalar(_together_query(), {"study_id": row["id"]})
-    return driver.loaded(session, Study, dict(row)), bool(together)
+        return None, []
+    study = driver.loaded(session, Study, dict(row))
+    return study, _claim_mates(session, mates_pool, anchor=study, values=values)
 
 
 @functools.lru_cache(maxsize=4096)
-def _claim_update(candidates: sa.Select[Study], through_driver: bool) -> sa.Update:
-    """The claim UPDATE for a (cached) pool query, built once; on PostgreSQL it also
-    answers whether the same person has another ready, unclaimed study."""
+def _claim_update(
+    candidates: sa.Select[Study], mates_pool: sa.Select[Study] | None = None
+) -> sa.Update | sa.CompoundSelect[Any]:
+    """The claim UPDATE for a (cached) pool query, built once; given `mates_pool`, for
+    the driver (PostgreSQL), with the claim of the same person's waiting studies as a
+    second CTE: rows of (is a mate, study.*)."""
+    through_driver = mates_pool is not None
     first = (
         candidates.with_only_columns(Study.id)
         .limit(sa.literal_column("1"))  # a literal, so a prepared plan knows it is one row
@@ -987,42 +1038,110 @@ def _claim_update(candidates: sa.Select[Study], through_driver: bool) -> sa.Upda
         .values(_claim_values(through_driver))
         .returning(*Study.__table__.columns)
     )
-    return claim.returning(_others_waiting_for_same_person()) if through_driver else claim
-
-
-@functools.cache
-def _together_query() -> sa.Select[tuple[bool]]:
-    return sa.select(_others_waiting_for_same_person()).where(
-        Study.id == sa.bindparam("study_id", type_=sa.Integer)
+    if mates_pool is None:
+        return claim
+    anchor = claim.cte("anchor")
+    mates = _mates_update(
+        mates_pool,
+        anchor_id=sa.select(anchor.c.id).scalar_subquery(),
+        patient_id=sa.select(anchor.c.patient_id).scalar_subquery(),
+        through_driver=True,
+    ).cte("mates")
+    return sa.union_all(
+        sa.select(sa.false().label("is_mate"), *anchor.c),
+        sa.select(sa.true(), *mates.c),
     )
+
+
+def _mates_update(
+    mates_pool: sa.Select[Study], *, anchor_id: sa.ColumnElement[int],
+    patient_id: sa.ColumnElement[int], through_driver: bool,
+) -> sa.Update:  # fmt: skip
+    """Claim up to 20 other waiting studies of the anchor's person (this patient record
+    and every record sharing its valid NHS number) that `mates_pool` offers, never a
+    double-read one (independent readings are never bundled). The planners reach them
+    through ix_study_patient_id (`pool_query(by_patient=True)`), locked, skipping rows
+    another claimer holds."""
+    chosen = (
+        mates_pool.with_only_columns(Study.id)
+        .where(
+            Study.patient_id.in_(same_person_patient_ids(patient_id)),
+            Study.id != anchor_id,
+            sa.func.lower(sa.func.trim(sa.func.coalesce(Study.pathway, ""))).not_in(
+                sorted(DOUBLE_READ_PATHWAYS)
+            ),
+        )
+        .order_by(None)
+        .limit(sa.literal_column("20"))
+        .with_for_update(skip_locked=True, of=Study)
+    )
+    return (
+        sa.update(Study.__table__)
+        .where(Study.id.in_(chosen), unclaimed_unindexed(READY))  # by id, not the pool
+        .values(_claim_values(through_driver))
+        .returning(*Study.__table__.columns)
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _mates_update_for_anchor(mates_pool: sa.Select[Study], through_driver: bool) -> sa.Update:
+    anchor_id = _value("anchor_id", sa.Integer(), through_driver)
+    patient_id = _value("anchor_patient_id", sa.Integer(), through_driver)
+    return _mates_update(
+        mates_pool, anchor_id=anchor_id, patient_id=patient_id, through_driver=through_driver
+    )
+
+
+def _claim_mates(
+    session: Session, mates_pool: sa.Select[Study], *, anchor: Study, values: dict[str, Any]
+) -> list[Study]:
+    """Claim the anchor's mates (see `_mates_update`) by a statement of their own."""
+    values = {**values, "anchor_id": anchor.id, "anchor_patient_id": anchor.patient_id}
+    if _on_postgresql(session):
+        names, rows = driver.rows(session, _mates_update_for_anchor(mates_pool, True), values)
+        found = [dict(zip(names, row, strict=True)) for row in rows]
+    else:
+        session.flush()
+        statement = _mates_update_for_anchor(mates_pool, False)
+        found = [dict(row) for row in session.connection().execute(statement, values).mappings()]
+    return [driver.loaded(session, Study, row) for row in found]
+
+
+def _kept_with(
+    session: Session, *, anchor: Study, mates: Sequence[Study], user: User,
+    radiologist: Radiologist, now: datetime, codes: dict[int, str],
+) -> list[Study]:  # fmt: skip
+    """The mates claimed with `anchor` that the rules let this reader keep, most urgent
+    first (each counted against the session's capacity); the others are given back."""
+    load = radiologist.session_load + anchor.effort
+    kept = []
+    for study in sorted(mates, key=lambda s: (-s.urgency, -s.id)):
+        facts = replace(
+            study_to_read(study, user=user, trust_code=codes.get(study.trust_id)),
+            claimed_by_id=None,
+        )
+        if (
+            not needs_double_reading(study)
+            and not needs_double_reading(anchor)
+            and may_report(replace(radiologist, session_load=load), facts, now)
+        ):
+            load += study.effort
+            kept.append(study)
+        else:
+            _undo_claim(session, study=study, user_id=user.id)
+    return kept
+
+
+Handed = tuple[Study, str, dict[str, Any]]  # a study handed out, why, and what else to explain
+
+
+def _with_anchor(anchor: Study, together: Sequence[Study]) -> list[Handed]:
+    why = f"same patient as {anchor.accession_number}, kept with one reader"
+    return [(study, why, {"with_study_id": anchor.id}) for study in together]
 
 
 def _on_postgresql(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
-
-
-@functools.cache
-def _others_waiting_for_same_person() -> sa.ColumnElement[bool]:
-    """For the claimed row: another ready, unclaimed study of this patient record or of a
-    record sharing its valid NHS number (as `same_person_patient_ids`), as two EXISTS
-    (index lookups on ix_study_patient_id and the link number)."""
-    other = aliased(Study)
-    linked = aliased(Patient)
-    this_patient = aliased(Patient)
-    waiting = sa.and_(other.id != Study.id, _ready_and_unclaimed_unindexed(other))
-    link = (
-        sa.select(this_patient.link_nhs_number)
-        .where(this_patient.id == Study.patient_id)
-        .correlate(Study)
-        .scalar_subquery()
-    )
-    same_record = sa.exists().where(other.patient_id == Study.patient_id, waiting).correlate(Study)
-    same_link = (
-        sa.exists()
-        .where(linked.link_nhs_number == link, other.patient_id == linked.id, waiting)
-        .correlate(Study)
-    )
-    return sa.or_(same_record, same_link).label("maybe_together")
 
 
 def _undo_claim(session: Session, *, study: Study, user_id: int) -> None:
@@ -1052,54 +1171,6 @@ def same_person_patient_ids(
     )
 
 
-def _waiting_for_same_person(session: Session, anchor: Study) -> list[Study]:
-    """The patient's other ready, unclaimed studies (up to 20), locked, most urgent first.
-
-    The planner must reach these few rows through ix_study_patient_id, never walk the
-    ready studies: so no ORDER BY (they are sorted here), and the status and claim terms
-    are wrapped in coalesce(), which no index serves (given a plain `status = ?` and two
-    patient ids, SQLite scanned every ready study through ix_study_status_urgency).
-    """
-    if _on_postgresql(session):
-        # The people as a subquery, planned as the few index lookups: one statement,
-        # built once, through the driver.
-        names, rows = driver.rows(
-            session, _waiting_for_same_person_query(), {"patient_id": anchor.patient_id,
-                                                        "anchor_id": anchor.id},
-        )  # fmt: skip
-        found = [driver.loaded(session, Study, dict(zip(names, row, strict=True))) for row in rows]
-    else:
-        # SQLite: the ids as a list: given a short IN list it reaches the rows through
-        # ix_study_patient_id; given the subquery it walked every ready study.
-        people = list(session.scalars(same_person_patient_ids(anchor.patient_id)))
-        same_person = _same_person_waiting(Study.patient_id.in_(people), Study.id != anchor.id)
-        found = list(session.scalars(same_person.limit(20)))
-    return sorted(found, key=lambda s: (-s.urgency, -s.id))
-
-
-def _same_person_waiting(*terms: sa.ColumnElement[bool]) -> sa.Select[Study]:
-    return sa.select(Study).where(*terms, _ready_and_unclaimed_unindexed(Study))
-
-
-def _ready_and_unclaimed_unindexed(study: Any) -> sa.ColumnElement[bool]:
-    """Ready and unclaimed, written in coalesce(), which no index serves: so that both
-    planners reach a patient's few studies through ix_study_patient_id rather than walking
-    the ready pool (literals: PostgreSQL's RETURNING is compiled without literal_binds)."""
-    return sa.and_(
-        sa.func.coalesce(study.status, sa.literal_column("''")) == sa.literal_column(f"'{READY}'"),
-        sa.func.coalesce(study.claimed_by_id, sa.literal_column("0")) == sa.literal_column("0"),
-    )
-
-
-@functools.cache
-def _waiting_for_same_person_query() -> sa.Select[Study]:
-    people = same_person_patient_ids(driver.param("patient_id", sa.Integer()))
-    query = _same_person_waiting(
-        Study.patient_id.in_(people), Study.id != driver.param("anchor_id", sa.Integer())
-    )
-    return query.limit(sa.literal_column("20")).with_for_update(skip_locked=True, of=Study)
-
-
 def claim_patient_studies(
     session: Session,
     *,
@@ -1113,30 +1184,20 @@ def claim_patient_studies(
     by: User | None = None,
 ) -> list[Study]:
     """Keep a patient's unread studies with one reader, where the rules allow."""
-    candidates = _waiting_for_same_person(session, anchor)
-    if not candidates:
-        return []
-    load = radiologist.session_load + anchor.effort
-    readings = readings_of(session, [s.id for s in candidates if needs_double_reading(s)])
-    taken = []
-    for study in candidates:
-        facts = study_to_read(
-            study, user=user, trust_code=codes.get(study.trust_id),
-            readings=readings.get(study.id, ()),
+    values = {"claimer_id": user.id, "claim_now": now, "claim_expires_at": now + lease}
+    mates = _claim_mates(
+        session, pool_query(radiologist, now, by_patient=True), anchor=anchor, values=values
+    )
+    together = _kept_with(
+        session, anchor=anchor, mates=mates, user=user, radiologist=radiologist, now=now,
+        codes=codes,
+    )  # fmt: skip
+    if together:
+        record_assignments(
+            session, _with_anchor(anchor, together), user=user, kind=kind, now=now,
+            lease=lease, by=by,
         )  # fmt: skip
-        if needs_double_reading(study) or needs_double_reading(anchor):
-            continue  # independent readings are never bundled
-        if not may_report(replace(radiologist, session_load=load), facts, now):
-            continue
-        if conditional_claim(session, study=study, user_id=user.id, now=now, lease=lease):
-            load += study.effort
-            record_assignment(
-                session, study=study, user=user, kind=kind, now=now, lease=lease, by=by,
-                why=f"same patient as {anchor.accession_number}, kept with one reader",
-                extra={"with_study_id": anchor.id},
-            )  # fmt: skip
-            taken.append(study)
-    return taken
+    return together
 
 
 def visible_study(session: Session, *, study_id: int, user: User, now: datetime) -> Study:
