@@ -29,15 +29,18 @@ from sqlalchemy.orm.attributes import set_committed_value
 _DIALECT = postgresql.dialect(paramstyle="pyformat")  # type: ignore[no-untyped-call]
 _MARK = "__driver_param__"
 T = TypeVar("T")
-_MARKED = re.compile(f"{_MARK}(\\w+?){_MARK}")
+_MARKED = re.compile(f"{_MARK}([sb])(\\w+?){_MARK}")
 
 
 def param(name: str, type_: Any) -> sa.ColumnElement[Any]:
     """A per-call value in a driver statement (psycopg's `%(name)s`, cast to its type).
 
-    A marker until compiled: the compiler would double the percent sign of a literal."""
+    A marker until compiled: the compiler would double the percent sign of a literal.
+    Arrays go in binary (`%(name)b`): psycopg writes a text array through a regular
+    expression per element."""
     cast = type_.compile(dialect=_DIALECT)
-    return sa.literal_column(f"{_MARK}{name}{_MARK}::{cast}", type_)
+    form = "b" if isinstance(type_, sa.ARRAY) else "s"
+    return sa.literal_column(f"{_MARK}{form}{name}{_MARK}::{cast}", type_)
 
 
 def json(value: Any) -> Jsonb:
@@ -61,7 +64,7 @@ def sql(statement: sa.Executable) -> Compiled:
             dialect=_DIALECT, compile_kwargs={"literal_binds": True}
         )
     )
-    return Compiled(_MARKED.sub(r"%(\1)s", text))
+    return Compiled(_MARKED.sub(r"%(\2)\1", text))
 
 
 def rows(
