@@ -191,6 +191,7 @@ from worklist.db.models import (  # noqa: E402
     User,
 )
 from worklist.domain.priority import OrderFacts, effort_for, prioritise  # noqa: E402
+from worklist.services import accounts  # noqa: E402
 from worklist.services import priors as priors_service  # noqa: E402
 from worklist.services import worklist as service  # noqa: E402
 
@@ -478,7 +479,7 @@ def _next_case_child(url: str, user_id: int, claims: int, ready, go, out) -> Non
     t0 = time.perf_counter()
     s = runtime.session_factory()
     with s.begin():
-        service.next_case(s, user=s.get(User, user_id), now=NOW)
+        service.next_case(s, user=accounts.get_user(s, user_id), now=NOW)
         s.rollback()
     first = time.perf_counter() - t0
     ready.release()
@@ -488,7 +489,8 @@ def _next_case_child(url: str, user_id: int, claims: int, ready, go, out) -> Non
         t0 = time.perf_counter()
         try:
             with runtime.session() as s:
-                found = service.next_case(s, user=s.get(User, user_id), now=NOW).study is not None
+                user = accounts.get_user(s, user_id)  # as the web UI loads the request's user
+                found = service.next_case(s, user=user, now=NOW).study is not None
         except sa.exc.OperationalError:  # SQLite: waited longer than its busy timeout
             errors += 1
             continue

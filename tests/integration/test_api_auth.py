@@ -148,3 +148,22 @@ def test_a_call_with_a_token_costs_one_query_and_records_its_use_to_the_minute(
     clock.advance(timedelta(seconds=31))
     assert client.get("/api/v1/me", headers=_auth(token)).status_code == 200
     assert last_used() == clock.now()
+
+
+def test_the_request_user_is_loaded_by_id_once_per_session(runtime, clock) -> None:
+    """`accounts.get_user` (the web UI's loader): the user as the ORM would load it,
+    the same object for the rest of the request, None for an unknown id."""
+    with runtime.session() as session:
+        user_id = make_user(session, now=clock.now(), username="okafor", full_name="A Okafor").id
+    with runtime.session() as session:
+        user = accounts.get_user(session, user_id)
+        assert user is not None
+        assert (user.username, user.full_name, user.role, user.active) == (
+            "okafor", "A Okafor", "radiologist", True,
+        )  # fmt: skip
+        assert user.created_at.tzinfo is not None
+        assert accounts.get_user(session, user_id) is user
+        user.full_name = "Ada Okafor"  # loaded, so changes are flushed as for any ORM object
+        assert accounts.get_user(session, user_id + 1000) is None
+    with runtime.session() as session:
+        assert accounts.get_user(session, user_id).full_name == "Ada Okafor"

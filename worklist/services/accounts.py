@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from worklist.db import driver
 from worklist.db.models import ApiToken, Credential, DutySession, ReportingPermission, Trust, User
 from worklist.domain.eligibility import LONDON
 from worklist.errors import Conflict, InvalidInput, NotFound
@@ -121,6 +122,22 @@ def create_token(session: Session, *, user: User, now: datetime, name: str | Non
     session.add(ApiToken(user_id=user.id, token_hash=hash_token(token), name=name, created_at=now))
     session.flush()
     return token
+
+
+def get_user(session: Session, user_id: int) -> User | None:
+    """The user with this id: a request's first query. On PostgreSQL through the driver
+    (`worklist.db.driver`), which costs half the CPU of the ORM's `get` (~0.15 ms of a
+    next-case claim's ~1.3)."""
+    if session.get_bind().dialect.name != "postgresql":
+        return session.get(User, user_id)
+    found = session.identity_map.get(session.identity_key(User, user_id))
+    if found is not None:
+        return found  # type: ignore[no-any-return]
+    names, rows = driver.rows(session, _USER_BY_ID, {"user_id": user_id})
+    return driver.loaded(session, User, dict(zip(names, rows[0], strict=True))) if rows else None
+
+
+_USER_BY_ID = sa.select(User).where(User.id == driver.param("user_id", sa.Integer()))
 
 
 #: A token's last use is recorded to this precision: writing it on every call cost each

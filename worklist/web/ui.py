@@ -23,7 +23,7 @@ def login_required(view):  # type: ignore[no-untyped-def]
     @wraps(view)
     def wrapper(*args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
         user_id = session.get("user_id")
-        user = db().get(User, user_id) if user_id else None
+        user = accounts.get_user(db(), user_id) if user_id else None
         if user is None or not user.active:
             return redirect(url_for("ui.login", next=request.path))
         g.user = user
