@@ -187,6 +187,7 @@ from worklist.ris_simulator import TrustFeed, order_traffic  # noqa: E402
 
 TRUSTS = ("RW6", "R0A", "RM3", "RMC", "RBV", "RRF", "RVY", "RWJ")
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+WARM_UP = 80  # messages played to each server before it is timed
 
 
 # --- servers (run in a child process: `bench/ingest.py --serve KIND --url URL --port-file F`) ---
@@ -302,6 +303,22 @@ class Server:
                 raise RuntimeError(f"{kind} server did not start")
             time.sleep(0.05)
         self.port = int(self.port_file.read_text())
+
+    def pids(self) -> list[int]:
+        """The server process and its descendants (the apply worker)."""
+        children: dict[int, list[int]] = defaultdict(list)
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue  # gone meanwhile
+            children[parent].append(int(stat.parent.name))
+        found, todo = [], [self.process.pid]
+        while todo:
+            pid = todo.pop(0)
+            found.append(pid)
+            todo += children.get(pid, [])
+        return found
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
@@ -479,6 +496,68 @@ def wait_applied(url: str, expected: int, started: float, timeout: float = 600) 
         engine.dispose()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU of one process so far (Linux /proc; 0 if gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def backend_pids(url: str) -> list[int]:
+    """PostgreSQL: the server processes serving this database (same machine)."""
+    if not url.startswith("postgresql"):
+        return []
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return list(
+                conn.scalars(
+                    sa.text(
+                        "SELECT pid FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    )
+                )
+            )
+    finally:
+        engine.dispose()
+
+
+class CpuMeter:
+    """CPU seconds each role (listener, apply worker, database backends, client) spent
+    between `start` and `stop`: on 2 cores the burst is CPU-bound, so this says where
+    a message's CPU goes, whatever other work shares the machine."""
+
+    def __init__(self, server: Server, url: str) -> None:
+        self.server, self.url = server, url
+
+    def _sample(self) -> dict[str, dict[int, float]]:
+        listener, *workers = self.server.pids()
+        return {
+            "listener": {listener: cpu_seconds(listener)},
+            "apply worker": {pid: cpu_seconds(pid) for pid in workers},
+            "database": {pid: cpu_seconds(pid) for pid in backend_pids(self.url)},
+            "client": {0: time.process_time()},
+        }
+
+    def start(self) -> None:
+        self._began = self._sample()
+
+    def stop(self, messages: int) -> dict[str, float]:
+        """Milliseconds of CPU per message, per role (a process new since `start` from 0)."""
+        ended = self._sample()
+        return {
+            role: round(
+                sum(cpu - self._began[role].get(pid, 0.0) for pid, cpu in pids.items())
+                / messages
+                * 1000,
+                3,
+            )
+            for role, pids in ended.items()
+        }
+
+
 def states(url: str) -> dict[str, int]:
     engine = sa.create_engine(url)
     with engine.connect() as conn:
@@ -491,10 +570,15 @@ def states(url: str) -> dict[str, int]:
 
 def bench_database(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, object]:
     per_trust = traffic(args.messages, seed=11)
+    # Played to each server before its timed run: connections opened, code paths warm, and
+    # the listener's apply worker booted (its imports took ~0.45 s of CPU inside the burst
+    # until 2026-12-07, on a machine where the burst itself lasts ~2 s).
+    warm_up = traffic(WARM_UP, seed=13)
     results: dict[str, object] = {"database": kind}
 
     echo = Server("echo")
     try:
+        play("warm-up", echo.port, warm_up)
         floor_a = play("floor (a) echo", echo.port, per_trust)
     finally:
         echo.stop()
@@ -502,6 +586,7 @@ def bench_database(kind: str, args: argparse.Namespace, workdir: Path) -> dict[s
     url_b, drop_b = prepare_database(kind, args.pg_url, workdir)
     raw = Server("raw", url_b)
     try:
+        play("warm-up", raw.port, warm_up)
         floor_b = play("floor (b) insert+commit", raw.port, per_trust)
     finally:
         raw.stop()
@@ -510,9 +595,16 @@ def bench_database(kind: str, args: argparse.Namespace, workdir: Path) -> dict[s
     url, drop = prepare_database(kind, args.pg_url, workdir)
     listener = Server("listener", url)
     try:
+        play("warm-up", listener.port, warm_up)
+        if wait_applied(url, WARM_UP, time.perf_counter(), timeout=60) is None:
+            raise RuntimeError("the listener did not apply the warm-up messages")
+        meter = CpuMeter(listener, url)
+        meter.start()
         started = time.perf_counter()
         ours = play("listener", listener.port, per_trust)
-        ours.applied_seconds = wait_applied(url, ours.messages, started)
+        results["cpu_ms_per_message_burst"] = meter.stop(ours.messages)
+        results["applied_when_acked"] = states(url).get("applied", 0) - WARM_UP
+        ours.applied_seconds = wait_applied(url, WARM_UP + ours.messages, started)
         applied_states = states(url)
         paced = play(
             f"listener at {args.latency_rate:g}/s offered",
@@ -554,7 +646,12 @@ def print_results(results: dict[str, object]) -> None:
                 f"  {value['ack_codes']}"
             )
     print("ratios:", results["ratios"])
-    print("stored states:", results["listener_states"])
+    print(
+        "CPU ms a message during the burst:",
+        results["cpu_ms_per_message_burst"],
+        f"applied by its end: {results['applied_when_acked']}",
+    )
+    print(f"stored states (with the {WARM_UP} warm-up messages):", results["listener_states"])
     for target, met in results["targets"].items():  # type: ignore[union-attr]
         print(f"  {'MET ' if met else 'MISS'} {target}")
 
