@@ -596,4 +596,20 @@ def serve_hl7(
         finally:
             await listener.stop()
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        runner.run(main())
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop where it is installed, else None (asyncio's own).
+
+    The listener's process is CPU-bound in a burst; uvloop does the loop's own work
+    (reads, writes, wake-ups) in C: bench/ingest on PostgreSQL, 0.33 -> 0.31 ms of
+    listener CPU a message, ~7 % more ACKs a second. psycopg's AsyncConnection (the
+    PostgreSQL store) runs on it as is.
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop

@@ -22,7 +22,7 @@ import pytest
 import sqlalchemy as sa
 
 from hl7.er7 import Er7Message
-from hl7.listener import MllpListener, serve_hl7, ssl_context_for
+from hl7.listener import MllpListener, event_loop_factory, serve_hl7, ssl_context_for
 from hl7.mllp import Frame, MllpDecoder, frame
 from tests.factories import make_study, make_trust, make_user
 from worklist.bootstrap import Runtime
@@ -537,6 +537,18 @@ def test_serve_hl7_runs_until_stopped_and_reports_its_port(runtime: Runtime, tru
         stop.set()
         thread.join(10)
     assert not thread.is_alive()
+
+
+def test_serve_hl7_runs_on_uvloop_where_installed_else_on_asyncio_own_loop(
+    runtime: Runtime, trust: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    uvloop = pytest.importorskip("uvloop")
+    assert event_loop_factory() is uvloop.new_event_loop
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # `import uvloop` raises ImportError
+    assert event_loop_factory() is None
+    test_serve_hl7_runs_until_stopped_and_reports_its_port(runtime, trust)
 
 
 @pytest.mark.skipif(not CORPUS.is_dir(), reason=f"HL7 corpus not found at {CORPUS}")
