@@ -694,6 +694,7 @@ class PostgresStoreWriter(StoreWriter):
             self._async = await psycopg.AsyncConnection.connect(
                 *args, **kwargs, autocommit=True, prepare_threshold=0
             )
+            await self._async.execute(_PG_STORE_SETTINGS)
         return self._async
 
     async def close_async(self) -> None:
@@ -732,6 +733,7 @@ class PostgresStoreWriter(StoreWriter):
             record.detach()  # ours until closed, never handed back to the pool
             connection.autocommit = True
             connection.prepare_threshold = 0
+            connection.execute(_PG_STORE_SETTINGS)
             self._record, self._connection = record, connection
         return self._connection
 
@@ -871,7 +873,8 @@ _PG_COLUMNS = (
 
 def _pg_store_sql() -> str:
     names = [name for name, _ in _PG_COLUMNS]
-    arrays = ", ".join(f"%({name})s::{type_}[]" for name, type_ in _PG_COLUMNS)
+    # Binary parameters (%b): no text escaping of the raw bytes and ACKs on either side.
+    arrays = ", ".join(f"%({name})b::{type_}[]" for name, type_ in _PG_COLUMNS)
     # The stored original of a message, if any: the first non-duplicate row with its
     # sender and MSH-10. An empty MSH-3/MSH-4 is stored NULL; each NULL combination is its
     # own branch, so that every branch is one scan of the sender/control-id index.
@@ -899,7 +902,7 @@ def _pg_store_sql() -> str:
     plain = [n for n in names if n not in ("state", "error", "ack", "ack_code")]
     return f"""
 WITH incoming AS (
-    SELECT * FROM unnest({arrays}, %(checked)s::boolean[])
+    SELECT * FROM unnest({arrays}, %(checked)b::boolean[])
         WITH ORDINALITY AS i({", ".join(names)}, checked, ord)
 ),
 resolved AS (
@@ -925,6 +928,12 @@ SELECT id, original_id, state, ack, ack_code FROM resolved ORDER BY ord
 
 
 _PG_STORE = _pg_store_sql()
+# The store connection's own: the prepared statement runs on its generic plan. PostgreSQL
+# otherwise keeps planning it afresh for each batch (its custom plans, knowing the arrays,
+# look cheaper than the generic one): ~0.3 ms of server CPU a batch, half the statement's.
+# The generic plan is the one wanted whatever the values (unnest, then one index scan per
+# message on the sender/control-id index).
+_PG_STORE_SETTINGS = "SET plan_cache_mode = force_generic_plan"
 
 _SQLITE_ORIGINAL = (
     "SELECT id, ack, ack_code FROM inbound_message WHERE sending_application IS ?"
