@@ -40,17 +40,16 @@ PRELIMINARY = StudyStatus.PRELIMINARY.value
 WORKLIST_ORDER = (Study.urgency.desc(), Study.id.desc())
 
 
-def _literal(name: str, value: str) -> sa.BindParameter[str]:
-    """Rendered as a literal so that the planner can match a partial index's predicate,
-    even in a prepared statement."""
-    return sa.bindparam(name, value, literal_execute=True)
+def _literal(value: str) -> sa.ColumnElement[str]:
+    """Written into the SQL, so that the planner can match a partial index's predicate,
+    even in a prepared statement. In the statement itself, not a bound parameter
+    rendered at each execution (`literal_execute`): SQLAlchemy re-rendered the whole
+    claim statement's text for that on every SQLite claim, inside the write lock."""
+    return sa.literal_column(f"'{value}'", sa.String())
 
 
 #: The pool statuses as literals (see `_literal`).
-STATUS_LITERAL = {
-    READY: _literal("ready_status", READY),
-    PRELIMINARY: _literal("prelim_status", PRELIMINARY),
-}
+STATUS_LITERAL = {READY: _literal(READY), PRELIMINARY: _literal(PRELIMINARY)}
 
 
 def unclaimed(status: str) -> sa.ColumnElement[bool]:
@@ -103,7 +102,7 @@ def _pool(
         sa.select(Study)
         .where(
             unclaimed_unindexed(status) if by_patient else unclaimed(status),
-            trust.in_(sa.bindparam("pool_trusts", list(trusts) or [-1], literal_execute=True)),
+            trust.in_([sa.literal_column(str(int(t))) for t in trusts or (-1,)]),
             credential_clause(credentials),
         )
         .order_by(*WORKLIST_ORDER)
