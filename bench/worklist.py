@@ -487,7 +487,7 @@ def _next_case_child(url: str, user_id: int, claims: int, ready, go, out) -> Non
     # claim rolled back. A worker process does that once and serves claims for hours;
     # its time is reported on its own as the first claim of a new process.
     t0 = time.perf_counter()
-    s = runtime.session_factory()
+    s = runtime.read_committed_factory()
     with s.begin():
         service.next_case(s, user=accounts.get_user(s, user_id), now=NOW)
         s.rollback()
@@ -498,7 +498,7 @@ def _next_case_child(url: str, user_id: int, claims: int, ready, go, out) -> Non
     for _ in range(claims):
         t0 = time.perf_counter()
         try:
-            with runtime.session() as s:
+            with runtime.session(read_committed=True) as s:  # as a web request
                 user = accounts.get_user(s, user_id)  # as the web UI loads the request's user
                 found = service.next_case(s, user=user, now=NOW).study is not None
         except sa.exc.OperationalError:  # SQLite: waited longer than its busy timeout
@@ -674,8 +674,9 @@ def bench_worklist(runtime: Runtime, user_ids: list[int], repeats: int, seed: in
             user_id = rng.choice(user_ids)
             filters = make()
             t0 = time.perf_counter()
-            with runtime.session() as s:
-                page = service.worklist(s, user=s.get(User, user_id), now=NOW, filters=filters)
+            with runtime.session(read_committed=True) as s:  # as a web request
+                user = accounts.get_user(s, user_id)
+                page = service.worklist(s, user=user, now=NOW, filters=filters)
                 assert len(page.studies) <= 50
             latencies.append(time.perf_counter() - t0)
         results[name] = summary_ms(latencies)
@@ -702,17 +703,17 @@ def bench_priors(runtime: Runtime, user_ids: list[int], ready: int, historical: 
     # clock starts (psycopg prepares a statement on its fifth run; until then each call
     # is planned afresh, ~1.3 ms more).
     for _ in range(PRIORS_WARM_UP):
-        with runtime.session() as s:
+        with runtime.session(read_committed=True) as s:
             priors_service.priors(
                 s, study_id=rng.randint(historical + 1, historical + ready),
-                user=s.get(User, manager_id), now=NOW,
+                user=accounts.get_user(s, manager_id), now=NOW,
             )  # fmt: skip
     for _ in range(repeats):
         study_id = rng.randint(historical + 1, historical + ready)
         t0 = time.perf_counter()
-        with runtime.session() as s:
+        with runtime.session(read_committed=True) as s:  # as a web request
             found = priors_service.priors(
-                s, study_id=study_id, user=s.get(User, manager_id), now=NOW
+                s, study_id=study_id, user=accounts.get_user(s, manager_id), now=NOW
             )
         latencies.append(time.perf_counter() - t0)
         counts.append(len(found))

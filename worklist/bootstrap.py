@@ -45,16 +45,8 @@ def create_db_engine(url: str, *, pool_size: int = 5) -> sa.Engine:
             cursor.close()
 
         database = sa.make_url(url).database
-        if database and database != ":memory:" and not database.startswith("file:"):
-            sqlite_writers.install(engine, database)  # BEGIN IMMEDIATE, in turn
-        else:
-
-            @sa.event.listens_for(engine, "begin")
-            def _sqlite_begin(conn):  # type: ignore[no-untyped-def]
-                # IMMEDIATE takes the write lock at BEGIN, so two writers never both hold
-                # a read lock and fail with "database is locked" when upgrading it.
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
-
+        on_disk = database and database != ":memory:" and not database.startswith("file:")
+        sqlite_writers.install(engine, database if on_disk else None)  # BEGIN IMMEDIATE, in turn
         return engine
     # No JIT: every query here is a short index walk, but a pessimistic estimate (a
     # correlated subquery costed per candidate) once pushed the worklist page over
@@ -106,11 +98,16 @@ class Runtime:
     engine: sa.Engine
     session_factory: sessionmaker[Session]
     clock: Clock
+    #: Sessions whose reads see what is committed, statement by statement, as on
+    #: PostgreSQL (its default, READ COMMITTED); on SQLite only their writes queue for
+    #: the write lock (`sqlite_writers`). For the web requests.
+    read_committed_factory: sessionmaker[Session]
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
+    def session(self, *, read_committed: bool = False) -> Iterator[Session]:
         """One unit of work: commits on success, rolls back on any exception."""
-        with self.session_factory.begin() as session:
+        factory = self.read_committed_factory if read_committed else self.session_factory
+        with factory.begin() as session:
             yield session
 
     @property
@@ -129,6 +126,8 @@ def build_runtime(settings: Settings, *, clock: Clock | None = None) -> Runtime:
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     engine = create_db_engine(url, pool_size=settings.db_pool_size)
     factory = sessionmaker(engine, expire_on_commit=False)
+    read_committed = engine.execution_options(**{sqlite_writers.READ_COMMITTED: True})
     return Runtime(
-        settings=settings, engine=engine, session_factory=factory, clock=clock or SystemClock()
-    )
+        settings=settings, engine=engine, session_factory=factory, clock=clock or SystemClock(),
+        read_committed_factory=sessionmaker(read_committed, expire_on_commit=False),
+    )  # fmt: skip

@@ -61,3 +61,95 @@ def test_a_thread_beginning_a_second_write_while_holding_one_gets_an_error_not_a
             inner.execute(sa.select(1))
     with sqlite_engine.begin() as after:  # the queue is free again
         assert after.execute(sa.select(1)).scalar() == 1
+
+
+@pytest.fixture
+def sqlite_runtime(database_url, runtime):
+    if not database_url.startswith("sqlite"):
+        pytest.skip("the writer queue is SQLite's; PostgreSQL locks rows")
+    return runtime
+
+
+def _hold_the_write_lock(runtime, holding, release):
+    def hold():
+        with runtime.session() as s:  # the default: the first statement takes the lock
+            s.execute(sa.select(sa.func.count()).select_from(Trust.__table__))
+            holding.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert holding.wait(5)
+    return thread
+
+
+def test_a_read_committed_session_reads_while_a_writer_holds_the_lock_and_queues_to_write(
+    sqlite_runtime, clock
+):
+    """The web requests' sessions: reads never wait behind a writer; the first write
+    waits its turn, then sees what the writer committed."""
+    holding, release = threading.Event(), threading.Event()
+    writer = _hold_the_write_lock(sqlite_runtime, holding, release)
+    wrote = threading.Event()
+    seen: list[int] = []
+
+    def request():
+        with sqlite_runtime.session(read_committed=True) as s:
+            seen.append(s.scalar(sa.select(sa.func.count()).select_from(Trust.__table__)))
+            s.add(Trust(code="RW6", name="Trust RW6", sending_facility="RW6",
+                        sending_application="RIS", created_at=clock.now()))  # fmt: skip
+            s.flush()  # the first write: waits for the lock
+            wrote.set()
+
+    reader = threading.Thread(target=request)
+    reader.start()
+    assert not wrote.wait(0.5)  # queued behind the writer ...
+    assert seen == [0]  # ... but its read was answered at once
+    release.set()
+    writer.join(5)
+    reader.join(5)
+    assert wrote.is_set()
+    with sqlite_runtime.session() as s:
+        assert s.scalar(sa.select(sa.func.count()).select_from(Trust.__table__)) == 1
+
+
+def test_a_locking_read_in_a_read_committed_session_takes_the_write_lock_first(sqlite_runtime):
+    """SELECT ... FOR UPDATE, which SQLite's SQL leaves out, still waits its turn: what
+    the read decides cannot be overtaken by another writer before the write."""
+    holding, release = threading.Event(), threading.Event()
+    writer = _hold_the_write_lock(sqlite_runtime, holding, release)
+    read = threading.Event()
+
+    def request():
+        with sqlite_runtime.session(read_committed=True) as s:
+            s.execute(sa.select(Trust).with_for_update())
+            read.set()
+
+    reader = threading.Thread(target=request)
+    reader.start()
+    assert not read.wait(0.5)
+    release.set()
+    writer.join(5)
+    reader.join(5)
+    assert read.is_set()
+
+
+def test_a_default_session_holds_the_lock_from_its_first_read(sqlite_runtime):
+    """The HL7 apply worker and the scheduler's lease read, then write on what they read:
+    their sessions take the lock at the first statement."""
+    holding, release = threading.Event(), threading.Event()
+    writer = _hold_the_write_lock(sqlite_runtime, holding, release)
+    read = threading.Event()
+
+    def job():
+        with sqlite_runtime.session() as s:
+            s.execute(sa.select(sa.func.count()).select_from(Trust.__table__))
+            read.set()
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    assert not read.wait(0.5)
+    release.set()
+    writer.join(5)
+    thread.join(5)
+    assert read.is_set()

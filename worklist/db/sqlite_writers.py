@@ -1,15 +1,24 @@
 """SQLite writers wait their turn on a file lock, not in SQLite's busy handler.
 
-Every SQLite transaction starts with BEGIN IMMEDIATE (see `worklist.bootstrap`), so
-writers are serialised. A writer that finds the database locked waits in SQLite's busy
-handler, which sleeps 1, 2, 5, 10, 15 ... up to 100 ms between tries however soon the
-lock is free: with eight processes claiming studies at once, transactions of a few
-milliseconds had a 99th percentile of hundreds. Here each connection first takes an
-exclusive flock(2) on `<database>-writer`, and drops it once its COMMIT or ROLLBACK has
-run; the kernel wakes a waiter the moment it is dropped. Threads of one process queue as
-processes do (each connection opens the file itself). A thread that already holds the
-lock through one connection and begins on another would wait for itself forever: that
-is refused with an error instead.
+Every SQLite write transaction starts with BEGIN IMMEDIATE, so writers are serialised.
+A writer that finds the database locked waits in SQLite's busy handler, which sleeps 1,
+2, 5, 10, 15 ... up to 100 ms between tries however soon the lock is free: with eight
+processes claiming studies at once, transactions of a few milliseconds had a 99th
+percentile of hundreds. Here each connection first takes an exclusive flock(2) on
+`<database>-writer`, and drops it once its COMMIT or ROLLBACK has run; the kernel wakes a
+waiter the moment it is dropped. Threads of one process queue as processes do (each
+connection opens the file itself). A thread that already holds the lock through one
+connection and begins writing on another would wait for itself forever: that is refused
+with an error instead.
+
+When the lock is taken: by default at a transaction's first statement, so the whole
+transaction is serialised (the code of the HL7 apply worker and the scheduler's lease
+relies on that). A connection with the execution option `READ_COMMITTED` (the web
+requests' sessions, see `worklist.bootstrap`) reads without it, each statement seeing
+what is committed, as PostgreSQL's READ COMMITTED does, and takes it at its first write
+or locking read (`SELECT ... FOR UPDATE`, which SQLite's SQL leaves out): readers never
+queue behind writers, and a next-case claim holds the lock only from its claim to its
+COMMIT, not while it loads the user and their facts.
 """
 
 from __future__ import annotations
@@ -20,6 +29,20 @@ import threading
 from typing import Any
 
 import sqlalchemy as sa
+
+#: The execution option under which reads go without the write lock (see above).
+READ_COMMITTED = "worklist_read_committed"
+_READS = ("SELECT", "PRAGMA", "EXPLAIN")
+
+
+def _reads_only(statement: str, context: Any) -> bool:
+    """A plain read: SELECT (without FOR UPDATE, which SQLite's SQL leaves out but the
+    statement still says), PRAGMA or EXPLAIN. Anything else (INSERT, UPDATE, DELETE,
+    SAVEPOINT, DDL, WITH ...) may write."""
+    if not statement.lstrip()[:7].upper().startswith(_READS):
+        return False
+    compiled = getattr(getattr(context, "compiled", None), "statement", None)
+    return getattr(compiled, "_for_update_arg", None) is None
 
 
 class NestedWriteError(RuntimeError):
@@ -66,21 +89,45 @@ class WriterQueue:
         fcntl.flock(fd, fcntl.LOCK_UN)
 
 
-def install(engine: sa.Engine, database_path: str) -> WriterQueue:
-    """Queue `engine`'s write transactions; returns the queue (for tests)."""
-    queue = WriterQueue(database_path)
+class _NoQueue(WriterQueue):
+    """An in-memory database: one connection, no file to lock."""
+
+    def __init__(self) -> None:
+        pass
+
+    def opened(self, dbapi_connection: Any) -> None:
+        pass
+
+    def closed(self, dbapi_connection: Any) -> None:
+        pass
+
+    def wait_turn(self, dbapi_connection: Any) -> None:
+        pass
+
+    def done(self, dbapi_connection: Any) -> None:
+        pass
+
+
+def install(engine: sa.Engine, database_path: str | None) -> WriterQueue:
+    """Queue `engine`'s write transactions; returns the queue (for tests). Without a
+    database file (in memory) there is no file to lock: BEGIN IMMEDIATE alone."""
+    queue = WriterQueue(database_path) if database_path else _NoQueue()
     sa.event.listen(engine, "connect", lambda dbapi, _record: queue.opened(dbapi))
     sa.event.listen(engine, "close", lambda dbapi, _record: queue.closed(dbapi))
     sa.event.listen(engine, "close_detached", lambda dbapi: queue.closed(dbapi))
 
-    @sa.event.listens_for(engine, "begin")
-    def _begin(conn):  # type: ignore[no-untyped-def]
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def _begin(conn, _cursor, statement, _parameters, context, _executemany):  # type: ignore[no-untyped-def]
+        dbapi = conn.connection.dbapi_connection
+        if dbapi.in_transaction:
+            return
+        if conn.get_execution_options().get(READ_COMMITTED) and _reads_only(statement, context):
+            return  # autocommit: this statement alone, what is committed
         # IMMEDIATE takes SQLite's write lock at BEGIN, so two writers never both hold a
         # read lock and fail with "database is locked" when upgrading it.
-        dbapi = conn.connection.dbapi_connection
         queue.wait_turn(dbapi)
         try:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            dbapi.execute("BEGIN IMMEDIATE")
         except BaseException:
             queue.done(dbapi)
             raise

@@ -66,7 +66,7 @@ PARKED_ALERT = "oru_parked"
 
 def _study_for(session: Session, *, study_id: int, user: User, now: datetime, lock: bool) -> Study:
     query = sa.select(Study).where(Study.id == study_id)
-    if lock and session.get_bind().dialect.name == "postgresql":
+    if lock:  # a row lock on PostgreSQL; on SQLite the write lock (`sqlite_writers`)
         query = query.with_for_update()
     study = session.scalars(query).one_or_none()
     if study is None or not worklist_service.may_see_trust(

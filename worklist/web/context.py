@@ -21,9 +21,12 @@ def runtime() -> Runtime:
 
 
 def db() -> Session:
-    """The request's session; committed by the teardown when the view returned normally."""
+    """The request's session; committed by the teardown when the view returned normally.
+
+    Read committed (see `Runtime.read_committed_factory`): on SQLite a request queues for
+    the write lock only once it writes, so pages never wait behind claims and HL7."""
     if "db" not in g:
-        g.db = runtime().session_factory()
+        g.db = runtime().read_committed_factory()
     return g.db  # type: ignore[no-any-return]
 
 
