@@ -42,6 +42,8 @@ def create_db_engine(url: str, *, pool_size: int = 5) -> sa.Engine:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA busy_timeout=30000")
+            # Checkpoints are run after leaving the writer queue (`sqlite_writers`).
+            cursor.execute(f"PRAGMA wal_autocheckpoint={sqlite_writers.AUTOCHECKPOINT_PAGES}")
             cursor.close()
 
         database = sa.make_url(url).database

@@ -153,3 +153,25 @@ def test_a_default_session_holds_the_lock_from_its_first_read(sqlite_runtime):
     writer.join(5)
     thread.join(5)
     assert read.is_set()
+
+
+def test_each_connection_checkpoints_the_wal_after_leaving_the_writer_queue(sqlite_engine):
+    """SQLite's own checkpoint ran inside a COMMIT, the writer queue held meanwhile; now
+    a connection checkpoints (PASSIVE) every CHECKPOINT_EVERY commits, once it is out."""
+    from worklist.db import sqlite_writers
+
+    with sqlite_engine.connect() as c:
+        assert c.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == (
+            sqlite_writers.AUTOCHECKPOINT_PAGES
+        )
+    seen: list[tuple[str, bool]] = []
+    with sqlite_engine.connect() as c:
+        dbapi = c.connection.dbapi_connection
+        dbapi.set_trace_callback(lambda sql: seen.append((sql, dbapi.in_transaction)))
+        for i in range(sqlite_writers.CHECKPOINT_EVERY):
+            with c.begin():
+                c.execute(sa.update(Trust.__table__).where(Trust.__table__.c.id == -i)
+                          .values(name="x"))  # fmt: skip
+        dbapi.set_trace_callback(None)
+    checkpoints = [in_tx for sql, in_tx in seen if "wal_checkpoint" in sql]
+    assert checkpoints == [False]  # once, and outside the transaction (the queue is free)
