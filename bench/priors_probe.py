@@ -14,11 +14,13 @@ p50/p99 from bench/worklist.py's priors part, the same 200 patients each time; t
 parts from this probe):
 
 * The tail is pages read from disk, each read a wait, made longer by other work on the
-  2 cores. Page cache warm: p50 1.5 ms, p99 2.3 ms. Cold (this file's pages dropped
-  from the page cache, as this machine does by itself with pages not used for about a
-  minute): p50 3.3, p99 12.0 (load average 2.6 from other work); with two CPU-bound
-  loops beside it p50 5.8, p99 13.8 (warm: p99 7.0); with a large write to the disk
-  beside it p50 8.7, p99 23.1 -- the 14-26 ms seen before.
+  2 cores. The bench's patients are read for the first time, and this machine keeps
+  little of the file in the page cache (288 MB of the 1.2 GB just after loading it).
+  Page cache warm (the same patients again): p50 1.3-1.5 ms, p99 1.7-2.3. Cold (this
+  file's pages dropped first): p50 3.0-3.3, p99 8.0-12.5 (load average 2.6-3.5 from
+  other work); with two CPU-bound loops beside it p50 5.8, p99 13.8 (warm: p99 7.0);
+  with a large write to the disk beside it p50 8.7, p99 23.1 -- the 14-26 ms seen
+  before.
 * A cold call blocks ~22 times (p99 ~60): per prior about four pages of its own (the
   study row, the report's index entry, the latest version's index entry and row), plus
   the patient and index leaves. Statement time follows the count of blocking reads; the
