@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from worklist.clock import Clock, SystemClock
 from worklist.config import Settings
-from worklist.db import driver, sqlite_writers
+from worklist.db import sqlite_writers
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,6 @@ def create_db_engine(url: str, *, pool_size: int = 5) -> sa.Engine:
         connect_args={"options": "-c jit=off"},
     )  # fmt: skip
     _ping_when_idle(engine)
-    driver.install(engine)  # statements deferred to the COMMIT's round trip
     return engine
 
 

@@ -75,21 +75,11 @@ def rows(
     Flushes first, as the session's own queries do, so that the statement sees what the
     unit of work has added or changed."""
     session.flush()
-    pooled = session.connection().connection
-    connection = pooled.driver_connection
+    connection = session.connection().connection.driver_connection
     assert connection is not None
     compiled = sql(statement)
-    deferred = pooled.info.pop(_DEFERRED, ())
     with connection.cursor() as cursor:
-        if deferred or connection.pgconn.transaction_status == pq.TransactionStatus.IDLE:
-            # psycopg's BEGIN (the transaction's first statement, e.g. a request's user)
-            # and any deferred statements go in the same round trip as this one. With 8
-            # claimers on 2 cores every round trip waited ~1 ms for a CPU.
-            with connection.pipeline():
-                _execute(connection, deferred)
-                cursor.execute(compiled.text, params)
-        else:
-            cursor.execute(compiled.text, params)
+        cursor.execute(compiled.text, params)
         result = cursor.pgresult
         if result is None or result.status != pq.ExecStatus.TUPLES_OK:
             return (), []
@@ -103,67 +93,6 @@ def rows(
         if compiled.times:  # only the timestamp columns, not every value of every row
             found = [_in_utc(row, compiled.times) for row in found]
         return compiled.names, found
-
-
-def defer(session: Session, statement: sa.Executable, params: dict[str, Any]) -> None:
-    """Run `statement` (no rows wanted) later in this transaction, in the round trip of
-    the next statement on the connection or of the COMMIT: for a request's last write.
-    A ROLLBACK drops it; an error in it fails that statement or the COMMIT. Needs
-    `install` on the engine."""
-    session.flush()
-    session.connection().connection.info.setdefault(_DEFERRED, []).append(
-        (sql(statement).text, params)
-    )
-
-
-def install(engine: sa.Engine) -> None:
-    """Deferred statements (`defer`) on `engine`'s connections: run before any other
-    statement, sent with the COMMIT, dropped by a ROLLBACK."""
-
-    @sa.event.listens_for(engine, "before_cursor_execute")
-    def _before(conn, _cursor, _statement, _parameters, _context, _executemany):  # type: ignore[no-untyped-def]
-        deferred = conn.connection.info.pop(_DEFERRED, ())
-        if deferred:
-            with conn.connection.driver_connection.pipeline():
-                _execute(conn.connection.driver_connection, deferred)
-
-    dialect = engine.dialect
-    commit, rollback = dialect.do_commit, dialect.do_rollback
-
-    def do_commit(pooled: Any) -> None:
-        deferred = _info(pooled).pop(_DEFERRED, ())
-        if not deferred:
-            commit(pooled)
-            return
-        connection = pooled.driver_connection
-        with connection.pipeline():
-            _execute(connection, deferred)
-            connection.commit()
-
-    def do_rollback(pooled: Any) -> None:
-        _info(pooled).pop(_DEFERRED, None)
-        rollback(pooled)
-
-    dialect.do_commit = do_commit  # type: ignore[method-assign]
-    dialect.do_rollback = do_rollback  # type: ignore[method-assign]
-
-
-_DEFERRED = "worklist_driver_deferred"  # in the pooled connection's info
-
-
-def _info(pooled: Any) -> dict[str, Any]:
-    """The pooled connection's info; none for the bare connection the engine's first
-    connect hands the dialect."""
-    try:
-        return pooled.info  # type: ignore[no-any-return]
-    except (AttributeError, NotImplementedError):
-        return {}
-
-
-def _execute(connection: Any, statements: Any) -> None:
-    with connection.cursor() as cursor:
-        for text, params in statements:
-            cursor.execute(text, params)
 
 
 def loaded(session: Session, model: type[T], values: dict[str, Any]) -> T:

@@ -776,13 +776,9 @@ def record_assignments(
     lease: timedelta,
     by: User | None = None,
     remote_addr: str | None = None,
-    ids: Sequence[int] = (),
 ) -> list[Assignment]:
     """The assignment and audit rows of studies handed to `user` at once (a study, why,
-    and what else to explain), in that order.
-
-    Given the assignments' `ids` (taken from their sequence by the claim statement), on
-    PostgreSQL the rows go in with the COMMIT's round trip (`driver.defer`)."""
+    and what else to explain), in that order."""
     action = "claim" if kind == "pull" else "assign"
     actor = by or user
     common = {
@@ -799,19 +795,17 @@ def record_assignments(
         for study, why, _ in handed
     ]  # fmt: skip
     if _on_postgresql(session):
-        values = {
-            **common, "at": now, "actor_id": actor.id, "actor_name": actor.username,
-            "action": action, "remote_addr": remote_addr,
-            "study_ids": [study.id for study, _, _ in handed],
-            "explanations": [driver.json(e) for e in explanations],
-            "object_ids": [str(study.id) for study, _, _ in handed],
-            "details": [driver.json(d) for d in details],
-        }  # fmt: skip
-        if ids:
-            driver.defer(session, _assignments_and_audit_insert(True), {**values, "ids": ids})
-            new_ids = list(ids)
-        else:
-            new_ids = _insert_assignments_and_audit(session, values)
+        new_ids = _insert_assignments_and_audit(
+            session,
+            {
+                **common, "at": now, "actor_id": actor.id, "actor_name": actor.username,
+                "action": action, "remote_addr": remote_addr,
+                "study_ids": [study.id for study, _, _ in handed],
+                "explanations": [driver.json(e) for e in explanations],
+                "object_ids": [str(study.id) for study, _, _ in handed],
+                "details": [driver.json(d) for d in details],
+            },
+        )  # fmt: skip
     else:
         # SQLite: Core inserts (the same rows as the ORM and `audit.record` would write,
         # without the unit of work's bookkeeping inside the write lock).
@@ -838,30 +832,28 @@ _ASSIGNMENT_INSERT = sa.insert(Assignment.__table__).returning(Assignment.__tabl
 
 
 @functools.cache
-def _assignments_and_audit_insert(with_ids: bool = False) -> sa.Select[tuple[int, int]]:
+def _assignments_and_audit_insert() -> sa.Select[tuple[int, int]]:
     """Built once (building the CTEs' column collections costs more than running them).
 
     The per-study values go in as arrays, unnested: one SQL text (one prepared
-    statement) however many studies are handed out together. `with_ids`: the
-    assignments' ids given (already taken from the sequence)."""
+    statement) however many studies are handed out together."""
     table = Assignment.__table__
-    arrays = {
-        "study_id": driver.param("study_ids", postgresql.ARRAY(sa.Integer())),
-        "explanation": driver.param("explanations", postgresql.ARRAY(postgresql.JSONB())),
-        "object_id": driver.param("object_ids", postgresql.ARRAY(sa.String())),
-        "detail": driver.param("details", postgresql.ARRAY(postgresql.JSONB())),
-    }
-    if with_ids:
-        arrays["id"] = driver.param("ids", postgresql.ARRAY(sa.Integer()))
-    handed = sa.func.unnest(*arrays.values()).table_valued(*arrays).render_derived()
+    handed = (
+        sa.func.unnest(
+            driver.param("study_ids", postgresql.ARRAY(sa.Integer())),
+            driver.param("explanations", postgresql.ARRAY(postgresql.JSONB())),
+            driver.param("object_ids", postgresql.ARRAY(sa.String())),
+            driver.param("details", postgresql.ARRAY(postgresql.JSONB())),
+        )
+        .table_valued("study_id", "explanation", "object_id", "detail")
+        .render_derived()
+    )
     common = ("user_id", "kind", "assigned_by_id", "started_at", "expires_at")
-    given = ("id",) if with_ids else ()
     assignment = (
         sa.insert(Assignment)
         .from_select(
-            (*given, "study_id", *common, "explanation"),
+            ("study_id", *common, "explanation"),
             sa.select(
-                *(handed.c[n] for n in given),
                 handed.c.study_id,
                 *(driver.param(n, table.c[n].type) for n in common),
                 handed.c.explanation,
@@ -949,7 +941,7 @@ def next_case(
     skipped_ids: list[int] = []
     while True:
         candidates = query.where(Study.id.not_in(skipped_ids)) if skipped_ids else query
-        study, mates, assignment_ids = _claim_first(
+        study, mates = _claim_first(
             session, candidates, mates_pool, user_id=user.id, now=now, lease=lease
         )
         if study is None:
@@ -974,12 +966,11 @@ def next_case(
                 session, anchor=study, mates=mates, user=user, radiologist=radiologist,
                 now=now, codes=codes,
             )  # fmt: skip
-            handed = [(study, why, {"skipped": skipped[:MAX_EXPLAINED_SKIPS]}),
-                      *_with_anchor(study, together)]  # fmt: skip
             assignment, *_ = record_assignments(
-                session, handed, user=user, kind="pull", now=now, lease=lease,
-                remote_addr=remote_addr, ids=[assignment_ids[s.id] for s, _, _ in handed]
-                if assignment_ids else (),
+                session,
+                [(study, why, {"skipped": skipped[:MAX_EXPLAINED_SKIPS]}),
+                 *_with_anchor(study, together)],
+                user=user, kind="pull", now=now, lease=lease, remote_addr=remote_addr,
             )  # fmt: skip
             return ClaimResult(study, assignment, why, together)
         for claimed in (study, *mates):
@@ -997,10 +988,9 @@ def next_case(
 def _claim_first(
     session: Session, candidates: sa.Select[Study], mates_pool: sa.Select[Study], *,
     user_id: int, now: datetime, lease: timedelta,
-) -> tuple[Study | None, list[Study], dict[int, int]]:  # fmt: skip
+) -> tuple[Study | None, list[Study]]:  # fmt: skip
     """Claim the first candidate and, with it, the same person's other waiting studies
-    that `mates_pool` (the same rules) offers: (study or None, its mates, and on
-    PostgreSQL an assignment id taken for each from the sequence, by study id).
+    that `mates_pool` (the same rules) offers: (study or None, its mates).
 
     UPDATE study SET claimed_by_id = :user ... WHERE id = (SELECT id ... ORDER BY urgency
     DESC, id DESC LIMIT 1 FOR UPDATE SKIP LOCKED) AND claimed_by_id IS NULL AND status =
@@ -1013,20 +1003,19 @@ def _claim_first(
     if _on_postgresql(session):
         names, rows = driver.rows(session, _claim_update(candidates, mates_pool), values)
         claimed = [
-            (row[0], driver.loaded(session, Study, dict(zip(names[2:], row[2:], strict=True))))
+            (row[0], driver.loaded(session, Study, dict(zip(names[1:], row[1:], strict=True))))
             for row in rows
         ]
         study = next((s for is_mate, s in claimed if not is_mate), None)
-        ids = {s.id: row[1] for (_, s), row in zip(claimed, rows, strict=True)}
-        return study, [s for is_mate, s in claimed if is_mate], ids
+        return study, [s for is_mate, s in claimed if is_mate]
     # SQLite: Core, the row made a Study as `driver.loaded` does (the ORM's loading of
     # 45 columns cost more than the statement).
     session.flush()
     row = session.connection().execute(_claim_update(candidates), values).mappings().first()
     if row is None:
-        return None, [], {}
+        return None, []
     study = driver.loaded(session, Study, dict(row))
-    return study, _claim_mates(session, mates_pool, anchor=study, values=values), {}
+    return study, _claim_mates(session, mates_pool, anchor=study, values=values)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -1069,16 +1058,9 @@ def _claim_update(
         .returning(every_column)
         .cte("mates")
     )
-    # Each claimed study's assignment id, taken now: its row can then go in with the
-    # COMMIT (`record_assignments`).
-    assignment_id = sa.func.nextval(sa.func.pg_get_serial_sequence("assignment", "id"))
     return sa.union_all(
-        sa.select(
-            sa.false().label("is_mate"),
-            assignment_id.label("assignment_id"),
-            sa.literal_column("anchor.*"),
-        ).select_from(anchor),
-        sa.select(sa.true(), assignment_id, sa.literal_column("mates.*")).select_from(mates),
+        sa.select(sa.false().label("is_mate"), sa.literal_column("anchor.*")).select_from(anchor),
+        sa.select(sa.true(), sa.literal_column("mates.*")).select_from(mates),
     )
 
 
