@@ -83,9 +83,9 @@ APPLY_MAX_DEFER_SECONDS = 0.25
 # full speed from 8 senders (~4 frames a batch): deferring 0.25 s it applied 600-1,200 of
 # them during the ~2 s burst (0.07-0.14 ms of its CPU a message of the burst); deferring
 # 1 s, 200 (0.02 ms); it drains the rest at ~2,400/s once the frames stop (200 a batch in
-# ~85 ms), so the applied rate stays ~1,000-1,200/s. Below capacity (800/s offered:
-# ~1 frame a batch) it defers 0.25 s as before, so it keeps up with the traffic; at
-# capacity it still applies a batch (200) a second or more.
+# ~85 ms), so the applied rate stays ~1,000-1,200/s. Below saturation (800/s offered)
+# it mostly defers 0.25 s as before (one 1 s wait in a 4 s run), so it keeps up with the
+# traffic; saturated, it still applies a batch (200) a second or more.
 APPLY_WORKER_MAX_DEFER_SECONDS = 1.0
 SATURATED_STORE_BATCH = 2.0
 # The store idle this long (no frame arriving): the apply thread takes bigger batches
