@@ -15,9 +15,10 @@ Claiming is one conditional statement: `UPDATE study SET claimed_by_id = :user .
 WHERE id = (SELECT id ... ORDER BY urgency DESC, id DESC LIMIT 1 FOR UPDATE SKIP
 LOCKED) AND claimed_by_id IS NULL AND status = 'ready' RETURNING ...`. On
 PostgreSQL concurrent claimers skip each other's locked rows instead of queueing;
-SQLite ignores FOR UPDATE, but every transaction starts with BEGIN IMMEDIATE (see
-bootstrap), which serialises writers, and the conditional WHERE is the portable
-guarantee that no study is claimed twice.
+SQLite ignores FOR UPDATE, but a transaction takes SQLite's write lock (BEGIN
+IMMEDIATE, in turn: `worklist.db.sqlite_writers`) before its first write, which
+serialises writers, and the conditional WHERE is the portable guarantee that no study
+is claimed twice.
 Every assignment, with why it was made and which studies or people were
 skipped and why, is an `Assignment` row ("why me").
 """
