@@ -864,7 +864,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--historical", type=int, default=100_000,
                         help="reported studies (full: 2000000)")  # fmt: skip
     parser.add_argument("--radiologists", type=int, default=32)
-    parser.add_argument("--claims", type=int, default=1000, help="claims per concurrency level")
+    parser.add_argument("--claims", type=int, default=4000, help="claims per concurrency level")
     parser.add_argument("--repeats", type=int, default=200, help="queries per measurement")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--keep", action="store_true", help="keep the databases")
