@@ -113,46 +113,46 @@ def test_a_read_committed_session_reads_while_a_writer_holds_the_lock_and_queues
         assert s.scalar(sa.select(sa.func.count()).select_from(Trust.__table__)) == 1
 
 
+def _waits_behind_a_writer(runtime, work) -> bool:
+    """Whether `work` (in a thread of its own) waited while a writer held the lock."""
+    holding, release = threading.Event(), threading.Event()
+    writer = _hold_the_write_lock(runtime, holding, release)
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (work(), done.set()))
+    thread.start()
+    waited = not done.wait(0.5)
+    release.set()
+    writer.join(5)
+    thread.join(5)
+    assert done.is_set()
+    return waited
+
+
 def test_a_locking_read_in_a_read_committed_session_takes_the_write_lock_first(sqlite_runtime):
     """SELECT ... FOR UPDATE, which SQLite's SQL leaves out, still waits its turn: what
     the read decides cannot be overtaken by another writer before the write."""
-    holding, release = threading.Event(), threading.Event()
-    writer = _hold_the_write_lock(sqlite_runtime, holding, release)
-    read = threading.Event()
 
-    def request():
+    def locking_read():
         with sqlite_runtime.session(read_committed=True) as s:
             s.execute(sa.select(Trust).with_for_update())
-            read.set()
 
-    reader = threading.Thread(target=request)
-    reader.start()
-    assert not read.wait(0.5)
-    release.set()
-    writer.join(5)
-    reader.join(5)
-    assert read.is_set()
+    def plain_read():
+        with sqlite_runtime.session(read_committed=True) as s:
+            s.execute(sa.select(Trust))
+
+    assert _waits_behind_a_writer(sqlite_runtime, locking_read)
+    assert not _waits_behind_a_writer(sqlite_runtime, plain_read)
 
 
 def test_a_default_session_holds_the_lock_from_its_first_read(sqlite_runtime):
     """The HL7 apply worker and the scheduler's lease read, then write on what they read:
     their sessions take the lock at the first statement."""
-    holding, release = threading.Event(), threading.Event()
-    writer = _hold_the_write_lock(sqlite_runtime, holding, release)
-    read = threading.Event()
 
     def job():
         with sqlite_runtime.session() as s:
             s.execute(sa.select(sa.func.count()).select_from(Trust.__table__))
-            read.set()
 
-    thread = threading.Thread(target=job)
-    thread.start()
-    assert not read.wait(0.5)
-    release.set()
-    writer.join(5)
-    thread.join(5)
-    assert read.is_set()
+    assert _waits_behind_a_writer(sqlite_runtime, job)
 
 
 def test_each_connection_checkpoints_the_wal_after_leaving_the_writer_queue(sqlite_engine):

@@ -48,6 +48,18 @@ _INSERT = sa.insert(AuditEvent).values(
 )  # fmt: skip
 
 
+#: An audit row's columns, in the order `insert_from` takes them.
+COLUMNS = (
+    "at", "user_id", "username", "action", "object_type", "object_id", "detail", "remote_addr",
+)  # fmt: skip
+
+
+def insert_from(rows: sa.Select[Any]) -> sa.Insert:
+    """INSERT INTO audit_event (COLUMNS) SELECT ...: for a statement that writes its own
+    audit rows (a data-modifying CTE), in the same round trip as its work."""
+    return sa.insert(AuditEvent).from_select(COLUMNS, rows)
+
+
 def insert(
     session: Session,
     *,

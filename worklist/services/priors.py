@@ -258,37 +258,23 @@ def _priors_statement(sees_every_trust: bool) -> sa.Select[Any]:
         .limit(param("limit", sa.Integer()))
         .cte("found")
     )
-    audit_row = (
-        sa.insert(AuditEvent)
-        .from_select(
-            [
-                "at",
-                "user_id",
-                "username",
-                "action",
-                "object_type",
-                "object_id",
-                "detail",
-                "remote_addr",
-            ],
-            sa.select(
-                param("at", AuditEvent.at.type),
-                param("user_id", sa.Integer()),
-                param("username", AuditEvent.username.type),
-                sa.literal("view_priors"),
-                sa.literal("study"),
-                sa.cast(anchor.c.id, AuditEvent.object_id.type),
-                sa.func.jsonb_build_object(
-                    sa.literal("patient_id"),
-                    anchor.c.patient_id,
-                    sa.literal("priors"),
-                    sa.select(sa.func.count()).select_from(found).scalar_subquery(),
-                ),
-                param("remote_addr", AuditEvent.remote_addr.type),
+    audit_row = audit.insert_from(
+        sa.select(
+            param("at", AuditEvent.at.type),
+            param("user_id", sa.Integer()),
+            param("username", AuditEvent.username.type),
+            sa.literal("view_priors"),
+            sa.literal("study"),
+            sa.cast(anchor.c.id, AuditEvent.object_id.type),
+            sa.func.jsonb_build_object(
+                sa.literal("patient_id"),
+                anchor.c.patient_id,
+                sa.literal("priors"),
+                sa.select(sa.func.count()).select_from(found).scalar_subquery(),
             ),
-        )  # fmt: skip
-        .cte("audit_row")
-    )
+            param("remote_addr", AuditEvent.remote_addr.type),
+        )
+    ).cte("audit_row")
     latest_report = (  # as `_with_latest_report`; cheaper to plan and run here than its join
         sa.select(*_REPORT_COLUMNS)
         .join(Report, Report.id == ReportVersion.report_id)

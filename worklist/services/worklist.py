@@ -864,32 +864,18 @@ def _assignments_and_audit_insert() -> sa.Select[tuple[int, int]]:
         .cte("assignment_rows")
     )
     events = AuditEvent.__table__
-    event = (
-        sa.insert(AuditEvent)
-        .from_select(
-            (
-                "at",
-                "user_id",
-                "username",
-                "action",
-                "object_type",
-                "object_id",
-                "detail",
-                "remote_addr",
-            ),
-            sa.select(
-                driver.param("at", events.c.at.type),
-                driver.param("actor_id", events.c.user_id.type),
-                driver.param("actor_name", events.c.username.type),
-                driver.param("action", events.c.action.type),
-                sa.literal_column("'study'"),
-                handed.c.object_id,
-                handed.c.detail,
-                driver.param("remote_addr", events.c.remote_addr.type),
-            ),
-        )  # fmt: skip
-        .cte("audit_rows")
-    )
+    event = audit.insert_from(
+        sa.select(
+            driver.param("at", events.c.at.type),
+            driver.param("actor_id", events.c.user_id.type),
+            driver.param("actor_name", events.c.username.type),
+            driver.param("action", events.c.action.type),
+            sa.literal_column("'study'"),
+            handed.c.object_id,
+            handed.c.detail,
+            driver.param("remote_addr", events.c.remote_addr.type),
+        )
+    ).cte("audit_rows")
     return sa.select(assignment.c.id, assignment.c.study_id).add_cte(event)
 
 
