@@ -219,8 +219,9 @@ the runs, so figures move by a third from run to run; 3,000 ORM^O01 of ~1 KB):
   two or three round trips a message) keeps it ahead. Left in the listener: parsing, checking
   and building the ACK ~0.14 ms a message (spread over many small functions), the
   store's parameters and round trip ~0.1 ms a batch of 6-8. SQLite's p99 at 200/s was
-  44 ms in one run of four (10-11 ms in the others), near the 50 ms target: not
-  investigated (a WAL checkpoint in the store's commit is a suspect).
+  44 ms in one final run, as the load average rose from 1.2 to 2.9 (10-11 ms in the two
+  others, and 9.6-11.4 ms in three more SQLite runs at 02:15, load 1.8-2.4): near the
+  50 ms target once in seven; not investigated further.
 
     .venv/bin/python bench/ingest.py                      # both databases, 4000 messages
     .venv/bin/python bench/ingest.py --db sqlite --messages 2000
