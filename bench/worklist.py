@@ -146,6 +146,65 @@ What we measured and chose (2 cores, shared; one run each, figures move by a thi
   recorded in one statement, and on SQLite the time held under the write lock (the
   whole claim, ~3.5 ms: 8 processes queue behind each other, p50 40 ms).
 
+* 2026-12-07, a new machine (2 cores; the same 100,000 ready / 2,000,000 history,
+  kept with --keep). Baseline before any change, load average ~1: PostgreSQL 8
+  processes 594 claims/s, p50 11.3 ms, p99 38.1 ms, ratio 0.18 to the floor's 3,343/s;
+  SQLite 8 processes 372/s, p50 22.7, p99 40.3 (floor 2,740/s). What changed, each
+  measured on its own (1,000 claims, 8 processes, figures move by a fifth run to run):
+    - A patient's other waiting studies claimed in the claim statement itself (a
+      second data-modifying CTE on PostgreSQL, a second UPDATE on SQLite; the pool's
+      rules in SQL, may_report deciding after and giving back what it refuses), and
+      every study's assignment and audit rows in one statement (arrays, unnested). In
+      this data 14 % of claims keep another study; before, each paid a query, a claim
+      and an insert on top, three round trips: PostgreSQL 594 -> 664/s, p99 38 -> 24 ms.
+    - The claim statement's rows as `study.*`: 6 KB of SQL became 2.2 KB; psycopg parses
+      a statement afresh each time above 4 KB. Arrays to psycopg in binary (its text
+      arrays go through a regular expression per element).
+    - The request's user through the driver (`accounts.get_user`, also the web UI's
+      loader): 0.30 -> 0.15 ms of CPU. `driver.loaded` without `Session.add`'s cascade
+      and identity-key work: a sixth of the client's CPU. Client CPU a claim (one
+      process, cProfile on process time): 1.35 -> 1.04-1.11 ms, 1,930 -> 1,345 calls.
+    - The bench's own record: each run's assignment rows were left behind and piled up
+      on the most urgent studies (31 a study after a few runs), which every candidate's
+      double-read check reads; they are now deleted with the claims. Five claims rolled
+      back per process before the clock (psycopg prepares on the fifth run), and 4,000
+      claims per level instead of 1,000: with 1,000 the slowest 2 % were the first five
+      claims of each process, in the first 200 ms after the 8 started together.
+    - SQLite: web requests (and this bench's) read without the write lock and take it at
+      their first write (`sqlite_writers`, read committed, as PostgreSQL); WAL
+      checkpoints run after the writer queue is left (SQLite's own ran inside the
+      COMMIT that filled 1,000 pages: one claim in ~60 held the queue ~8 ms more); the
+      pool's literals written into the statement, not rendered at each execution. Lock
+      held per claim, one process: the whole claim before (~2.0 ms); from the claim to
+      the COMMIT after, p50 1.4 ms, and its p99 9.2 -> 2.2 ms with the checkpoints moved.
+    - Tried and reverted: psycopg's pipeline mode to send BEGIN with the first statement
+      and the assignment rows with the COMMIT (six round trips to four). Alternating
+      runs: 887 and 814/s, p99 18.9 and 22.4 ms without it; 792 and 812/s, p99 25.1 and
+      24.3 ms with it. The pipeline costs more client CPU (1.55 -> 1.71 ms a claim) than
+      the round trips it saves; on 2 saturated cores CPU sets the latency.
+  Final full runs, 4,000 claims a level, load average 2-5 (the runs' own 8-32
+  processes), 02:15-02:21:
+    PostgreSQL  next case 1 process 305-324/s (p50 3.1 ms, p99 5.3); 8 processes 778,
+                811 and 862/s, p50 8.7-9.5 ms, p99 20.6, 19.1 and 21.0 ms; ratio 0.25-0.31
+                to the floor's 2,767-3,122/s; 32: 510-574/s, p99 127-152 ms. Worklist
+                page p99 8-20 ms; priors p50 2.9 ms, p99 6.8 ms.
+    SQLite      next case 1 process 334/s (p50 2.8 ms); 8 processes 439/s, p50 19.1 ms,
+                p99 37.0 ms (floor 3,542/s, ratio 0.12); 32: 397/s, p99 277 ms. Worklist
+                page p99 5.6-20.4 ms; priors p50 3.2 ms, p99 5.9 ms.
+  Targets: worklist page and priors met on both databases; next-case p99 at 8 processes
+  under 20 ms on PostgreSQL in one run of three (19.1; 20.6 and 21.0 in the others), not
+  on SQLite; 0.5 of the floor on neither. What bounds it:
+    - PostgreSQL: the 2 cores. A claim costs ~1.1 ms of client CPU and ~1.1-1.4 ms of
+      backend CPU; the bare floor ~0.6 ms in all (one process of 8 threads, four trivial
+      statements). 0.5 of a floor of ~3,000/s would mean ~1.3 ms of CPU a claim, all
+      in. The backend's share is mostly the claim itself (heap and 7 index entries for
+      the new row version, WAL) and the COMMIT, which the floor pays too.
+    - SQLite: the write lock. A claim holds it ~1.4 ms (claim, mates, assignment and
+      audit rows, COMMIT: ~0.6 ms of SQLite and ~0.8 ms of Python and SQLAlchemy
+      between statements), ~2 ms among 8 processes; 8 in the queue make the p50.
+      Left to try: the in-lock statements through sqlite3 directly, built once (as the
+      driver does on PostgreSQL), and claim and mates in one UPDATE.
+
     .venv/bin/python bench/worklist.py                            # small: 10k ready, 100k history
     .venv/bin/python bench/worklist.py --db postgresql --ready 100000 --historical 2000000
     ... --keep            # keep the database: it prints the --database URL to measure again
