@@ -48,6 +48,13 @@ def _literal(value: str) -> sa.ColumnElement[str]:
     return sa.literal_column(f"'{value}'", sa.String())
 
 
+def _text(value: str) -> sa.ColumnElement[str]:
+    """A credential's modality or body area as an SQL string literal in the statement
+    (quotes doubled), for the reason `_literal` gives: a pool's statement is built once
+    per credentials, and an IN list of parameters was rendered anew at each execution."""
+    return sa.literal_column("'" + value.replace("'", "''") + "'", sa.String())
+
+
 #: The pool statuses as literals (see `_literal`).
 STATUS_LITERAL = {READY: _literal(READY), PRELIMINARY: _literal(PRELIMINARY)}
 
@@ -58,9 +65,10 @@ def unclaimed(status: str) -> sa.ColumnElement[bool]:
 
 
 def unclaimed_unindexed(status: str, study: Any = Study) -> sa.ColumnElement[bool]:
-    """`unclaimed(status)` written in coalesce(), which no index serves: so that both
-    planners reach a patient's few studies through ix_study_patient_id rather than walking
-    the pool (literals: PostgreSQL's RETURNING is compiled without literal_binds)."""
+    """`unclaimed(status)` written in coalesce(), which only ix_study_waiting_by_patient
+    (a patient's ready, unclaimed studies) serves: so that both planners reach a patient's
+    few waiting studies through it rather than walking the pool (literals: PostgreSQL's
+    RETURNING is compiled without literal_binds)."""
     return sa.and_(
         sa.func.coalesce(study.status, sa.literal_column("''")) == sa.literal_column(f"'{status}'"),
         sa.func.coalesce(study.claimed_by_id, sa.literal_column("0")) == sa.literal_column("0"),
@@ -155,14 +163,16 @@ def credential_clause(credentials: Iterable[HeldCredential]) -> sa.ColumnElement
             current.update(areas)
     adults = []
     for modality, covered in sorted(by_modality.items()):
-        parts = [] if modality == "*" else [Study.modality == modality]
+        parts = [] if modality == "*" else [Study.modality == _text(modality)]
         if covered is not None:
-            parts.append(sa.func.lower(Study.body_area).in_(sorted(covered)))
+            parts.append(sa.func.lower(Study.body_area).in_([_text(a) for a in sorted(covered)]))
         adults.append(sa.and_(sa.true(), *parts))
     if "*" in for_children:
         children: sa.ColumnElement[bool] = sa.true()
+    elif for_children:
+        children = Study.modality.in_([_text(m) for m in sorted(for_children)])
     else:
-        children = Study.modality.in_(sorted(for_children)) if for_children else sa.false()
+        children = sa.false()
     return sa.or_(
         sa.and_(Study.paediatric.is_(False), sa.or_(*adults) if adults else sa.false()),
         sa.and_(Study.paediatric.is_(True), children),

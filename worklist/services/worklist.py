@@ -1066,8 +1066,8 @@ def _mates_update(
             Study.patient_id.in_(same_person_patient_ids(patient_id)),
             Study.id != anchor_id,
             sa.func.lower(sa.func.trim(sa.func.coalesce(Study.pathway, ""))).not_in(
-                sorted(DOUBLE_READ_PATHWAYS)
-            ),
+                [sa.literal_column(f"'{p}'") for p in sorted(DOUBLE_READ_PATHWAYS)]
+            ),  # written in: an expanding parameter would be rendered at each execution
         )
         .order_by(None)
         .limit(sa.literal_column("20"))
