@@ -182,18 +182,24 @@ What we measured and chose (2 cores, shared; one run each, figures move by a thi
       runs: 887 and 814/s, p99 18.9 and 22.4 ms without it; 792 and 812/s, p99 25.1 and
       24.3 ms with it. The pipeline costs more client CPU (1.55 -> 1.71 ms a claim) than
       the round trips it saves; on 2 saturated cores CPU sets the latency.
-  Final full runs, 4,000 claims a level, load average 2-5 (the runs' own 8-32
-  processes), 02:15-02:21:
-    PostgreSQL  next case 1 process 305-324/s (p50 3.1 ms, p99 5.3); 8 processes 778,
-                811 and 862/s, p50 8.7-9.5 ms, p99 20.6, 19.1 and 21.0 ms; ratio 0.25-0.31
-                to the floor's 2,767-3,122/s; 32: 510-574/s, p99 127-152 ms. Worklist
-                page p99 8-20 ms; priors p50 2.9 ms, p99 6.8 ms.
-    SQLite      next case 1 process 334/s (p50 2.8 ms); 8 processes 439/s, p50 19.1 ms,
-                p99 37.0 ms (floor 3,542/s, ratio 0.12); 32: 397/s, p99 277 ms. Worklist
-                page p99 5.6-20.4 ms; priors p50 3.2 ms, p99 5.9 ms.
+    - A patient's waiting studies through an index of their own
+      (ix_study_waiting_by_patient, migration 0003), not every study the patient ever
+      had through ix_study_patient_id; the credentials and double-read pathways written
+      into the pool's statement (expanding parameters were rendered at each execution).
+  Final full runs, 4,000 claims a level, load average 0.7-2 before, the runs' own 8-32
+  processes during, 02:15-02:36:
+    PostgreSQL  next case 1 process 344/s (p50 2.9 ms, p99 5.2); 8 processes 845/s, p50
+                8.9 ms, p99 18.9 ms (two --only next_case runs just before: 855 and
+                934/s, p99 16.9 and 18.1 ms; before the index: 778-862/s, p99 19.1-21.0
+                ms); ratio 0.25 to the floor's 3,337/s; 32: 552/s, p99 128 ms. Worklist
+                page p99 8-16 ms; priors p50 2.6 ms, p99 6.1 ms.
+    SQLite      next case 1 process 410/s (p50 2.3 ms); 8 processes 543/s, p50 14.3 ms,
+                p99 34.0 ms (floor 3,440/s, ratio 0.16); 32: 421/s, p99 271 ms. Worklist
+                page p99 5.7-13.1 ms; priors p50 2.7 ms, p99 5.7 ms.
   Targets: worklist page and priors met on both databases; next-case p99 at 8 processes
-  under 20 ms on PostgreSQL in one run of three (19.1; 20.6 and 21.0 in the others), not
-  on SQLite; 0.5 of the floor on neither. What bounds it:
+  under 20 ms on PostgreSQL (16.9-18.9 ms in the last three runs, the machine otherwise
+  quiet; 19-21 ms with other work on it), not on SQLite; 0.5 of the floor on neither.
+  What bounds it:
     - PostgreSQL: the 2 cores. A claim costs ~1.1 ms of client CPU and ~1.1-1.4 ms of
       backend CPU; the bare floor ~0.6 ms in all (one process of 8 threads, four trivial
       statements). 0.5 of a floor of ~3,000/s would mean ~1.3 ms of CPU a claim, all
