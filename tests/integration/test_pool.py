@@ -134,39 +134,6 @@ def test_a_full_session_leaves_only_stat_and_critical_work_in_the_pool(session, 
     assert ids(stat_only=True) == {stat.id, timing_critical.id}
 
 
-def test_a_patients_waiting_studies_are_found_through_their_own_index(session, clock):
-    """Next case's claim of a patient's other waiting studies reads
-    ix_study_waiting_by_patient (that patient's ready, unclaimed studies), never the pool
-    index nor every study the patient ever had: its predicate must match the query's."""
-    from worklist.db import driver
-
-    now = clock.now()
-    _, reader = _region(session, now)
-    radiologist = wl.radiologist_facts(session, user=reader, now=now)
-    mates = pool_query(radiologist, now, by_patient=True)
-    values = {"claimer_id": reader.id, "claim_now": now, "claim_expires_at": now,
-              "anchor_id": 1, "anchor_patient_id": 1}  # fmt: skip
-    connection = session.connection()
-    if connection.dialect.name == "postgresql":
-        connection.exec_driver_sql("SET LOCAL enable_seqscan = off")  # tiny tables
-        raw = connection.connection.driver_connection
-        text = driver.sql(wl._mates_update_for_anchor(mates, True)).text
-        with raw.cursor() as cursor:
-            cursor.execute(f"EXPLAIN {text}", values)
-            plan = "\n".join(row[0] for row in cursor.fetchall())
-    else:
-        statement = wl._mates_update_for_anchor(mates, False)
-        compiled = statement.compile(dialect=connection.dialect)
-        params = compiled.construct_params(values)
-        rows = connection.exec_driver_sql(
-            f"EXPLAIN QUERY PLAN {compiled.string}",
-            tuple(params[name] for name in compiled.positiontup),
-        )
-        plan = "\n".join(str(row[-1]) for row in rows)
-    assert "ix_study_waiting_by_patient" in plan, plan
-    assert "ix_study_ready_pool" not in plan, plan
-
-
 def test_a_credential_with_a_quote_in_it_is_written_into_the_sql_safely(session, clock):
     """The credentials are written into the pool's statement as literals: a quote in a
     body area is doubled, never closes the string."""

@@ -248,10 +248,6 @@ class ApiToken(Base):
 # --- Studies ----------------------------------------------------------------------------
 
 
-#: The predicate of ix_study_waiting_by_patient (see `Study`).
-WAITING_BY_PATIENT = sa.text("coalesce(status, '') = 'ready' AND coalesce(claimed_by_id, 0) = 0")
-
-
 def _pool_index(name: str, status: str) -> sa.Index:
     """A pool's partial index: the unclaimed studies of one status, in worklist order."""
     where = sa.text(f"status = '{status}' AND claimed_by_id IS NULL")
@@ -351,16 +347,6 @@ class Study(Base):
         # The verification pool: preliminary reports awaiting a consultant, unclaimed, in
         # worklist order (worklist.services.verification reads it like the ready pool).
         _pool_index("ix_study_verification_pool", "preliminary"),
-        # A patient's waiting studies (next case keeps them with one reader): the few
-        # ready, unclaimed entries of that patient, not every study they ever had. The
-        # predicate is written as `pool.unclaimed_unindexed` writes it, so that no
-        # query of the ready pool itself can use this index, and this query no other.
-        sa.Index(
-            "ix_study_waiting_by_patient",
-            "patient_id",
-            postgresql_where=WAITING_BY_PATIENT,
-            sqlite_where=WAITING_BY_PATIENT,
-        ),  # fmt: skip
     )
 
 
