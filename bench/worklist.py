@@ -182,22 +182,27 @@ What we measured and chose (2 cores, shared; one run each, figures move by a thi
       runs: 887 and 814/s, p99 18.9 and 22.4 ms without it; 792 and 812/s, p99 25.1 and
       24.3 ms with it. The pipeline costs more client CPU (1.55 -> 1.71 ms a claim) than
       the round trips it saves; on 2 saturated cores CPU sets the latency.
-    - A patient's waiting studies through an index of their own
-      (ix_study_waiting_by_patient, migration 0003), not every study the patient ever
-      had through ix_study_patient_id; the credentials and double-read pathways written
-      into the pool's statement (expanding parameters were rendered at each execution).
-  Final full runs, 4,000 claims a level, load average 0.7-2 before, the runs' own 8-32
-  processes during, 02:15-02:36:
-    PostgreSQL  next case 1 process 344/s (p50 2.9 ms, p99 5.2); 8 processes 845/s, p50
-                8.9 ms, p99 18.9 ms (two --only next_case runs just before: 855 and
-                934/s, p99 16.9 and 18.1 ms; before the index: 778-862/s, p99 19.1-21.0
-                ms); ratio 0.25 to the floor's 3,337/s; 32: 552/s, p99 128 ms. Worklist
-                page p99 8-16 ms; priors p50 2.6 ms, p99 6.1 ms.
-    SQLite      next case 1 process 410/s (p50 2.3 ms); 8 processes 543/s, p50 14.3 ms,
-                p99 34.0 ms (floor 3,440/s, ratio 0.16); 32: 421/s, p99 271 ms. Worklist
-                page p99 5.7-13.1 ms; priors p50 2.7 ms, p99 5.7 ms.
+    - The credentials and double-read pathways written into the pool's statement
+      (expanding parameters were rendered into the SQL at each execution).
+    - Tried and taken out: a partial index of a patient's waiting studies
+      (ix_study_waiting_by_patient, predicate in coalesce() as the mates query writes
+      it). SQLite, 8 processes: 543/s, p99 34 ms with it; 406 and 439/s, p99 40 and 37
+      ms without (runs 15-30 minutes apart, not alternated; the mates UPDATE itself did
+      not get cheaper in a trace). PostgreSQL cannot estimate such a predicate: on
+      the claim test's small, fresh table it drove the mates' claim from a scan of the
+      whole index once per row of it, 46 s a claim. A SQLite-only index is left to try.
+  Final full runs, 4,000 claims a level, load average 0.2-6 (the runs' own 8-32
+  processes), 02:50-02:52, the code as committed:
+    PostgreSQL  next case 1 process 301/s (p50 3.2 ms, p99 5.6); 8 processes 817/s, p50
+                9.4 ms, p99 17.9 ms (earlier runs the same hour: 778-934/s, p99 16.9-21.0
+                ms, over 20 only with other work on the machine); ratio 0.26 to the
+                floor's 3,130/s; 32: 491/s, p99 127 ms. Worklist page p99 under 25 ms;
+                priors p50 3.7 ms, p99 8.4 ms.
+    SQLite      next case 1 process 327/s (p50 2.8 ms); 8 processes 406/s, p50 20.9 ms,
+                p99 40.3 ms (floor 4,219/s, ratio 0.10); 32: 383/s, p99 250 ms. Worklist
+                page p99 under 20 ms; priors p50 3.1 ms, p99 6.4 ms.
   Targets: worklist page and priors met on both databases; next-case p99 at 8 processes
-  under 20 ms on PostgreSQL (16.9-18.9 ms in the last three runs, the machine otherwise
+  under 20 ms on PostgreSQL (16.9-18.9 ms in the last four runs, the machine otherwise
   quiet; 19-21 ms with other work on it), not on SQLite; 0.5 of the floor on neither.
   What bounds it:
     - PostgreSQL: the 2 cores. A claim costs ~1.1 ms of client CPU and ~1.1-1.4 ms of
