@@ -767,6 +767,9 @@ def record_assignment(
     )[0]  # fmt: skip
 
 
+Handed = tuple[Study, str, dict[str, Any]]  # a study handed out, why, and what else to explain
+
+
 def record_assignments(
     session: Session,
     handed: Sequence[Handed],
@@ -1127,9 +1130,6 @@ def _kept_with(
         else:
             _undo_claim(session, study=study, user_id=user.id)
     return kept
-
-
-Handed = tuple[Study, str, dict[str, Any]]  # a study handed out, why, and what else to explain
 
 
 def _with_anchor(anchor: Study, together: Sequence[Study]) -> list[Handed]:
