@@ -7,6 +7,7 @@ import sqlalchemy as sa
 from alembic import context
 from worklist.bootstrap import create_db_engine
 from worklist.config import Settings
+from worklist.db.migrate import for_dialect
 from worklist.db.models import Base
 
 config = context.config
@@ -40,6 +41,7 @@ def run_migrations_online() -> None:
             # SQLite cannot ALTER most things; batch mode recreates the table.
             render_as_batch=connection.dialect.name == "sqlite",
             compare_type=True,
+            include_object=for_dialect(connection.dialect.name),
         )
         with context.begin_transaction():
             context.run_migrations()

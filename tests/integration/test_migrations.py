@@ -9,7 +9,13 @@ from worklist.db.models import Base
 
 def _differences(engine):
     with engine.connect() as connection:
-        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        context = MigrationContext.configure(
+            connection,
+            opts={
+                "compare_type": True,
+                "include_object": migrate.for_dialect(connection.dialect.name),
+            },
+        )
         return compare_metadata(context, Base.metadata)
 
 

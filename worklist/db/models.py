@@ -248,6 +248,12 @@ class ApiToken(Base):
 # --- Studies ----------------------------------------------------------------------------
 
 
+#: See `Study.__table_args__`.
+WAITING_BY_PATIENT = "ix_study_waiting_by_patient"
+#: Its predicate: `pool.unclaimed_unindexed(READY)`, as the mates query writes it.
+_WAITING_UNINDEXED = sa.text("coalesce(status, '') = 'ready' AND coalesce(claimed_by_id, 0) = 0")
+
+
 def _pool_index(name: str, status: str) -> sa.Index:
     """A pool's partial index: the unclaimed studies of one status, in worklist order."""
     where = sa.text(f"status = '{status}' AND claimed_by_id IS NULL")
@@ -347,6 +353,14 @@ class Study(Base):
         # The verification pool: preliminary reports awaiting a consultant, unclaimed, in
         # worklist order (worklist.services.verification reads it like the ready pool).
         _pool_index("ix_study_verification_pool", "preliminary"),
+        # SQLite only: a patient's waiting (ready, unclaimed) studies, which next case
+        # claims with the one pulled: a few entries of this small index rather than every
+        # study of the patient, history included (cold pages: 0.3 against 0.9 ms, inside
+        # the write lock). Its predicate is the mates query's, which no other index
+        # serves. Not on PostgreSQL (see `pool.unclaimed_unindexed`).
+        sa.Index(WAITING_BY_PATIENT, "patient_id", sqlite_where=_WAITING_UNINDEXED).ddl_if(
+            dialect="sqlite"
+        ),
     )
 
 
