@@ -144,6 +144,27 @@ def test_a_locking_read_in_a_read_committed_session_takes_the_write_lock_first(s
     assert not _waits_behind_a_writer(sqlite_runtime, plain_read)
 
 
+def test_driver_statements_take_their_turn_as_sqlalchemy_s_do(sqlite_runtime):
+    """`worklist.db.driver` runs statements on the sqlite3 connection itself, past the
+    event that queues SQLAlchemy's: its writes and locking reads still wait their turn,
+    its plain reads in a read-committed session do not."""
+    from worklist.db import driver
+
+    count = sa.select(sa.func.count()).select_from(Trust.__table__)
+    rename = sa.update(Trust.__table__).values(name=driver.param("name", sa.String()))
+
+    def read_committed(statement):
+        def work():
+            with sqlite_runtime.session(read_committed=True) as s:
+                driver.rows(s, statement, {"name": "x"})
+
+        return work
+
+    assert not _waits_behind_a_writer(sqlite_runtime, read_committed(count))
+    assert _waits_behind_a_writer(sqlite_runtime, read_committed(count.with_for_update()))
+    assert _waits_behind_a_writer(sqlite_runtime, read_committed(rename))
+
+
 def test_a_default_session_holds_the_lock_from_its_first_read(sqlite_runtime):
     """The HL7 apply worker and the scheduler's lease read, then write on what they read:
     their sessions take the lock at the first statement."""

@@ -1,46 +1,61 @@
-"""Core statements run straight through psycopg, for the few PostgreSQL hot paths (next
-case) where SQLAlchemy's per-execution work (cache key, parameter and result processing,
-ORM loading) costs more than the database's.
+"""Core statements run straight through the DB-API driver (psycopg, sqlite3), for the few
+hot paths (next case) where SQLAlchemy's per-execution work (cache key, parameter and
+result processing, ORM loading) costs more than the database's.
 
 A statement is built with `param()` placeholders for the values that change per call
 and compiled once, every other value rendered as a literal, then run on the session's
 connection inside the session's transaction, so it sees and is seen by everything else
-the unit of work does. psycopg prepares a statement it has run five times, so PostgreSQL
-plans it once per connection. Values go in as psycopg takes them (aware datetimes; JSON
-through `json()`) and come out as it gives them, datetimes turned to UTC as
-`UTCDateTime` does.
+the unit of work does.
+
+PostgreSQL: psycopg prepares a statement it has run five times, so PostgreSQL plans it
+once per connection. Values go in as psycopg takes them (aware datetimes; JSON through
+`json()`) and come out as it gives them, datetimes turned to UTC as `UTCDateTime` does.
+
+SQLite: values go in as the models' types store them (datetimes as naive UTC text, JSON
+as text) and come out through those types' own result processors; a statement that may
+write first takes its turn in the writer queue (`sqlite_writers.take_turn`), as every
+statement SQLAlchemy runs does. Under the write lock every statement counts: through
+SQLAlchemy, a claim held the lock about twice as long as its SQL took.
 """
 
 from __future__ import annotations
 
 import functools
+import json as json_module
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, date, datetime
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from psycopg import postgres, pq
 from psycopg.types.json import Jsonb
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, make_transient_to_detached
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
 
-_DIALECT = postgresql.dialect(paramstyle="pyformat")  # type: ignore[no-untyped-call]
+from worklist.db import sqlite_writers
+
+_DIALECTS = {
+    "postgresql": postgresql.dialect(paramstyle="pyformat"),  # type: ignore[no-untyped-call]
+    "sqlite": sqlite.dialect(paramstyle="named"),  # type: ignore[no-untyped-call]
+}
 _MARK = "__driver_param__"
 T = TypeVar("T")
-_MARKED = re.compile(f"{_MARK}([sb])(\\w+?){_MARK}")
+_MARKED = re.compile(f"{_MARK}([sb])(\\w+?)\\|(.+?){_MARK}")
 
 
 def param(name: str, type_: Any) -> sa.ColumnElement[Any]:
-    """A per-call value in a driver statement (psycopg's `%(name)s`, cast to its type).
+    """A per-call value in a driver statement: psycopg's `%(name)s`, cast to its type,
+    or sqlite3's `:name`.
 
     A marker until compiled: the compiler would double the percent sign of a literal.
     Arrays go in binary (`%(name)b`): psycopg writes a text array through a regular
     expression per element."""
-    cast = type_.compile(dialect=_DIALECT)
+    cast = type_.compile(dialect=_DIALECTS["postgresql"])
     form = "b" if isinstance(type_, sa.ARRAY) else "s"
-    return sa.literal_column(f"{_MARK}{form}{name}{_MARK}::{cast}", type_)
+    return sa.literal_column(f"{_MARK}{form}{name}|{cast}{_MARK}", type_)
 
 
 def json(value: Any) -> Jsonb:
@@ -49,22 +64,34 @@ def json(value: Any) -> Jsonb:
 
 @dataclass
 class Compiled:
-    """A statement's SQL for psycopg, and the names of its result columns once known."""
+    """A statement's SQL for the driver, and the names of its result columns once known."""
 
     text: str
     names: tuple[str, ...] | None = None
-    times: tuple[int, ...] = ()  # where the timestamps are, turned to UTC
+    times: tuple[int, ...] = ()  # PostgreSQL: where the timestamps are, turned to UTC
+    #: SQLite: each result column's processor (None: as sqlite3 gives it).
+    processors: tuple[Callable[[Any], Any] | None, ...] = ()
+    reads_only: bool = False  # SQLite: runs without the write lock in a read-committed session
 
 
 @functools.lru_cache(maxsize=4096)
-def sql(statement: sa.Executable) -> Compiled:
-    """The statement's SQL for psycopg, every value but the `param()`s as a literal."""
-    text = str(
-        statement.compile(  # type: ignore[attr-defined]
-            dialect=_DIALECT, compile_kwargs={"literal_binds": True}
-        )
+def sql(statement: sa.Executable, dialect_name: str = "postgresql") -> Compiled:
+    """The statement's SQL for the driver, every value but the `param()`s as a literal."""
+    dialect = _DIALECTS[dialect_name]
+    compiled = statement.compile(  # type: ignore[attr-defined]
+        dialect=dialect, compile_kwargs={"literal_binds": True}
     )
-    return Compiled(_MARKED.sub(r"%(\2)\1", text))
+    text = str(compiled)
+    if dialect_name == "postgresql":
+        return Compiled(_MARKED.sub(r"%(\2)\1::\3", text))
+    processors = tuple(
+        column.type._cached_result_processor(dialect, None) for column in compiled._result_columns
+    )
+    return Compiled(
+        _MARKED.sub(r":\2", text),
+        processors=processors if any(processors) else (),
+        reads_only=sqlite_writers.reads_only(text, statement),
+    )
 
 
 def rows(
@@ -75,10 +102,13 @@ def rows(
     Flushes first, as the session's own queries do, so that the statement sees what the
     unit of work has added or changed."""
     session.flush()
-    connection = session.connection().connection.driver_connection
-    assert connection is not None
+    connection = session.connection()
+    if connection.dialect.name == "sqlite":
+        return _sqlite_rows(connection, statement, params)
+    driver_connection = connection.connection.driver_connection
+    assert driver_connection is not None
     compiled = sql(statement)
-    with connection.cursor() as cursor:
+    with driver_connection.cursor() as cursor:
         cursor.execute(compiled.text, params)
         result = cursor.pgresult
         if result is None or result.status != pq.ExecStatus.TUPLES_OK:
@@ -93,6 +123,49 @@ def rows(
         if compiled.times:  # only the timestamp columns, not every value of every row
             found = [_in_utc(row, compiled.times) for row in found]
         return compiled.names, found
+
+
+def _sqlite_rows(
+    connection: sa.Connection, statement: sa.Executable, params: dict[str, Any]
+) -> tuple[tuple[str, ...], list[tuple[Any, ...]]]:
+    compiled = sql(statement, "sqlite")
+    sqlite_writers.take_turn(connection, reads_only=compiled.reads_only)
+    driver_connection = connection.connection.driver_connection
+    assert driver_connection is not None
+    cursor = driver_connection.execute(
+        compiled.text, {name: _sqlite_value(value) for name, value in params.items()}
+    )
+    found = cursor.fetchall()
+    if compiled.names is None:
+        compiled.names = tuple(column[0] for column in cursor.description or ())
+    if not compiled.names:
+        return (), []
+    if compiled.processors:
+        processors = compiled.processors
+        found = [
+            tuple(p(v) if p else v for p, v in zip(processors, row, strict=True)) for row in found
+        ]
+    return compiled.names, found
+
+
+_SQLITE_DATETIME = (
+    _DIALECTS["sqlite"].type_descriptor(sa.DateTime()).bind_processor(_DIALECTS["sqlite"])
+)
+
+
+def _sqlite_value(value: Any) -> Any:
+    """A value as the models' types store it in SQLite (see `UTCDateTime`, `sa.JSON`)."""
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the driver; pass an aware datetime")
+        return _SQLITE_DATETIME(value.astimezone(UTC).replace(tzinfo=None))  # type: ignore[misc]
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, Jsonb):
+        return json_module.dumps(value.obj)
+    if isinstance(value, dict | list):
+        return json_module.dumps(value)
+    return value
 
 
 def loaded(session: Session, model: type[T], values: dict[str, Any]) -> T:

@@ -28,6 +28,7 @@ import logging
 import os
 import sqlite3
 import threading
+import weakref
 from typing import Any
 
 import sqlalchemy as sa
@@ -49,14 +50,13 @@ READ_COMMITTED = "worklist_read_committed"
 _READS = ("SELECT", "PRAGMA", "EXPLAIN")
 
 
-def _reads_only(statement: str, context: Any) -> bool:
+def reads_only(text: str, statement: Any) -> bool:
     """A plain read: SELECT (without FOR UPDATE, which SQLite's SQL leaves out but the
     statement still says), PRAGMA or EXPLAIN. Anything else (INSERT, UPDATE, DELETE,
     SAVEPOINT, DDL, WITH ...) may write."""
-    if not statement.lstrip()[:7].upper().startswith(_READS):
+    if not text.lstrip()[:7].upper().startswith(_READS):
         return False
-    compiled = getattr(getattr(context, "compiled", None), "statement", None)
-    return getattr(compiled, "_for_update_arg", None) is None
+    return getattr(statement, "_for_update_arg", None) is None
 
 
 def _checkpoint(dbapi_connection: Any) -> None:
@@ -141,29 +141,45 @@ class _NoQueue(WriterQueue):
         return False  # no WAL in memory
 
 
+#: Each engine's queue, by its dialect (an engine's own, shared by its `execution_options`
+#: copies, whose sessions the web requests use).
+_QUEUES: weakref.WeakKeyDictionary[sa.Dialect, WriterQueue] = weakref.WeakKeyDictionary()
+
+
+def take_turn(connection: sa.Connection, *, reads_only: bool) -> None:
+    """Before a statement on `connection`: BEGIN IMMEDIATE in the writer queue, unless a
+    transaction is open or the statement is a read of a read-committed connection.
+    SQLAlchemy's statements come here through an event; `worklist.db.driver`'s, which
+    run past it, call it themselves."""
+    dbapi = connection.connection.dbapi_connection
+    if dbapi.in_transaction:  # type: ignore[union-attr]
+        return
+    if reads_only and connection.get_execution_options().get(READ_COMMITTED):
+        return  # autocommit: this statement alone, what is committed
+    # IMMEDIATE takes SQLite's write lock at BEGIN, so two writers never both hold a
+    # read lock and fail with "database is locked" when upgrading it.
+    queue = _QUEUES[connection.dialect]
+    queue.wait_turn(dbapi)
+    try:
+        dbapi.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]
+    except BaseException:
+        queue.done(dbapi)
+        raise
+
+
 def install(engine: sa.Engine, database_path: str | None) -> WriterQueue:
     """Queue `engine`'s write transactions; returns the queue (for tests). Without a
     database file (in memory) there is no file to lock: BEGIN IMMEDIATE alone."""
     queue = WriterQueue(database_path) if database_path else _NoQueue()
+    _QUEUES[engine.dialect] = queue
     sa.event.listen(engine, "connect", lambda dbapi, _record: queue.opened(dbapi))
     sa.event.listen(engine, "close", lambda dbapi, _record: queue.closed(dbapi))
     sa.event.listen(engine, "close_detached", lambda dbapi: queue.closed(dbapi))
 
     @sa.event.listens_for(engine, "before_cursor_execute")
     def _begin(conn, _cursor, statement, _parameters, context, _executemany):  # type: ignore[no-untyped-def]
-        dbapi = conn.connection.dbapi_connection
-        if dbapi.in_transaction:
-            return
-        if conn.get_execution_options().get(READ_COMMITTED) and _reads_only(statement, context):
-            return  # autocommit: this statement alone, what is committed
-        # IMMEDIATE takes SQLite's write lock at BEGIN, so two writers never both hold a
-        # read lock and fail with "database is locked" when upgrading it.
-        queue.wait_turn(dbapi)
-        try:
-            dbapi.execute("BEGIN IMMEDIATE")
-        except BaseException:
-            queue.done(dbapi)
-            raise
+        compiled = getattr(getattr(context, "compiled", None), "statement", None)
+        take_turn(conn, reads_only=reads_only(statement, compiled))
 
     # After, not before, the COMMIT or ROLLBACK has run (the engine's events fire before),
     # and also when the pool rolls back a connection returned to it.

@@ -12,6 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from worklist.db import driver
 from worklist.db.models import AuditEvent, User
 
 
@@ -40,11 +41,12 @@ def record(
     return event
 
 
+_COLUMNS = AuditEvent.__table__.c
 _INSERT = sa.insert(AuditEvent).values(
-    at=sa.bindparam("at"), user_id=sa.bindparam("user_id"),
-    username=sa.bindparam("username"), action=sa.bindparam("action"),
-    object_type=sa.bindparam("object_type"), object_id=sa.bindparam("object_id"),
-    detail=sa.bindparam("detail"), remote_addr=sa.bindparam("remote_addr"),
+    {name: driver.param(name, _COLUMNS[name].type) for name in (
+        "at", "user_id", "username", "action", "object_type", "object_id", "detail",
+        "remote_addr",
+    )}
 )  # fmt: skip
 
 
@@ -71,15 +73,17 @@ def insert(
     detail: dict[str, Any] | None = None,
     remote_addr: str | None = None,
 ) -> None:
-    """The row `record` writes, inserted now with one Core statement: for hot paths,
-    where the unit of work's flush of a new object costs more than the statement."""
-    session.connection().execute(
+    """The row `record` writes, inserted now with one statement through the driver: for
+    hot paths, where the unit of work's flush of a new object costs more than the
+    statement."""
+    driver.rows(
+        session,
         _INSERT,
         {
             "at": at, "user_id": user.id if user else None,
             "username": user.username if user else None, "action": action,
             "object_type": object_type,
             "object_id": None if object_id is None else str(object_id),
-            "detail": detail or {}, "remote_addr": remote_addr,
+            "detail": driver.json(detail or {}), "remote_addr": remote_addr,
         },
     )  # fmt: skip
