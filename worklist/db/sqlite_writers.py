@@ -4,10 +4,10 @@ Every SQLite write transaction starts with BEGIN IMMEDIATE, so writers are seria
 A writer that finds the database locked waits in SQLite's busy handler, which sleeps 1,
 2, 5, 10, 15 ... up to 100 ms between tries however soon the lock is free: with eight
 processes claiming studies at once, transactions of a few milliseconds had a 99th
-percentile of hundreds. Here each connection first takes an exclusive flock(2) on
-`<database>-writer`, and drops it once its COMMIT or ROLLBACK has run; the kernel wakes a
-waiter the moment it is dropped. Threads of one process queue as processes do (each
-connection opens the file itself). A thread that already holds the lock through one
+percentile of hundreds. Here each connection first takes its turn in a first-come,
+first-served queue (`WriterQueue`: byte-range locks on `<database>-writer`), and leaves it
+once its COMMIT or ROLLBACK has run; the kernel wakes the next writer the moment it does.
+Threads of one process queue as processes do (each connection opens the file itself). A thread that already holds the lock through one
 connection and begins writing on another would wait for itself forever: that is refused
 with an error instead.
 
@@ -27,6 +27,7 @@ import fcntl
 import logging
 import os
 import sqlite3
+import struct
 import threading
 import weakref
 from typing import Any
@@ -70,11 +71,35 @@ class NestedWriteError(RuntimeError):
     """A thread began a second SQLite write transaction while holding one."""
 
 
+#: Byte-range locks on `<database>-writer` (open file description locks, as flock's,
+#: so that each connection, not each process, holds its own): byte 0 guards the ticket
+#: counter kept in the file's first 8 bytes; the holder of ticket t holds the byte
+#: 1 + t % SLOTS while it waits and writes.
+SLOTS = 4096
+_DISPENSER = 0
+
+
+def _byte_lock(fd: int, offset: int, kind: int, wait: bool = True) -> None:
+    # struct flock: l_type, l_whence, (pad), l_start, l_len, l_pid (0 for OFD locks), (pad)
+    request = struct.pack("hh4xqqi4x", kind, os.SEEK_SET, offset, 1, 0)
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, request)
+
+
 class WriterQueue:
+    """A first-come, first-served queue of writers across processes: a ticket lock.
+
+    A writer takes the next ticket t and holds its slot (t), then waits for the slot of
+    ticket t - 1, which its holder drops when it is done: each waiter is woken by its own
+    predecessor alone. With one flock(2) for all, every release woke every waiter to race
+    for it, and the unlucky waited several turns: among 8 claiming processes the 99th
+    percentile wait was 2.7 times the mean. A writer that dies drops its slot with its
+    descriptor; its successor then starts, maybe beside the writer before it, which
+    BEGIN IMMEDIATE still serialises (the queue only spares SQLite's busy handler)."""
+
     def __init__(self, database_path: str) -> None:
         self.lock_path = f"{database_path}-writer"
         self._files: dict[int, int] = {}  # id(DB-API connection) -> lock file descriptor
-        self._holders: dict[int, int] = {}  # descriptor -> thread holding it
+        self._holders: dict[int, tuple[int, int]] = {}  # descriptor -> (thread, ticket)
         self._commits: dict[int, int] = {}  # id(DB-API connection) -> commits
         self._guard = threading.Lock()
 
@@ -90,26 +115,45 @@ class WriterQueue:
             if fd is not None:
                 self._holders.pop(fd, None)
         if fd is not None:
-            os.close(fd)  # drops the lock too
+            os.close(fd)  # drops its locks too
 
     def wait_turn(self, dbapi_connection: Any) -> None:
         me = threading.get_ident()
         with self._guard:
             fd = self._files[id(dbapi_connection)]
-            if any(t == me and other != fd for other, t in self._holders.items()):
+            if any(t == me and other != fd for other, (t, _) in self._holders.items()):
                 raise NestedWriteError(
                     "this thread already has a write transaction open on another connection"
                 )
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        ticket = self._take_ticket(fd)
+        try:
+            before = 1 + (ticket - 1) % SLOTS
+            _byte_lock(fd, before, fcntl.F_WRLCK)  # free once the writer before is done
+            _byte_lock(fd, before, fcntl.F_UNLCK)
+        except BaseException:
+            _byte_lock(fd, 1 + ticket % SLOTS, fcntl.F_UNLCK)
+            raise
         with self._guard:
-            self._holders[fd] = me
+            self._holders[fd] = (me, ticket)
+
+    @staticmethod
+    def _take_ticket(fd: int) -> int:
+        _byte_lock(fd, _DISPENSER, fcntl.F_WRLCK)
+        try:
+            ticket = int.from_bytes(os.pread(fd, 8, 0) or b"\0", "little")
+            os.pwrite(fd, (ticket + 1).to_bytes(8, "little"), 0)
+            # Taken before the next ticket is given: that writer waits on this slot.
+            _byte_lock(fd, 1 + ticket % SLOTS, fcntl.F_WRLCK)
+        finally:
+            _byte_lock(fd, _DISPENSER, fcntl.F_UNLCK)
+        return ticket
 
     def done(self, dbapi_connection: Any) -> None:
         with self._guard:
             fd = self._files.get(id(dbapi_connection))
-            if fd is None or self._holders.pop(fd, None) is None:
-                return
-        fcntl.flock(fd, fcntl.LOCK_UN)
+            held = None if fd is None else self._holders.pop(fd, None)
+        if fd is not None and held is not None:
+            _byte_lock(fd, 1 + held[1] % SLOTS, fcntl.F_UNLCK)  # the next writer starts
 
     def due_for_checkpoint(self, dbapi_connection: Any) -> bool:
         """Counts this connection's commits: true every `CHECKPOINT_EVERY`-th."""
