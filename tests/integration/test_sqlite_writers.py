@@ -52,6 +52,44 @@ def test_a_waiting_writer_starts_as_soon_as_the_one_before_commits(sqlite_engine
     assert statistics.median(lateness) < 0.008, lateness
 
 
+def test_writers_start_in_the_order_they_came_even_one_that_comes_straight_back(
+    sqlite_engine,
+):
+    """First come, first served. With one lock for all, a release woke every waiter to
+    race for it, and a writer coming straight back (a process claiming again) usually
+    won: an unlucky waiter waited several turns."""
+    started: list[str] = []
+    holding = threading.Event()
+    queued = threading.Semaphore(0)
+
+    def write(name):
+        with sqlite_engine.begin() as c:
+            c.execute(sa.select(1))
+            started.append(name)
+
+    def hold_then_come_back():
+        with sqlite_engine.begin() as c:
+            c.execute(sa.select(1))
+            holding.set()
+            for _ in range(3):
+                assert queued.acquire(timeout=5)
+            time.sleep(0.1)  # the three are blocked on the lock by now
+        write("back")  # at once, before the waiters have woken
+
+    holder = threading.Thread(target=hold_then_come_back)
+    holder.start()
+    assert holding.wait(5)
+    waiters = []
+    for index in range(3):
+        waiters.append(threading.Thread(target=write, args=(f"waiter {index}",)))
+        waiters[-1].start()
+        time.sleep(0.05)  # queued one after another
+        queued.release()
+    for thread in [holder, *waiters]:
+        thread.join(10)
+    assert started == ["waiter 0", "waiter 1", "waiter 2", "back"]
+
+
 def test_a_thread_beginning_a_second_write_while_holding_one_gets_an_error_not_a_hang(
     sqlite_engine,
 ):
