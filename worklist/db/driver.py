@@ -69,8 +69,8 @@ class Compiled:
     text: str
     names: tuple[str, ...] | None = None
     times: tuple[int, ...] = ()  # PostgreSQL: where the timestamps are, turned to UTC
-    #: SQLite: each result column's processor (None: as sqlite3 gives it).
-    processors: tuple[Callable[[Any], Any] | None, ...] = ()
+    #: SQLite: the result columns that need their type's processor, with it.
+    processors: tuple[tuple[int, Callable[[Any], Any]], ...] = ()
     reads_only: bool = False  # SQLite: runs without the write lock in a read-committed session
 
 
@@ -84,12 +84,13 @@ def sql(statement: sa.Executable, dialect_name: str = "postgresql") -> Compiled:
     text = str(compiled)
     if dialect_name == "postgresql":
         return Compiled(_MARKED.sub(r"%(\2)\1::\3", text))
-    processors = tuple(
-        column.type._cached_result_processor(dialect, None) for column in compiled._result_columns
+    processors = (
+        (i, column.type._cached_result_processor(dialect, None))
+        for i, column in enumerate(compiled._result_columns)
     )
     return Compiled(
         _MARKED.sub(r":\2", text),
-        processors=processors if any(processors) else (),
+        processors=tuple((i, p) for i, p in processors if p is not None),
         reads_only=sqlite_writers.reads_only(text, statement),
     )
 
@@ -141,11 +142,17 @@ def _sqlite_rows(
     if not compiled.names:
         return (), []
     if compiled.processors:
-        processors = compiled.processors
-        found = [
-            tuple(p(v) if p else v for p, v in zip(processors, row, strict=True)) for row in found
-        ]
+        found = [_processed(row, compiled.processors) for row in found]
     return compiled.names, found
+
+
+def _processed(
+    row: tuple[Any, ...], processors: tuple[tuple[int, Callable[[Any], Any]], ...]
+) -> tuple[Any, ...]:
+    values = list(row)
+    for i, process in processors:
+        values[i] = process(values[i])
+    return tuple(values)
 
 
 _SQLITE_DATETIME = (
@@ -153,8 +160,13 @@ _SQLITE_DATETIME = (
 )
 
 
+_AS_THEY_ARE = frozenset((int, str, float, bool, bytes))
+
+
 def _sqlite_value(value: Any) -> Any:
     """A value as the models' types store it in SQLite (see `UTCDateTime`, `sa.JSON`)."""
+    if value is None or type(value) in _AS_THEY_ARE:
+        return value
     if isinstance(value, datetime):
         if value.tzinfo is None:
             raise ValueError("naive datetime given to the driver; pass an aware datetime")
