@@ -7,9 +7,9 @@ processes claiming studies at once, transactions of a few milliseconds had a 99t
 percentile of hundreds. Here each connection first takes its turn in a first-come,
 first-served queue (`WriterQueue`: byte-range locks on `<database>-writer`), and leaves it
 once its COMMIT or ROLLBACK has run; the kernel wakes the next writer the moment it does.
-Threads of one process queue as processes do (each connection opens the file itself). A thread that already holds the lock through one
-connection and begins writing on another would wait for itself forever: that is refused
-with an error instead.
+Threads of one process queue as processes do (each connection opens the file itself).
+A thread that already holds the lock through one connection and begins writing on
+another would wait for itself forever: that is refused with an error instead.
 
 When the lock is taken: by default at a transaction's first statement, so the whole
 transaction is serialised (the code of the HL7 apply worker and the scheduler's lease
