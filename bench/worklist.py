@@ -37,9 +37,11 @@ What we measured and chose (2 cores, shared; one run each, figures move by a thi
   SQL compiled once per radiologist's trusts and credentials, prepared by psycopg): the
   facts (one UNION, the held effort summed in the database), the claim UPDATE ...
   RETURNING with the same-patient check, the assignment and audit rows in one CTE; then
-  COMMIT. SQLite keeps SQLAlchemy (in-process: no round trip to save) but without the
-  ORM's unit of work, and its writers queue on a file lock (`worklist.db.sqlite_writers`)
-  instead of SQLite's sleeping busy handler.
+  COMMIT. SQLite runs the same statements through sqlite3 (`worklist.db.driver` on both
+  databases since the second session of 2026-12-07), the claim split into a locking
+  read of the first candidate's id and an UPDATE by id, and its writers queue first
+  come, first served (`worklist.db.sqlite_writers`) instead of in SQLite's sleeping busy
+  handler.
 * CPU per claim, one process, 32 radiologists in turn: PostgreSQL client 4.2 -> 2-3 ms,
   backend 2.1 -> 1.0-1.7 ms; SQLite 5.6 -> 2.5 ms. What is left on PostgreSQL: the
   request's own session (pool pre-ping, BEGIN, loading the user) ~0.8 ms, the facts and
@@ -216,7 +218,75 @@ What we measured and chose (2 cores, shared; one run each, figures move by a thi
       Left to try: the in-lock statements through sqlite3 directly, built once (as the
       driver does on PostgreSQL: SQLAlchemy's preparation is ~0.1 ms a statement), and
       the mates' ids read first (an UPDATE with that subquery costs SQLite 0.15 ms even
-      when it finds none, the SELECT 0.07 ms; 86 % of claims find none).
+      when it finds none, the SELECT 0.07 ms; 86 % of claims find none). (Both done in
+      the next session, below.)
+
+* 2026-12-07, second session (the same machine and databases, kept with --keep; 03:10-
+  04:15). The machine's speed moved by a third within the hour (PostgreSQL, 1 process:
+  301 claims/s at 03:45, 215/s at 04:15, same code): compare ratios within one run.
+  What changed, SQLite first (measured with 8 claiming processes and the time each
+  phase took inside the write lock):
+    - The write lock was held ~2.8 ms a claim among 8 processes (1.5 ms alone), ~1 ms
+      of it SQLite's. The statements now go through sqlite3 (`driver` on SQLite: SQL
+      compiled once, values as the models' types store them, rows through their result
+      processors, writes queued by `sqlite_writers.take_turn`).
+    - The claim: a locking read of the first candidate's id, then UPDATE ... WHERE id =
+      ? RETURNING; a patient's other waiting studies: their ids, then their claims by id
+      only when there are any. SQLite ran an UPDATE ... RETURNING with a subquery in
+      its WHERE at twice the cost of these (0.36 against 0.18 ms; 0.32 ms for the
+      mates' even when it matched nothing). The claim by id keeps the coalesce()
+      predicate: with the plain one SQLite walked the ready pool for an IN list of ids.
+    - ix_study_waiting_by_patient (migration 0004, SQLite only): the mates' lookup read
+      every study of the patient through ix_study_patient_id, history included, from
+      cold pages (0.87 against 0.30 ms).
+    - The writer queue is first come, first served (a ticket lock of byte-range locks):
+      with one flock for all, every release woke every waiter to race, and the 99th
+      percentile wait was 2.7 times the mean (23.5 against 8.8 ms); 18.0 after.
+    - Tried: mmap_size (4 GB): 1 process faster (360 against 307/s), 8 processes not
+      (538-562 against 596-621/s, p99 34-37 against 28-29 ms). WAL checkpoints every 500
+      commits a connection instead of 50: no better (p99 23 against 18 ms).
+  SQLite, one process: 306 -> 504-886 claims/s (p50 3.1 -> 1.0-1.8 ms; 0.78 ms of CPU a
+  claim, users in turn). 8 processes: 393/s, p99 44 ms -> 610-1,201/s, p99 15.4-22.8 ms
+  in six runs (19.3, 15.4, 20.1, 22.3, 22.8, 22.0 ms); ratio to the floor 0.10 ->
+  0.19-0.35.
+  PostgreSQL: a claim's assignment and audit rows from one JSON document
+  (jsonb_to_recordset) instead of four arrays: the statement's client CPU 0.37 ->
+  0.23-0.27 ms. Tried: psycopg's prepare=True on the driver's statements (no gain: after
+  the bench's warm-up the plans are cached). PostgreSQL's own log (one process, users
+  in turn) puts the claim statement at 0.3-0.5 ms of execution once its plan is cached
+  (the first 5 runs of each radiologist's statement on a connection are planned, ~0.8
+  ms each) and COMMIT at 0.27 ms.
+  Final full runs, 04:10-04:15, load average 1-9 (the runs' own processes), the machine
+  in its slower state:
+    SQLite      next case 1 process 504-760/s (p50 1.0-1.8 ms); 8 processes 610-760/s,
+                p50 10.1-12.7 ms, p99 22.0-22.8 ms, ratio 0.23-0.28 (floor 2,680-2,739/s);
+                32: 540-693/s, p99 84-104 ms. Worklist page p99 under 26 ms; priors p99
+                10.2 ms (first run) and 3.0 ms (second).
+    PostgreSQL  next case 1 process 215-217/s (p50 4.2-4.6 ms); 8 processes 680-793/s,
+                p50 9.3-11.0 ms, p99 20.3-22.9 ms, ratio 0.24-0.28 (floor 2,833-2,846/s);
+                32: 488-509/s, p99 124-130 ms. Worklist page p99 under 35 ms; priors p99
+                12.5 ms (first run) and 4.5 ms (second).
+  Earlier the same session, the machine faster (03:45-03:55, next case only): SQLite 8
+  processes 844-1,201/s, p99 15.4-19.3 ms; PostgreSQL 950/s, p99 19.0 ms, ratio 0.30.
+  Priors: the first run after other work reads cold pages (about 17 random reads a call
+  on SQLite): this machine gives back its page cache while idle (buff/cache fell by ~80
+  MB in 20 s with 21 GB free), and a cold read costs tenths of a millisecond; rerun,
+  the same patients answer in p99 2.3-4.5 ms.
+  Targets: worklist page met on both databases; priors met warm, not in every first run;
+  next-case p99 at 8 processes under 20 ms in some runs on each database (SQLite 2 of
+  6, PostgreSQL 1 of 5: 19.0, 26.0, 23.7, 20.3, 22.9 ms), 20-26 ms in the others; 0.5
+  of the floor on neither.
+  What bounds it now:
+    - SQLite: the write lock is held ~1.3 ms a claim among 8 processes against ~0.4 ms
+      alone: with 8 processes on 2 cores every claim starts with cold CPU caches and a
+      page cache SQLite resets whenever another connection has written. CPU a claim is
+      0.78 ms alone; 0.5 of the floor (~1,400/s) would need the lock held ~0.7 ms.
+    - PostgreSQL: the 2 cores, as before: six round trips (BEGIN, the user, the facts,
+      the claim, the assignment rows, COMMIT) at ~0.1 ms of client CPU each in psycopg,
+      ~0.6 ms of our Python, ~1.1 ms of backend. The floor does four trivial round trips.
+      Left to try: the facts and the claim in one statement (a per-user facts version
+      kept by triggers), and the assignment rows in the claim's statement (it needs the
+      explanation's tier and text, which Python derives).
 
     .venv/bin/python bench/worklist.py                            # small: 10k ready, 100k history
     .venv/bin/python bench/worklist.py --db postgresql --ready 100000 --historical 2000000
