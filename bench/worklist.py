@@ -268,6 +268,17 @@ What we measured and chose (2 cores, shared; one run each, figures move by a thi
                 12.5 ms (first run) and 4.5 ms (second).
   Earlier the same session, the machine faster (03:45-03:55, next case only): SQLite 8
   processes 844-1,201/s, p99 15.4-19.3 ms; PostgreSQL 950/s, p99 19.0 ms, ratio 0.30.
+  From 04:25 the databases also hold each reported study's assignment row (2,000,000,
+  `history_assignment`; before, the table was empty between runs and PostgreSQL planned
+  the double-read probe as a sequential scan). Next case only, 8 processes: SQLite
+  644/s, p99 23.8 ms; PostgreSQL 518-737/s, p99 25.9-30.4 ms in five runs (the machine
+  in its slower state: the bare floor at 1 thread 845-1,307/s against 1,420/s at 03:45).
+  Tried on PostgreSQL and not kept: the mates' lookup through a partial index of the
+  waiting studies by patient on the plain predicate (the SQLite index's counterpart):
+  alternating runs, 625-652/s against 518-574/s at 8 processes but 176-191/s against
+  266-292/s for one process, and client and backend CPU a claim no different within the
+  machine's noise; with the planner's history here (46 s claims, 0003), not worth it
+  unproven.
   Priors: the first run after other work reads cold pages (about 17 random reads a call
   on SQLite): this machine gives back its page cache while idle (buff/cache fell by ~80
   MB in 20 s with 21 GB free), and a cold read costs tenths of a millisecond; rerun,
