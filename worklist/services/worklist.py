@@ -821,22 +821,12 @@ def record_assignments(
     ]  # fmt: skip
 
 
+#: What SQLite's assignment insert writes (see `record_assignments`).
+_ASSIGNED = ("study_id", "user_id", "kind", "assigned_by_id", "started_at", "expires_at",
+             "explanation")  # fmt: skip
 _ASSIGNMENT_INSERT = (
     sa.insert(Assignment.__table__)
-    .values(
-        {
-            name: driver.param(name, Assignment.__table__.c[name].type)
-            for name in (
-                "study_id",
-                "user_id",
-                "kind",
-                "assigned_by_id",
-                "started_at",
-                "expires_at",
-                "explanation",
-            )
-        }
-    )  # fmt: skip
+    .values({name: driver.param(name, Assignment.__table__.c[name].type) for name in _ASSIGNED})
     .returning(Assignment.__table__.c.id)
 )
 
