@@ -132,7 +132,7 @@ def _not_already_read(user_id: int) -> sa.ColumnElement[bool]:
     OFFSET keeps PostgreSQL from turning the NOT EXISTS into an anti-join that scanned
     every assignment (it drops a bare LIMIT from an EXISTS), and naming no column outside
     ix_study_ready_pool keeps that index covering for SQLite. "+ 0" keeps the lookup off
-    ix_assignment_user_id (a reader has years of rows)."""
+    the reader's own indexes (a reader has years of rows)."""
     mine = (
         sa.select(Assignment.id)
         .where(
