@@ -17,7 +17,8 @@ with mixed agreements and credentials, then measures:
               (SQLite: BEGIN IMMEDIATE, no FOR UPDATE), and the bare top-50 query;
               the service's claim rate is printed as a ratio to it;
   worklist    `services.worklist.worklist` (the caller's top 50 eligible, with and
-              without filters) p50/p99;
+              without filters) p50/p99, after one page per radiologist (the process's
+              first page reported on its own);
   priors      `services.worklist.priors` p50/p99;
   reprioritise  one sweep of every ready study (the scheduler job);
 and prints the query plans of the candidate, page and priors queries.
@@ -845,7 +846,18 @@ def bench_worklist(runtime: Runtime, user_ids: list[int], repeats: int, seed: in
         "one modality": lambda: service.WorklistFilters(modalities=(rng.choice(("CT", "XR")),)),
         "breached": lambda: service.WorklistFilters(breached=True),
     }
-    results = {}
+    # As for next case and priors, before the clock starts: one page per radiologist,
+    # which builds their statements (SQLAlchemy compiles each radiologist's pool query
+    # once a process). Without it the first page of the process (~140 ms) and each
+    # radiologist's first (~5 ms more) sat in the first shape's 99th percentile. The
+    # first page of the process is reported on its own.
+    first = 0.0
+    for user_id in user_ids:
+        t0 = time.perf_counter()
+        with runtime.session(read_committed=True) as s:
+            service.worklist(s, user=accounts.get_user(s, user_id), now=NOW)
+        first = first or time.perf_counter() - t0
+    results: dict[str, Any] = {}
     for name, make in shapes.items():
         latencies = []
         for _ in range(repeats):
@@ -858,8 +870,8 @@ def bench_worklist(runtime: Runtime, user_ids: list[int], repeats: int, seed: in
                 assert len(page.studies) <= 50
             latencies.append(time.perf_counter() - t0)
         results[name] = summary_ms(latencies)
-    every = [v for r in results.values() for v in [r["p99_ms"]]]
-    results["worst_p99_ms"] = max(every)
+    results["worst_p99_ms"] = max(r["p99_ms"] for r in results.values())
+    results["first_page_of_a_process_ms"] = round(first * 1000, 1)
     return results
 
 
