@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from tests.factories import make_trust, make_user
 from worklist.bootstrap import build_runtime
 from worklist.clock import FixedClock
+from worklist.db import driver
 from worklist.db.models import Assignment, Patient, Study, User
 from worklist.services import worklist as wl
 
@@ -136,3 +137,68 @@ def test_4_processes_calling_next_case_claim_every_study_exactly_once(
     failures = [r for r in results if isinstance(r, BaseException)]
     assert not failures, failures
     assert_each_claimed_once(runtime, [sid for r in results for sid in r])
+
+
+# --- PostgreSQL: the shortlist, and the locking walk behind it ------------------------------
+
+
+def _most_urgent(runtime, count: int) -> list[int]:
+    query = sa.select(Study.id).order_by(Study.urgency.desc(), Study.id.desc()).limit(count)
+    with runtime.session() as s:
+        return list(s.scalars(query))
+
+
+@pytest.mark.postgres
+def test_when_other_claimers_hold_every_shortlisted_study_next_case_walks_on_to_a_free_one(
+    runtime, clock, on_postgres
+):
+    """PostgreSQL claims the first free study of a shortlist of the most urgent candidates
+    (found without locking); when other claimers hold all of them, it walks the pool with
+    locks and claims the next free study."""
+    if not on_postgres:
+        pytest.skip("PostgreSQL's row locks; SQLite serialises claims, no row is held")
+    import psycopg
+
+    (user_id,) = fill_pool(runtime, clock, readers=1)
+    top = _most_urgent(runtime, wl.SHORTLIST + 1)
+    dsn = runtime.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    holders = [psycopg.connect(dsn) for _ in range(wl.SHORTLIST)]
+    try:
+        for holder, study_id in zip(holders, top, strict=False):
+            holder.execute("SELECT id FROM study WHERE id = %s FOR UPDATE", (study_id,))
+        with runtime.session() as s:
+            result = wl.next_case(s, user=s.get(User, user_id), now=clock.now())
+            assert result.study is not None
+            assert result.study.id == top[wl.SHORTLIST]
+    finally:
+        for holder in holders:
+            holder.close()
+
+
+@pytest.mark.postgres
+def test_next_case_finds_its_shortlist_in_the_ready_pools_index_alone(
+    runtime, clock, on_postgres, monkeypatch
+):
+    """The studies a radiologist passes over (more urgent, but not theirs to report) are
+    tested on ix_study_ready_pool's own columns, not read from the table one by one: an
+    index-only walk. (A locking walk reads each from the table: PostgreSQL locks only rows
+    it has read.)"""
+    if not on_postgres:
+        pytest.skip("SQLite's walk of the pool is index-only already (a covering index)")
+    (user_id,) = fill_pool(runtime, clock, readers=1)
+    run: list[tuple[object, dict]] = []
+    rows = driver.rows
+
+    def recording(session, statement, params):  # type: ignore[no-untyped-def]
+        run.append((statement, dict(params)))
+        return rows(session, statement, params)
+
+    monkeypatch.setattr(driver, "rows", recording)
+    with runtime.session() as s:
+        assert wl.next_case(s, user=s.get(User, user_id), now=clock.now()).study is not None
+        statement, params = next(
+            (st, p) for st, p in run if "FOR UPDATE SKIP LOCKED" in driver.sql(st).text
+        )
+        explain = "EXPLAIN " + driver.sql(statement).text
+        plan = "\n".join(r[0] for r in s.connection().exec_driver_sql(explain, params))
+    assert "Index Only Scan Backward using ix_study_ready_pool" in plan, plan

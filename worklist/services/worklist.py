@@ -80,7 +80,13 @@ from worklist.domain.priority import (
 from worklist.domain.study import StudyStatus
 from worklist.errors import Conflict, Forbidden, InvalidInput, NotFound
 from worklist.services import accounts, audit
-from worklist.services.pool import PRELIMINARY, pool_query, unclaimed, unclaimed_unindexed
+from worklist.services.pool import (
+    PRELIMINARY,
+    WORKLIST_ORDER,
+    pool_query,
+    unclaimed,
+    unclaimed_unindexed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -997,7 +1003,11 @@ def _claim_first(
     """
     values = {"claimer_id": user_id, "claim_now": now, "claim_expires_at": now + lease}
     if _on_postgresql(session):
-        names, rows = driver.rows(session, _claim_update(candidates, mates_pool), values)
+        for shortlist in (True, False):  # the locking walk only if the shortlist is all held
+            statement = _claim_update(candidates, mates_pool, shortlist=shortlist)
+            names, rows = driver.rows(session, statement, values)
+            if rows:
+                break
         claimed = [
             (row[0], driver.loaded(session, Study, dict(zip(names[1:], row[1:], strict=True))))
             for row in rows
@@ -1023,6 +1033,35 @@ def _first_of(candidates: sa.Select[Study]) -> sa.Select[tuple[int]]:
     )
 
 
+#: PostgreSQL: how many of the most urgent candidates a claim first looks among (see
+#: `_shortlist_first`); more than the readers the benchmark has claiming at once.
+SHORTLIST = 8
+
+
+@functools.lru_cache(maxsize=4096)
+def _shortlist_first(candidates: sa.Select[Study]) -> sa.Select[tuple[int]]:
+    """PostgreSQL: the first of the SHORTLIST most urgent candidates that no other
+    claimer holds, locked; None when every one of them is held.
+
+    The shortlist comes from an index-only walk of ix_study_ready_pool, the rules tested
+    on the index's own columns; only the shortlisted rows are read from the table and
+    locked. A locking walk (`_first_of`: PostgreSQL locks only rows it has read from the
+    table, so FOR UPDATE rules out an index-only scan) reads from the table every row it
+    passes over, and a radiologist passes over every more urgent study they may not
+    report: 504 rows (529 buffers, 1.2 ms) after 1,000 claims of one radiologist in the
+    benchmark, growing with the backlog; the index-only walk read 127 buffers. The
+    unclaimed test is in the locking query: PostgreSQL checks it again on a row claimed
+    and committed since the walk's snapshot."""
+    shortlist = candidates.with_only_columns(Study.id).limit(sa.literal_column(str(SHORTLIST)))
+    return (
+        sa.select(Study.id)
+        .where(Study.id.in_(shortlist), unclaimed_unindexed(READY))
+        .order_by(*WORKLIST_ORDER)
+        .limit(sa.literal_column("1"))
+        .with_for_update(skip_locked=True)
+    )
+
+
 @functools.cache
 def _claim_by_id_update() -> sa.Update:
     return (
@@ -1041,15 +1080,16 @@ def _claim_by_id(session: Session, study_id: int, values: dict[str, Any]) -> Stu
 
 @functools.lru_cache(maxsize=4096)
 def _claim_update(
-    candidates: sa.Select[Study], mates_pool: sa.Select[Study]
+    candidates: sa.Select[Study], mates_pool: sa.Select[Study], *, shortlist: bool
 ) -> sa.CompoundSelect[Any]:
     """PostgreSQL: the claim UPDATE for a (cached) pool query, built once, for the
     driver, with the claim of the same person's waiting studies as a second CTE: rows of
-    (is a mate, study.*).
+    (is a mate, study.*). The study claimed is the first free one of the shortlist
+    (`_shortlist_first`) or, without `shortlist`, of a locking walk of the whole pool.
 
     The rows as `study.*`: psycopg caches its parsing of a statement only up to 4 KB,
     and four lists of 45 columns made this one 6 KB."""
-    first = _first_of(candidates).scalar_subquery()
+    first = (_shortlist_first if shortlist else _first_of)(candidates).scalar_subquery()
     claim = (
         sa.update(Study.__table__)
         .where(Study.id == first, unclaimed(READY))
