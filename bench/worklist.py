@@ -300,6 +300,59 @@ What we measured and chose (2 cores, shared; one run each, figures move by a thi
       kept by triggers), and the assignment rows in the claim's statement (it needs the
       explanation's tier and text, which Python derives).
 
+* 2026-12-07, third session: a new machine, about half as fast (PostgreSQL's bare floor
+  at 8 threads 1,201-1,561 claims/s against 2,833-3,343/s; the 100,000 / 2,000,000
+  load took 11 minutes), the databases loaded afresh with each reported study's
+  assignment row. What the history showed, and what changed:
+    - The worklist page took 150 ms at p50 and 0.3 s at p99 on both databases: its list
+      of the claims taken away in the last 12 hours read every assignment of the reader
+      (62,000) through ix_assignment_user_id, 236 ms on PostgreSQL; auto-assignment's
+      effort given this session did the same. Migration 0005: (user_id, started_at) and
+      (user_id, ended_at) in its place. Page p50 9-18 ms after.
+    - Two radiologists' pages filtered by modality took 73-77 ms on PostgreSQL (p99 of
+      that shape 130-147 ms): with no statistics on lower(body_area) it expected 112
+      rows where 3,850 matched, and read them all through a BitmapOr and sorted them.
+      Migration 0006: CREATE STATISTICS on the expression; that query 101 -> 1.6 ms.
+    - Next case on PostgreSQL takes its candidate from an index-only shortlist (the 8
+      most urgent; `services.worklist._shortlist_first`) and locks the first free one,
+      walking the pool with locks only when all 8 are held. A locking walk reads from
+      the table every study it passes over (PostgreSQL locks only rows it has read), and
+      a radiologist passes over every more urgent study they may not report: after 1,000
+      claims of one radiologist, 504 rows and 1.68 ms for the claim statement, 0.82 ms
+      with the shortlist. One radiologist claiming 4,000: 105-138 -> 150-170 claims/s;
+      8 processes: no change beyond the noise.
+    - The warm-ups: next case's five claims were rolled back, and psycopg forgets every
+      prepared statement of a connection at a ROLLBACK, so nothing was left prepared;
+      now ten claims, committed. The worklist page now warms up too (one page per
+      radiologist): its first shape's p99 carried the process's first page (~140 ms,
+      SQLAlchemy compiling) and each radiologist's first.
+    - Tried and not kept: each process's WAL checkpoints on a thread of its own (a
+      checkpoint syncs the WAL and the database file, 15-18 ms here; inline it lands on
+      one request in 50). One process: p99 4.5-10.8 against 17.9-20.0 ms. 8 processes:
+      p99 58-84 against 47-56 ms, lock held up to 168 ms (a checkpointer's fsync of the
+      WAL while the lock holder appends to it, by the look of it).
+  Final full runs, 06:13-06:35, the code as committed:
+    PostgreSQL  next case 1 process 105/s (p50 9.2 ms); 8 processes 359/s, p50 21.3 ms,
+                p99 41.7 ms, ratio 0.30 to the floor's 1,201/s (0.21 in a run an hour
+                earlier: 320/s against 1,561/s); 32: 300/s. Worklist page p99 27-29 ms
+                (first page of the process 40 ms); priors p50 5.7 ms, p99 15.3 ms (9.5
+                ms in the earlier run).
+    SQLite      next case 1 process 460/s (p50 1.7 ms, p99 17.1 ms: the inline
+                checkpoints); 8 processes 504/s, p50 14.9 ms, p99 59.0 ms, ratio 0.26 to
+                the floor's 1,938/s; 32: 423/s. Worklist page p99 14-17 ms; priors p50
+                2.7 ms, p99 6.1 ms.
+  Targets on this machine: worklist page met on both; priors met on SQLite, on
+  PostgreSQL in one run of two; next-case p99 at 8 processes (42-59 ms) and 0.5 of
+  the floor (0.26-0.30) on neither. CPU a claim, one process, in the same hour:
+  PostgreSQL client 1.5-2.9 ms and backend 1.7-3.2 ms (the previous machine: ~1.0 and
+  ~1.1); SQLite 2.4 ms, the lock held 1.3-1.4 ms of it (previous: 0.78 and 0.4).
+  Seen, not measured here (one radiologist per process): each radiologist's claim
+  statement has its own text (their trusts and credentials written in), so a
+  connection prepares it only after five of that radiologist's claims on it, and any
+  ROLLBACK on the connection (an error response) makes psycopg forget it. A worker
+  serving many radiologists from a pool parses and plans the claim on most claims
+  (~1.3 ms of backend: parse 0.38, plan 0.96 ms in PostgreSQL's log).
+
     .venv/bin/python bench/worklist.py                            # small: 10k ready, 100k history
     .venv/bin/python bench/worklist.py --db postgresql --ready 100000 --historical 2000000
     ... --keep            # keep the database: it prints the --database URL to measure again
