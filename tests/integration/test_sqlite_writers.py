@@ -214,9 +214,14 @@ def test_a_default_session_holds_the_lock_from_its_first_read(sqlite_runtime):
     assert _waits_behind_a_writer(sqlite_runtime, job)
 
 
-def test_each_connection_checkpoints_the_wal_after_leaving_the_writer_queue(sqlite_engine):
-    """SQLite's own checkpoint ran inside a COMMIT, the writer queue held meanwhile; now
-    a connection checkpoints (PASSIVE) every CHECKPOINT_EVERY commits, once it is out."""
+def test_one_writer_in_checkpoint_every_checkpoints_the_wal_after_leaving_the_queue(
+    sqlite_engine,
+):
+    """SQLite's own checkpoint ran inside a COMMIT, the writer queue held meanwhile. Now the
+    writer with every CHECKPOINT_EVERY-th ticket of the queue checkpoints (PASSIVE), once
+    it is out: one checkpoint per CHECKPOINT_EVERY commits to the database, however many
+    connections (8 claiming processes) make them, and not one per connection's own
+    CHECKPOINT_EVERY commits."""
     from worklist.db import sqlite_writers
 
     with sqlite_engine.connect() as c:
@@ -224,13 +229,18 @@ def test_each_connection_checkpoints_the_wal_after_leaving_the_writer_queue(sqli
             sqlite_writers.AUTOCHECKPOINT_PAGES
         )
     seen: list[tuple[str, bool]] = []
-    with sqlite_engine.connect() as c:
-        dbapi = c.connection.dbapi_connection
-        dbapi.set_trace_callback(lambda sql: seen.append((sql, dbapi.in_transaction)))
-        for i in range(sqlite_writers.CHECKPOINT_EVERY):
+    with sqlite_engine.connect() as one, sqlite_engine.connect() as other:
+        for c in (one, other):
+            dbapi = c.connection.dbapi_connection
+            dbapi.set_trace_callback(
+                lambda sql, dbapi=dbapi: seen.append((sql, dbapi.in_transaction))
+            )
+        for i in range(sqlite_writers.CHECKPOINT_EVERY):  # the two in turn
+            c = (one, other)[i % 2]
             with c.begin():
                 c.execute(sa.update(Trust.__table__).where(Trust.__table__.c.id == -i)
                           .values(name="x"))  # fmt: skip
-        dbapi.set_trace_callback(None)
+        for c in (one, other):
+            c.connection.dbapi_connection.set_trace_callback(None)
     checkpoints = [in_tx for sql, in_tx in seen if "wal_checkpoint" in sql]
     assert checkpoints == [False]  # once, and outside the transaction (the queue is free)

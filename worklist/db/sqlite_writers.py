@@ -36,9 +36,10 @@ import sqlalchemy as sa
 
 logger = logging.getLogger(__name__)
 
-#: WAL checkpoints: each connection copies the WAL into the database (PASSIVE: it never
-#: waits for, nor stops, readers and writers) after every this many of its commits,
-#: once it has left the writer queue. SQLite's own checkpoint runs inside the COMMIT
+#: WAL checkpoints: the writer holding every this-many-th ticket of the queue (across
+#: every process, so one checkpoint per this many commits to the database) copies the WAL
+#: into the database (PASSIVE: it never waits for, nor stops, readers and writers), once
+#: it has left the queue. SQLite's own checkpoint runs inside the COMMIT
 #: that fills 1,000 pages, while the writer still holds the queue: every next-case
 #: claim writes ~16 pages, so one in ~60 held the queue ~8 ms longer (an fsync of the
 #: database file) and every writer waiting behind it waited that too.
@@ -100,7 +101,6 @@ class WriterQueue:
         self.lock_path = f"{database_path}-writer"
         self._files: dict[int, int] = {}  # id(DB-API connection) -> lock file descriptor
         self._holders: dict[int, tuple[int, int]] = {}  # descriptor -> (thread, ticket)
-        self._commits: dict[int, int] = {}  # id(DB-API connection) -> commits
         self._guard = threading.Lock()
 
     def opened(self, dbapi_connection: Any) -> None:
@@ -111,7 +111,6 @@ class WriterQueue:
     def closed(self, dbapi_connection: Any) -> None:
         with self._guard:
             fd = self._files.pop(id(dbapi_connection), None)
-            self._commits.pop(id(dbapi_connection), None)
             if fd is not None:
                 self._holders.pop(fd, None)
         if fd is not None:
@@ -148,19 +147,21 @@ class WriterQueue:
             _byte_lock(fd, _DISPENSER, fcntl.F_UNLCK)
         return ticket
 
-    def done(self, dbapi_connection: Any) -> None:
+    def done(self, dbapi_connection: Any) -> int | None:
+        """Leave the queue: the ticket held, or None if none was."""
         with self._guard:
             fd = self._files.get(id(dbapi_connection))
             held = None if fd is None else self._holders.pop(fd, None)
-        if fd is not None and held is not None:
-            _byte_lock(fd, 1 + held[1] % SLOTS, fcntl.F_UNLCK)  # the next writer starts
+        if fd is None or held is None:
+            return None
+        _byte_lock(fd, 1 + held[1] % SLOTS, fcntl.F_UNLCK)  # the next writer starts
+        return held[1]
 
-    def due_for_checkpoint(self, dbapi_connection: Any) -> bool:
-        """Counts this connection's commits: true every `CHECKPOINT_EVERY`-th."""
-        key = id(dbapi_connection)
-        with self._guard:
-            self._commits[key] = count = self._commits.get(key, 0) + 1
-        return count % CHECKPOINT_EVERY == 0
+    @staticmethod
+    def due_for_checkpoint(ticket: int) -> bool:
+        """One writer in `CHECKPOINT_EVERY`, counted across every process: the WAL grows
+        with the commits to the database, however many connections make them."""
+        return ticket % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1
 
 
 class _NoQueue(WriterQueue):
@@ -178,11 +179,8 @@ class _NoQueue(WriterQueue):
     def wait_turn(self, dbapi_connection: Any) -> None:
         pass
 
-    def done(self, dbapi_connection: Any) -> None:
-        pass
-
-    def due_for_checkpoint(self, dbapi_connection: Any) -> bool:
-        return False  # no WAL in memory
+    def done(self, dbapi_connection: Any) -> int | None:
+        return None  # no ticket, and no WAL in memory to checkpoint
 
 
 #: Each engine's queue, by its dialect (an engine's own, shared by its `execution_options`
@@ -236,8 +234,8 @@ def install(engine: sa.Engine, database_path: str | None) -> WriterQueue:
         try:
             commit(dbapi_connection)
         finally:
-            queue.done(dbapi)
-        if wrote and queue.due_for_checkpoint(dbapi):
+            ticket = queue.done(dbapi)
+        if wrote and ticket is not None and queue.due_for_checkpoint(ticket):
             _checkpoint(dbapi)
 
     def do_rollback(dbapi_connection: Any) -> None:
