@@ -336,7 +336,9 @@ What we measured and chose (2 cores, shared; one run each, figures move by a thi
       same 80 checkpoints per 4,000 claims at 8 processes, but evenly spread (each
       copies ~50 claims' pages, p50 9 ms, at most 18) instead of bunched (p50 0.07 ms,
       up to 76 ms); the longest lock hold 51-56 against 101-107 ms; p99 54.4-55.9
-      against 55.3-59.5 ms, throughput the same (alternating runs, 06:38).
+      against 55.3-59.5 ms, throughput the same (alternating runs, 06:38). With that
+      cadence on a thread of its own: p99 62-74 against 48-63 ms inline, fewer claims/s
+      (06:53); not kept.
   Final full runs, 06:13-06:35, the code as committed then:
     PostgreSQL  next case 1 process 105/s (p50 9.2 ms); 8 processes 359/s, p50 21.3 ms,
                 p99 41.7 ms, ratio 0.30 to the floor's 1,201/s (0.21 in a run an hour
