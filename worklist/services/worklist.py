@@ -1003,11 +1003,7 @@ def _claim_first(
     """
     values = {"claimer_id": user_id, "claim_now": now, "claim_expires_at": now + lease}
     if _on_postgresql(session):
-        for shortlist in (True, False):  # the locking walk only if the shortlist is all held
-            statement = _claim_update(candidates, mates_pool, shortlist=shortlist)
-            names, rows = driver.rows(session, statement, values)
-            if rows:
-                break
+        names, rows = driver.rows(session, _claim_update(candidates, mates_pool), values)
         claimed = [
             (row[0], driver.loaded(session, Study, dict(zip(names[1:], row[1:], strict=True))))
             for row in rows
@@ -1041,7 +1037,7 @@ SHORTLIST = 8
 @functools.lru_cache(maxsize=4096)
 def _shortlist_first(candidates: sa.Select[Study]) -> sa.Select[tuple[int]]:
     """PostgreSQL: the first of the SHORTLIST most urgent candidates that no other
-    claimer holds, locked; None when every one of them is held.
+    claimer holds, locked; NULL when every one of them is held.
 
     The shortlist comes from an index-only walk of ix_study_ready_pool, the rules tested
     on the index's own columns; only the shortlisted rows are read from the table and
@@ -1080,16 +1076,19 @@ def _claim_by_id(session: Session, study_id: int, values: dict[str, Any]) -> Stu
 
 @functools.lru_cache(maxsize=4096)
 def _claim_update(
-    candidates: sa.Select[Study], mates_pool: sa.Select[Study], *, shortlist: bool
+    candidates: sa.Select[Study], mates_pool: sa.Select[Study]
 ) -> sa.CompoundSelect[Any]:
     """PostgreSQL: the claim UPDATE for a (cached) pool query, built once, for the
     driver, with the claim of the same person's waiting studies as a second CTE: rows of
     (is a mate, study.*). The study claimed is the first free one of the shortlist
-    (`_shortlist_first`) or, without `shortlist`, of a locking walk of the whole pool.
+    (`_shortlist_first`), or, only when other claimers hold all of it, of a locking walk
+    of the whole pool (COALESCE: PostgreSQL runs that subquery only if needed).
 
     The rows as `study.*`: psycopg caches its parsing of a statement only up to 4 KB,
     and four lists of 45 columns made this one 6 KB."""
-    first = (_shortlist_first if shortlist else _first_of)(candidates).scalar_subquery()
+    first = sa.func.coalesce(
+        _shortlist_first(candidates).scalar_subquery(), _first_of(candidates).scalar_subquery()
+    )
     claim = (
         sa.update(Study.__table__)
         .where(Study.id == first, unclaimed(READY))
