@@ -10,7 +10,9 @@ with mixed agreements and credentials, then measures:
               the assignment and audit) with 1, 8 and 32 concurrent radiologists, each
               a process: p50/p99 latency and claims per second once the process has
               built and prepared its statements (ten claims made first; the first
-              one's time is reported on its own);
+              one's time is reported on its own); and 8 processes each serving every
+              radiologist in turn, as web workers serve whoever calls (a connection
+              then runs any one radiologist's statements only now and then);
   floor       the bare claim loop on the same tables and index, through the driver:
               SELECT id ... WHERE status='ready' AND claimed_by_id IS NULL ORDER BY
               urgency DESC, id DESC LIMIT 1 FOR UPDATE SKIP LOCKED; UPDATE ...; COMMIT
@@ -371,6 +373,7 @@ What we measured and chose (2 cores, shared; one run each, figures move by a thi
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -713,11 +716,13 @@ def run_concurrently(threads: int, per_thread: int, work) -> tuple[list[float], 
     return latencies, elapsed
 
 
-def _next_case_child(url: str, user_id: int, claims: int, ready, go, out) -> None:  # type: ignore[no-untyped-def]
-    """One radiologist in its own process (as under gunicorn): claim `claims` studies."""
+def _next_case_child(url: str, user_ids: list[int], claims: int, ready, go, out) -> None:  # type: ignore[no-untyped-def]
+    """A process (as under gunicorn) claiming `claims` studies for `user_ids` in turn: one
+    radiologist, or (a web worker's lot) every radiologist, each claim for the next one."""
     settings = Settings(instance_path=Path(tempfile.gettempdir()), database_url=url,
                         environment="test", db_pool_size=1).validated()  # fmt: skip
     runtime = build_runtime(settings, clock=FixedClock(NOW))
+    turn = itertools.cycle(user_ids)
     # Connect, and build and prepare this radiologist's statements, before the clock
     # starts. psycopg prepares a statement on its sixth run (until then PostgreSQL parses
     # and plans it each time, ~1.3 ms for the claim), and PostgreSQL plans the first five
@@ -730,39 +735,49 @@ def _next_case_child(url: str, user_id: int, claims: int, ready, go, out) -> Non
     for _ in range(NEXT_CASE_WARM_UP):
         t0 = time.perf_counter()
         with runtime.session(read_committed=True) as s:
-            service.next_case(s, user=accounts.get_user(s, user_id), now=NOW)
+            service.next_case(s, user=accounts.get_user(s, next(turn)), now=NOW)
         first = first or time.perf_counter() - t0
     ready.release()
     go.wait()
-    latencies, started, errors = [], time.time(), 0
+    latencies, started, errors, idle = [], time.time(), 0, 0
     for _ in range(claims):
         t0 = time.perf_counter()
         try:
             with runtime.session(read_committed=True) as s:  # as a web request
-                user = accounts.get_user(s, user_id)  # as the web UI loads the request's user
+                user = accounts.get_user(s, next(turn))  # as the web UI loads the request's user
                 found = service.next_case(s, user=user, now=NOW).study is not None
         except sa.exc.OperationalError:  # SQLite: waited longer than its busy timeout
             errors += 1
             continue
-        if not found:
+        idle = 0 if found else idle + 1
+        if idle >= len(user_ids):  # nothing left for anyone this process serves
             break
-        latencies.append(time.perf_counter() - t0)
+        if found:
+            latencies.append(time.perf_counter() - t0)
     out.put((latencies, started, time.time(), errors, first))
     runtime.dispose()
 
 
 def bench_next_case(runtime: Runtime, url: str, user_ids: list[int], concurrency: int,
-                    claims: int) -> dict:  # fmt: skip
-    """`concurrency` radiologists, each a separate process, calling next case."""
+                    claims: int, in_turn: bool = False) -> dict:  # fmt: skip
+    """`concurrency` processes calling next case: each one radiologist, or with `in_turn`
+    each serving every radiologist in turn (from a different one), as web workers do."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("fork")
     runtime.engine.dispose()  # no inherited connections in the children
     ready, go, out = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
     per_child = max(1, claims // concurrency)
+
+    def served_by(i: int) -> list[int]:
+        if not in_turn:
+            return [user_ids[i % len(user_ids)]]
+        start = i * len(user_ids) // concurrency
+        return user_ids[start:] + user_ids[:start]
+
     children = [
         ctx.Process(target=_next_case_child,
-                    args=(url, user_ids[i % len(user_ids)], per_child, ready, go, out))
+                    args=(url, served_by(i), per_child, ready, go, out))
         for i in range(concurrency)
     ]  # fmt: skip
     for child in children:
@@ -777,6 +792,7 @@ def bench_next_case(runtime: Runtime, url: str, user_ids: list[int], concurrency
     elapsed = max(r[2] for r in results) - min(r[1] for r in results)
     return_all_claims(runtime)
     return {**summary_ms(latencies), "concurrency": concurrency, "processes": True,
+            "radiologists_per_process": len(served_by(0)),
             "claims_per_second": round(len(latencies) / elapsed, 1),
             "lock_timeouts": sum(r[3] for r in results),
             "first_claim_of_a_process_ms": summary_ms([r[4] for r in results])}  # fmt: skip
@@ -1074,6 +1090,15 @@ def run(kind: str, args: argparse.Namespace) -> dict:
                 print(f"{threads:>2} threads  floor: {floor}", flush=True)
                 print(f"{threads:>2} threads  next case: {served}  ratio to floor: {ratio}",
                       flush=True)  # fmt: skip
+            # Web workers serve whoever calls: 8 processes, every radiologist in turn, so
+            # that a connection runs each radiologist's statements only now and then.
+            workers = bench_next_case(runtime, url, user_ids, 8, args.claims, in_turn=True)
+            result["next_case_in_turn"] = {8: workers}
+            result["ratio_in_turn"] = {
+                8: round(workers["claims_per_second"] / result["floor"][8]["claims_per_second"], 3)
+            }
+            print(f" 8 processes, radiologists in turn: {workers}  ratio to floor: "
+                  f"{result['ratio_in_turn'][8]}", flush=True)  # fmt: skip
         if "reprioritise" in parts:
             result["reprioritise"] = bench_reprioritise(runtime)
             print(f"reprioritise sweep: {result['reprioritise']}", flush=True)
