@@ -202,3 +202,71 @@ def test_next_case_finds_its_shortlist_in_the_ready_pools_index_alone(
         explain = "EXPLAIN " + driver.sql(statement).text
         plan = "\n".join(r[0] for r in s.connection().exec_driver_sql(explain, params))
     assert "Index Only Scan Backward using ix_study_ready_pool" in plan, plan
+
+
+@pytest.mark.postgres
+def test_a_connection_serving_radiologists_in_turn_plans_their_claim_once(
+    runtime, clock, on_postgres, monkeypatch
+):
+    """Radiologists with other trusts and credentials claim through one SQL text, their
+    trusts and credentials as parameters: a web worker's connection, serving each in turn,
+    has the claim prepared (parsed and planned once), and the plan PostgreSQL keeps for
+    every radiologist (the generic one) still finds the shortlist in ix_study_ready_pool
+    alone. With the trusts and credentials written into the SQL, each radiologist's claim
+    was a text of its own, parsed and planned on most claims."""
+    if not on_postgres:
+        pytest.skip("PostgreSQL's prepared statements (sqlite3 keeps none across texts)")
+    import psycopg
+    from psycopg import sql
+
+    fill_pool(runtime, clock, readers=0)
+    mixes = [("CT",), ("CT:NEURO",), ("CT", "MR"), ("CT", "XR"), ("CT:HEAD", "US"),
+             ("CT", "MR:MSK"), ("MR", "CT:NEURO")]  # fmt: skip
+    with runtime.session() as s:
+        make_trust(s, now=clock.now(), code="R0A")
+        users = [
+            make_user(s, now=clock.now(), trusts=("RW6", "R0A")[: 1 + i % 2], credentials=mix,
+                      on_duty=True).id
+            for i, mix in enumerate(mixes)
+        ]  # fmt: skip
+    run: list[tuple[object, dict]] = []
+    rows = driver.rows
+
+    def recording(session, statement, params):  # type: ignore[no-untyped-def]
+        run.append((statement, dict(params)))
+        return rows(session, statement, params)
+
+    monkeypatch.setattr(driver, "rows", recording)
+    for user_id in users:  # one connection: the pool has made no other
+        with runtime.session() as s:
+            assert wl.next_case(s, user=s.get(User, user_id), now=clock.now()).study is not None
+    claims = [(st, p) for st, p in run if "FOR UPDATE SKIP LOCKED" in driver.sql(st).text]
+    assert len({driver.sql(st).text for st, _ in claims}) == 1, "one claim text for everyone"
+
+    statement, params = claims[-1]
+    names: list[str] = []
+
+    def numbered(match) -> str:  # type: ignore[no-untyped-def]
+        names.append(match.group(1)) if match.group(1) not in names else None
+        return f"${names.index(match.group(1)) + 1}"
+
+    import re
+
+    # As psycopg sends it: $n for the n-th name, a percent sign for a doubled one.
+    text = re.sub(r"%\((\w+)\)s", numbered, driver.sql(statement).text).replace("%%", "%")
+    with runtime.engine.connect() as c:
+        raw = c.connection.driver_connection
+        assert isinstance(raw, psycopg.Connection)
+        prepared = raw.execute(
+            "SELECT count(*) FROM pg_prepared_statements WHERE statement = %s", (text,)
+        ).fetchone()
+        assert prepared is not None and prepared[0] == 1, "the claim is prepared"
+        raw.execute("SET plan_cache_mode = force_generic_plan")
+        raw.execute(sql.SQL("PREPARE generic_claim AS ") + sql.SQL(text))  # type: ignore[arg-type]
+        values = sql.SQL(", ").join(sql.Literal(params[name]) for name in names)
+        explain = sql.SQL("EXPLAIN EXECUTE generic_claim({})").format(values)
+        plan = "\n".join(r[0] for r in raw.execute(explain))
+        raw.execute("DEALLOCATE generic_claim")
+        raw.execute("RESET plan_cache_mode")
+        c.rollback()
+    assert "Index Only Scan Backward using ix_study_ready_pool" in plan, plan

@@ -98,6 +98,55 @@ def test_the_ready_pool_holds_exactly_the_studies_the_rules_allow(session, clock
     assert 10 < len(allowed) < len(studies) / 2  # the rules keep some and refuse most
 
 
+@pytest.mark.postgres
+def test_the_shared_pool_holds_what_the_written_in_pool_holds_for_every_credential_mix(
+    session, clock, on_postgres
+):
+    """Next case on PostgreSQL runs the pool with the trusts and credentials as
+    parameters (`shared_pool`, one SQL text for everyone); it must hold exactly what the
+    pool with them written in holds, for any mix: any modality ("*"), subspecialties,
+    paediatric, a quote, no area-limited credential at all, no credential, no trust."""
+    if not on_postgres:
+        pytest.skip("the shared pool is PostgreSQL's (arrays as parameters)")
+    from dataclasses import replace
+
+    from worklist.db import driver
+    from worklist.domain.eligibility import HeldCredential as Held
+    from worklist.services.pool import pool_values, shared_pool
+
+    now = clock.now()
+    trusts, reader = _region(session, now)
+    studies = [
+        make_study(session, trust=trust, now=now, modality=modality, body_area=area,
+                   patient=make_patient(session, trust=trust, now=now, birth_date=born))
+        for trust, modality, area, born in itertools.product(trusts, MODALITIES, AREAS, BORN)
+    ]  # fmt: skip
+    for study in studies:
+        wl.prioritise_study(session, study=study, now=now)
+    session.flush()
+    radiologist = wl.radiologist_facts(session, user=reader, now=now)
+    mixes = [
+        radiologist.credentials,
+        (Held("*"),),
+        (Held("*", "chest"), Held("MR", "neuro")),
+        (Held("CT"), Held("XR", "paediatric")),
+        (Held("MR", "KNEE') OR (1=1) OR ('"), Held("US", 'a "quoted" area')),
+        (Held("MG", "breast"), Held("*", "msk")),
+        (),
+    ]
+    held = 0
+    for credentials, agreements in itertools.product(mixes, (radiologist.agreements, ())):
+        mix = replace(radiologist, credentials=credentials, agreements=agreements)
+        for kw in ({}, {"stat_only": True}, {"by_patient": True}):
+            written_in = pool_query(mix, now, **kw).with_only_columns(Study.id)
+            held_in = set(session.scalars(written_in))
+            shared = shared_pool(**kw).with_only_columns(Study.id)
+            rows = driver.rows(session, shared, pool_values(mix, now))[1]
+            assert {r[0] for r in rows} == held_in, (credentials, agreements, kw)
+            held += len(held_in)
+    assert held  # the mixes hold studies, not only nothing
+
+
 def test_the_verification_pool_applies_the_same_agreement_and_credential_rules(session, clock):
     now = clock.now()
     trusts, reader = _region(session, now)

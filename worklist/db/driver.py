@@ -43,7 +43,7 @@ _DIALECTS = {
 }
 _MARK = "__driver_param__"
 T = TypeVar("T")
-_MARKED = re.compile(f"{_MARK}([sb])(\\w+?)\\|(.+?){_MARK}")
+_MARKED = re.compile(f"{_MARK}([sa])(\\w+?)\\|(.+?){_MARK}")
 
 
 def param(name: str, type_: Any) -> sa.ColumnElement[Any]:
@@ -51,10 +51,10 @@ def param(name: str, type_: Any) -> sa.ColumnElement[Any]:
     or sqlite3's `:name`.
 
     A marker until compiled: the compiler would double the percent sign of a literal.
-    Arrays go in binary (`%(name)b`): psycopg writes a text array through a regular
-    expression per element."""
+    An array (PostgreSQL) is given as a list and goes in as one array literal, made by
+    `rows` (see `_array_literal`)."""
     cast = type_.compile(dialect=_DIALECTS["postgresql"])
-    form = "b" if isinstance(type_, sa.ARRAY) else "s"
+    form = "a" if isinstance(type_, sa.ARRAY) else "s"
     return sa.literal_column(f"{_MARK}{form}{name}|{cast}{_MARK}", type_)
 
 
@@ -67,6 +67,7 @@ class Compiled:
     """A statement's SQL for the driver, and the names of its result columns once known."""
 
     text: str
+    arrays: tuple[str, ...] = ()  # PostgreSQL: the array parameters (see `_array_literal`)
     names: tuple[str, ...] | None = None
     times: tuple[int, ...] = ()  # PostgreSQL: where the timestamps are, turned to UTC
     #: SQLite: the result columns that need their type's processor, with it.
@@ -83,7 +84,8 @@ def sql(statement: sa.Executable, dialect_name: str = "postgresql") -> Compiled:
     )
     text = str(compiled)
     if dialect_name == "postgresql":
-        return Compiled(_MARKED.sub(r"%(\2)\1::\3", text))
+        arrays = tuple(dict.fromkeys(m[1] for m in _MARKED.findall(text) if m[0] == "a"))
+        return Compiled(_MARKED.sub(r"%(\2)s::\3", text), arrays=arrays)
     processors = (
         (i, column.type._cached_result_processor(dialect, None))
         for i, column in enumerate(compiled._result_columns)
@@ -109,6 +111,8 @@ def rows(
     driver_connection = connection.connection.driver_connection
     assert driver_connection is not None
     compiled = sql(statement)
+    if compiled.arrays:
+        params = {**params, **{name: _array_literal(params[name]) for name in compiled.arrays}}
     with driver_connection.cursor() as cursor:
         cursor.execute(compiled.text, params)
         result = cursor.pgresult
@@ -198,6 +202,23 @@ def loaded(session: Session, model: type[T], values: dict[str, Any]) -> T:
         for name, value in values.items():
             set_committed_value(found, name, value)
     return found  # type: ignore[no-any-return]
+
+
+def _array_literal(values: list[Any] | tuple[Any, ...]) -> str:
+    """An array of integers or strings as PostgreSQL's array literal, for a parameter
+    cast to its array type in the SQL.
+
+    One parameter type whatever the values, so that one prepared statement serves them
+    all: psycopg types a list by its contents (an empty list as unknown, small integers as
+    smallint[]) and prepares a statement per parameter types (a claim with no area-limited
+    credentials was prepared apart from one with some)."""
+    items = (
+        "NULL" if v is None
+        else str(v) if isinstance(v, int)
+        else '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        for v in values
+    )  # fmt: skip
+    return "{" + ",".join(items) + "}"
 
 
 _TIMESTAMPS = frozenset(postgres.types[name].oid for name in ("timestamptz", "timestamp"))

@@ -84,6 +84,8 @@ from worklist.services.pool import (
     PRELIMINARY,
     WORKLIST_ORDER,
     pool_query,
+    pool_values,
+    shared_pool,
     unclaimed,
     unclaimed_unindexed,
 )
@@ -920,26 +922,33 @@ def next_case(
         return ClaimResult(None, reason="not on a duty session now")
     # Over the session's cap, only stat and critical work passes.
     over_capacity = slot.capacity is not None and radiologist.session_load >= slot.capacity
-    query = pool_query(radiologist, now, stat_only=over_capacity)
     if user.can_finalise and verification_waiting:  # consultants also verify, in one order
         from worklist.services import verification
 
         verify = verification.claim_if_more_urgent(
-            session, ready_query=query, user=user, radiologist=radiologist, now=now,
-            lease=lease, remote_addr=remote_addr,
+            session, ready_query=pool_query(radiologist, now, stat_only=over_capacity),
+            user=user, radiologist=radiologist, now=now, lease=lease, remote_addr=remote_addr,
         )  # fmt: skip
         if verify is not None:
             return verify
     # The pool holds only trusts with an agreement, so their codes come with it.
     codes = {a.trust_id: a.trust_code or "" for a in radiologist.agreements}
-    mates_pool = pool_query(radiologist, now, by_patient=True)
+    if _on_postgresql(session):  # one claim text for every radiologist (see `shared_pool`)
+        query = shared_pool(stat_only=over_capacity)
+        mates_pool = shared_pool(by_patient=True)
+        pool_params = pool_values(radiologist, now)
+    else:
+        query = pool_query(radiologist, now, stat_only=over_capacity)
+        mates_pool = pool_query(radiologist, now, by_patient=True)
+        pool_params = {}
     skipped: list[dict[str, Any]] = []
     skipped_ids: list[int] = []
     while True:
         candidates = query.where(Study.id.not_in(skipped_ids)) if skipped_ids else query
         study, mates = _claim_first(
-            session, candidates, mates_pool, user_id=user.id, now=now, lease=lease
-        )
+            session, candidates, mates_pool, user_id=user.id, now=now, lease=lease,
+            pool_params=pool_params,
+        )  # fmt: skip
         if study is None:
             reason = "no eligible study is waiting"
             if over_capacity:
@@ -983,7 +992,7 @@ def next_case(
 
 def _claim_first(
     session: Session, candidates: sa.Select[Study], mates_pool: sa.Select[Study], *,
-    user_id: int, now: datetime, lease: timedelta,
+    user_id: int, now: datetime, lease: timedelta, pool_params: dict[str, Any],
 ) -> tuple[Study | None, list[Study]]:  # fmt: skip
     """Claim the first candidate and, with it, the same person's other waiting studies
     that `mates_pool` (the same rules) offers: (study or None, its mates).
@@ -1003,6 +1012,7 @@ def _claim_first(
     """
     values = {"claimer_id": user_id, "claim_now": now, "claim_expires_at": now + lease}
     if _on_postgresql(session):
+        values.update(pool_params)  # a `shared_pool`'s parameters
         names, rows = driver.rows(session, _claim_update(candidates, mates_pool), values)
         claimed = [
             (row[0], driver.loaded(session, Study, dict(zip(names[1:], row[1:], strict=True))))
