@@ -77,3 +77,35 @@ def test_times_come_back_timezone_aware_in_utc(runtime, clock) -> None:
         study = session.get(Study, study_id)
         assert study.created_at == clock.now()
         assert study.created_at.utcoffset().total_seconds() == 0
+
+
+def test_no_index_repeats_the_leading_columns_of_another(runtime) -> None:
+    """An index on the leading columns of another index (or unique constraint) serves no
+    lookup the other does not, and every insert pays for it. Migration 0007 dropped four
+    such; one was on report_version, a row per signed report."""
+    inspector = sa.inspect(runtime.engine)
+    repeated = []
+    for table in inspector.get_table_names():
+        if table == "alembic_version":
+            continue
+        plain = [
+            (index["name"], tuple(index["column_names"]))
+            for index in inspector.get_indexes(table)
+            if not any(option.endswith("_where") for option in index.get("dialect_options", {}))
+            and None not in index["column_names"]  # an expression index
+        ]
+        covering = plain + [
+            (constraint["name"], tuple(constraint["column_names"]))
+            for constraint in inspector.get_unique_constraints(table)
+        ]
+        primary = inspector.get_pk_constraint(table)["constrained_columns"]
+        covering.append(("primary key", tuple(primary)))
+        for name, columns in plain:
+            for other, longer in covering:
+                if (
+                    other != name
+                    and len(longer) > len(columns)
+                    and longer[: len(columns)] == columns
+                ):
+                    repeated.append(f"{table}.{name} {columns} leads {other} {longer}")
+    assert not repeated, repeated

@@ -94,7 +94,8 @@ class Patient(Base):
     __tablename__ = "patient"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    trust_id: Mapped[int] = mapped_column(sa.ForeignKey("trust.id"), index=True)
+    # By trust through the unique (trust_id, local_id): no index of its own (0007).
+    trust_id: Mapped[int] = mapped_column(sa.ForeignKey("trust.id"))
     local_id: Mapped[str] = mapped_column(sa.String(64))  # hospital number / MRN
     local_authority: Mapped[str | None] = mapped_column(sa.String(64))
     family_name: Mapped[str | None] = mapped_column(sa.String(200))
@@ -183,7 +184,8 @@ class ReportingPermission(Base):
     __tablename__ = "reporting_permission"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    user_id: Mapped[int] = mapped_column(sa.ForeignKey("user_account.id"), index=True)
+    # By user through the unique (user_id, trust_id): no index of its own (0007).
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("user_account.id"))
     trust_id: Mapped[int] = mapped_column(sa.ForeignKey("trust.id"))
     starts_on: Mapped[date | None]
     ends_on: Mapped[date | None]
@@ -200,7 +202,8 @@ class Credential(Base):
     __tablename__ = "credential"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    user_id: Mapped[int] = mapped_column(sa.ForeignKey("user_account.id"), index=True)
+    # By user through the unique (user_id, modality, body_area): no index of its own (0007).
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("user_account.id"))
     modality: Mapped[str] = mapped_column(sa.String(16))
     body_area: Mapped[str | None] = mapped_column(sa.String(32))  # None = any body area
 
@@ -432,7 +435,8 @@ class ReportVersion(Base):
     __tablename__ = "report_version"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    report_id: Mapped[int] = mapped_column(sa.ForeignKey("report.id"), index=True)
+    # Looked up through the unique (report_id, sequence): no index of its own (0007).
+    report_id: Mapped[int] = mapped_column(sa.ForeignKey("report.id"))
     sequence: Mapped[int]
     kind: Mapped[str] = mapped_column(sa.String(16))  # preliminary | final | addendum
     text: Mapped[str] = mapped_column(sa.Text)
