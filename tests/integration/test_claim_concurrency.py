@@ -175,16 +175,25 @@ def test_when_other_claimers_hold_every_shortlisted_study_next_case_walks_on_to_
             holder.close()
 
 
-@pytest.mark.postgres
-def test_next_case_finds_its_shortlist_in_the_ready_pools_index_alone(
+def _claims(run: list[tuple[object, dict]], dialect: str) -> list[tuple[object, dict]]:
+    """The claims among the statements run through the driver: PostgreSQL's claim
+    UPDATE, SQLite's locking read of the first candidate."""
+    if dialect == "postgresql":
+        return [(st, p) for st, p in run if driver.sql(st).text.startswith("WITH anchor AS")]
+    return [
+        (st, p) for st, p in run
+        if getattr(st, "_for_update_arg", None) is not None
+        and "study.id DESC\n LIMIT 1" in driver.sql(st, dialect).text  # not the mates' 20
+    ]  # fmt: skip
+
+
+def test_next_case_finds_its_candidate_in_the_ready_pools_index_alone(
     runtime, clock, on_postgres, monkeypatch
 ):
     """The studies a radiologist passes over (more urgent, but not theirs to report) are
     tested on ix_study_ready_pool's own columns, not read from the table one by one: an
-    index-only walk. (A locking walk reads each from the table: PostgreSQL locks only rows
-    it has read.)"""
-    if not on_postgres:
-        pytest.skip("SQLite's walk of the pool is index-only already (a covering index)")
+    index-only walk, in the index's order (no sort). (A locking walk reads each from the
+    table: PostgreSQL locks only rows it has read.)"""
     (user_id,) = fill_pool(runtime, clock, readers=1)
     run: list[tuple[object, dict]] = []
     rows = driver.rows
@@ -196,29 +205,30 @@ def test_next_case_finds_its_shortlist_in_the_ready_pools_index_alone(
     monkeypatch.setattr(driver, "rows", recording)
     with runtime.session() as s:
         assert wl.next_case(s, user=s.get(User, user_id), now=clock.now()).study is not None
-        statement, params = next(
-            (st, p) for st, p in run if "FOR UPDATE SKIP LOCKED" in driver.sql(st).text
-        )
-        explain = "EXPLAIN " + driver.sql(statement).text
-        plan = "\n".join(r[0] for r in s.connection().exec_driver_sql(explain, params))
-    assert "Index Only Scan Backward using ix_study_ready_pool" in plan, plan
+        statement, params = _claims(run, runtime.dialect)[0]
+        if on_postgres:
+            explain = "EXPLAIN " + driver.sql(statement).text
+            plan = "\n".join(r[0] for r in s.connection().exec_driver_sql(explain, params))
+            assert "Index Only Scan Backward using ix_study_ready_pool" in plan, plan
+            return
+        compiled = driver.sql(statement, "sqlite")
+        raw = s.connection().connection.driver_connection
+        values = {n: driver._sqlite_value(params[n]) for n in compiled.params}
+        plan = "\n".join(r[-1] for r in raw.execute("EXPLAIN QUERY PLAN " + compiled.text, values))
+    assert "USING COVERING INDEX ix_study_ready_pool" in plan, plan
+    assert "TEMP B-TREE" not in plan, plan  # walked in order, not sorted
 
 
-@pytest.mark.postgres
 def test_a_connection_serving_radiologists_in_turn_plans_their_claim_once(
     runtime, clock, on_postgres, monkeypatch
 ):
-    """Radiologists with other trusts and credentials claim through one SQL text, their
-    trusts and credentials as parameters: a web worker's connection, serving each in turn,
-    has the claim prepared (parsed and planned once), and the plan PostgreSQL keeps for
-    every radiologist (the generic one) still finds the shortlist in ix_study_ready_pool
-    alone. With the trusts and credentials written into the SQL, each radiologist's claim
-    was a text of its own, parsed and planned on most claims."""
-    if not on_postgres:
-        pytest.skip("PostgreSQL's prepared statements (sqlite3 keeps none across texts)")
-    import psycopg
-    from psycopg import sql
-
+    """Radiologists with other trusts and credentials claim through one statement, their
+    trusts and credentials as parameters, compiled once per process: on PostgreSQL a web
+    worker's connection, serving each in turn, has the claim prepared (parsed and planned
+    once), and the plan PostgreSQL keeps for every radiologist (the generic one) still
+    finds the shortlist in ix_study_ready_pool alone. With the trusts and credentials
+    written into the SQL, each radiologist's claim was a statement of its own, compiled
+    on their first claim in each process and, on PostgreSQL, planned on most claims."""
     fill_pool(runtime, clock, readers=0)
     mixes = [("CT",), ("CT:NEURO",), ("CT", "MR"), ("CT", "XR"), ("CT:HEAD", "US"),
              ("CT", "MR:MSK"), ("MR", "CT:NEURO")]  # fmt: skip
@@ -240,8 +250,13 @@ def test_a_connection_serving_radiologists_in_turn_plans_their_claim_once(
     for user_id in users:  # one connection: the pool has made no other
         with runtime.session() as s:
             assert wl.next_case(s, user=s.get(User, user_id), now=clock.now()).study is not None
-    claims = [(st, p) for st, p in run if "FOR UPDATE SKIP LOCKED" in driver.sql(st).text]
-    assert len({driver.sql(st).text for st, _ in claims}) == 1, "one claim text for everyone"
+    claims = _claims(run, runtime.dialect)
+    assert len(claims) == len(users)
+    assert len({id(statement) for statement, _ in claims}) == 1, "one claim for everyone"
+    if not on_postgres:
+        return  # compiled once; sqlite3 prepares it once per connection (its cache)
+    import psycopg
+    from psycopg import sql
 
     statement, params = claims[-1]
     names: list[str] = []

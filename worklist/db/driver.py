@@ -51,8 +51,8 @@ def param(name: str, type_: Any) -> sa.ColumnElement[Any]:
     or sqlite3's `:name`.
 
     A marker until compiled: the compiler would double the percent sign of a literal.
-    An array (PostgreSQL) is given as a list and goes in as one array literal, made by
-    `rows` (see `_array_literal`)."""
+    An array is given as a list and goes in as one value: PostgreSQL's array literal
+    (`_array_literal`), or for SQLite, which has no arrays, JSON (`json_each` reads it)."""
     cast = type_.compile(dialect=_DIALECTS["postgresql"])
     form = "a" if isinstance(type_, sa.ARRAY) else "s"
     return sa.literal_column(f"{_MARK}{form}{name}|{cast}{_MARK}", type_)
@@ -68,6 +68,7 @@ class Compiled:
 
     text: str
     arrays: tuple[str, ...] = ()  # PostgreSQL: the array parameters (see `_array_literal`)
+    params: tuple[str, ...] = ()  # SQLite: the parameters, those alone converted
     names: tuple[str, ...] | None = None
     times: tuple[int, ...] = ()  # PostgreSQL: where the timestamps are, turned to UTC
     #: SQLite: the result columns that need their type's processor, with it.
@@ -92,6 +93,7 @@ def sql(statement: sa.Executable, dialect_name: str = "postgresql") -> Compiled:
     )
     return Compiled(
         _MARKED.sub(r":\2", text),
+        params=tuple(dict.fromkeys(m[1] for m in _MARKED.findall(text))),
         processors=tuple((i, p) for i, p in processors if p is not None),
         reads_only=sqlite_writers.reads_only(text, statement),
     )
@@ -138,7 +140,7 @@ def _sqlite_rows(
     driver_connection = connection.connection.driver_connection
     assert driver_connection is not None
     cursor = driver_connection.execute(
-        compiled.text, {name: _sqlite_value(value) for name, value in params.items()}
+        compiled.text, {name: _sqlite_value(params[name]) for name in compiled.params}
     )
     found = cursor.fetchall()
     if compiled.names is None:
