@@ -179,7 +179,7 @@ def _claims(run: list[tuple[object, dict]], dialect: str) -> list[tuple[object, 
     """The claims among the statements run through the driver: PostgreSQL's claim
     UPDATE, SQLite's locking read of the first candidate."""
     if dialect == "postgresql":
-        return [(st, p) for st, p in run if driver.sql(st).text.startswith("WITH anchor AS")]
+        return [(st, p) for st, p in run if "anchor AS \n(UPDATE study" in driver.sql(st).text]
     return [
         (st, p) for st, p in run
         if getattr(st, "_for_update_arg", None) is not None
@@ -217,6 +217,82 @@ def test_next_case_finds_its_candidate_in_the_ready_pools_index_alone(
         plan = "\n".join(r[-1] for r in raw.execute("EXPLAIN QUERY PLAN " + compiled.text, values))
     assert "USING COVERING INDEX ix_study_ready_pool" in plan, plan
     assert "TEMP B-TREE" not in plan, plan  # walked in order, not sorted
+
+
+@pytest.mark.postgres
+def test_a_reader_with_nothing_eligible_gets_no_locking_walk_of_the_pool(
+    runtime, clock, on_postgres, monkeypatch
+):
+    """When the index-only shortlist is empty nothing is eligible: the locking walk
+    behind it (which reads every study it passes from the table) is not run. For a
+    reader with nothing eligible among 100,000 waiting studies it took 50 of 85 ms."""
+    if not on_postgres:
+        pytest.skip("PostgreSQL's shortlist and locking walk")
+    fill_pool(runtime, clock, readers=0)  # CT studies
+    with runtime.session() as s:
+        user_id = make_user(
+            s, now=clock.now(), trusts=("RW6",), credentials=("MR",), on_duty=True
+        ).id
+    run: list[tuple[object, dict]] = []
+    rows = driver.rows
+
+    def recording(session, statement, params):  # type: ignore[no-untyped-def]
+        run.append((statement, dict(params)))
+        return rows(session, statement, params)
+
+    monkeypatch.setattr(driver, "rows", recording)
+    with runtime.session() as s:
+        assert wl.next_case(s, user=s.get(User, user_id), now=clock.now()).study is None
+        statement, params = _claims(run, "postgresql")[0]
+        explain = "EXPLAIN (ANALYZE, COSTS OFF) " + driver.sql(statement).text
+        plan = [r[0] for r in s.connection().exec_driver_sql(explain, params)]
+        s.rollback()
+    walks = [line for line in plan if "Index Scan Backward using ix_study_ready_pool" in line]
+    assert walks and all("never executed" in line for line in walks), "\n".join(plan)
+    assert any("Index Only Scan" in line and "ix_study_ready_pool" in line for line in plan)
+
+
+def test_on_sqlite_a_reader_with_nothing_eligible_never_takes_the_write_lock(
+    runtime, clock, on_postgres, monkeypatch
+):
+    """Whether anything is eligible is read without the write lock: a reader with nothing
+    eligible walked the whole pool holding it (21-33 ms at 100,000 waiting studies),
+    and every other writer waited."""
+    if on_postgres:
+        pytest.skip("SQLite's write lock (PostgreSQL locks rows, see the test above)")
+    from worklist.db import sqlite_writers
+
+    fill_pool(runtime, clock, readers=0)  # CT studies
+    with runtime.session() as s:
+        nothing, something = (
+            make_user(s, now=clock.now(), trusts=("RW6",), credentials=(c,), on_duty=True).id
+            for c in ("MR", "CT")
+        )
+    turns: list[int] = []
+    wait_turn = sqlite_writers.WriterQueue.wait_turn
+
+    def counted(queue, dbapi_connection):  # type: ignore[no-untyped-def]
+        turns.append(1)
+        return wait_turn(queue, dbapi_connection)
+
+    monkeypatch.setattr(sqlite_writers.WriterQueue, "wait_turn", counted)
+    with runtime.session(read_committed=True) as s:  # as a web request
+        assert wl.next_case(s, user=s.get(User, nothing), now=clock.now()).study is None
+    assert turns == []
+    with runtime.session(read_committed=True) as s:
+        assert wl.next_case(s, user=s.get(User, something), now=clock.now()).study is not None
+    assert turns == [1]
+
+
+def test_the_claim_is_short_enough_for_psycopg_to_keep_its_parsing(runtime):
+    """psycopg converts a statement's placeholders for each run unless its text is at most
+    MAX_CACHED_STATEMENT_LENGTH (4 KB); the claim runs on every next case."""
+    from psycopg import _queries
+
+    from worklist.services.pool import shared_pool
+
+    claim = wl._claim_update(shared_pool("postgresql"), shared_pool("postgresql", by_patient=True))
+    assert len(driver.sql(claim).text) <= _queries.MAX_CACHED_STATEMENT_LENGTH
 
 
 def test_a_connection_serving_radiologists_in_turn_plans_their_claim_once(

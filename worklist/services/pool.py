@@ -205,7 +205,9 @@ _AREA_JOIN = "|"
 
 def pool_values(radiologist: Radiologist, now: datetime) -> dict[str, Any]:
     """The radiologist's trusts and credentials as the values of `shared_pool`'s
-    parameters, for `worklist.db.driver` (lists: PostgreSQL arrays, SQLite JSON)."""
+    parameters, for `worklist.db.driver` (lists: PostgreSQL arrays, SQLite JSON). Short
+    names: the claim names each three times, and psycopg keeps its parsing of a
+    statement only up to 4 KB."""
     today = now.astimezone(LONDON).date()
     by_modality, for_children = _cover(radiologist.credentials)
     areas = sorted(
@@ -214,16 +216,16 @@ def pool_values(radiologist: Radiologist, now: datetime) -> dict[str, Any]:
         for area in covered or ()
     )
     return {
-        "pool_user_id": radiologist.user_id,
-        "pool_trusts": sorted({a.trust_id for a in radiologist.agreements if a.in_force(today)}),
-        "pool_any_area": sorted(m for m, covered in by_modality.items() if covered is None),
-        "pool_areas": areas,
-        "pool_children": sorted(for_children),
+        "reader": radiologist.user_id,
+        "trusts": sorted({a.trust_id for a in radiologist.agreements if a.in_force(today)}),
+        "any_area": sorted(m for m, covered in by_modality.items() if covered is None),
+        "areas": areas,
+        "children": sorted(for_children),
         # Which terms can match at all: the others are not evaluated on the rows walked.
-        "pool_all_adults": by_modality.get("*", ()) is None,
-        "pool_all_children": "*" in for_children,
-        "pool_some_areas": any(not a.startswith(f"*{_AREA_JOIN}") for a in areas),
-        "pool_areas_of_any_modality": any(a.startswith(f"*{_AREA_JOIN}") for a in areas),
+        "all_adults": by_modality.get("*", ()) is None,
+        "all_children": "*" in for_children,
+        "some_areas": any(not a.startswith(f"*{_AREA_JOIN}") for a in areas),
+        "star_areas": any(a.startswith(f"*{_AREA_JOIN}") for a in areas),
     }
 
 
@@ -267,23 +269,23 @@ def shared_pool(
 
     area = sa.func.lower(Study.body_area)
     adults = sa.or_(
-        holds("pool_any_area", Study.modality),
-        flag("pool_all_adults"),
+        holds("any_area", Study.modality),
+        flag("all_adults"),
         sa.and_(
-            flag("pool_some_areas"),
-            holds("pool_areas", Study.modality.concat(_AREA_JOIN).concat(area)),
+            flag("some_areas"),
+            holds("areas", Study.modality.concat(_AREA_JOIN).concat(area)),
         ),
         sa.and_(
-            flag("pool_areas_of_any_modality"),
-            holds("pool_areas", sa.literal_column(f"'*{_AREA_JOIN}'", sa.Text()).concat(area)),
+            flag("star_areas"),
+            holds("areas", sa.literal_column(f"'*{_AREA_JOIN}'", sa.Text()).concat(area)),
         ),
     )
-    children = sa.or_(holds("pool_children", Study.modality), flag("pool_all_children"))
+    children = sa.or_(holds("children", Study.modality), flag("all_children"))
     query = (
         sa.select(Study)
         .where(
             unclaimed_unindexed(status) if by_patient else unclaimed(status),
-            _listed(trust, "pool_trusts", sa.Integer(), dialect),
+            _listed(trust, "trusts", sa.Integer(), dialect),
             sa.or_(
                 sa.and_(Study.paediatric.is_(False), adults),
                 sa.and_(Study.paediatric.is_(True), children),
@@ -292,7 +294,7 @@ def shared_pool(
         .order_by(*WORKLIST_ORDER)
     )
     if status == READY:
-        query = query.where(_not_already_read(driver.param("pool_user_id", sa.Integer())))
+        query = query.where(_not_already_read(driver.param("reader", sa.Integer())))
     if stat_only:
         query = query.where(sa.or_(Study.urgency > urgency_floor(1), Study.critical.is_(True)))
     return query
