@@ -411,9 +411,16 @@ What we measured and chose (2 cores, shared; one run each, figures move by a thi
                 9.0-9.7 ms, p99 18.1-19.2 ms, ratio 0.21-0.24 (floor 3,534-3,849/s); in
                 turn 828-966/s, p99 17.4-21.2 ms; 32: 671-723/s. Worklist page p99
                 7.2-8.0 ms; priors p99 35.6 ms (cold) and 2.3 ms.
-  Targets: worklist page met on both; next-case p99 under 20 ms at 8 processes met on
-  SQLite in both runs, on PostgreSQL in one of two; priors under 10 ms only warm; 0.5
-  of the floor on neither (0.21-0.27).
+  Again at 15:26-15:30, after the nothing-eligible change (1972bc6):
+    PostgreSQL  8 processes 732-852/s, p99 18.0-19.7 ms, ratio 0.24-0.28 (floor
+                2,996-3,101/s); in turn 769-800/s, p99 20.3-21.1 ms. Worklist page p99
+                14.5 ms; priors p99 15.8 ms (cold) and 3.2 ms.
+    SQLite      8 processes 761-882/s, p99 16.9-22.6 ms, ratio 0.23-0.26 (floor
+                2,984-3,904/s); in turn 758-838/s, p99 19.4-20.1 ms. Worklist page p99
+                7.6-12.0 ms; priors p99 18.3 ms (cold) and 2.3 ms.
+  Targets: worklist page met on both; next-case p99 under 20 ms at 8 processes in 3 of
+  4 runs on each database (PostgreSQL 19.6, 21.0, 18.0, 19.7; SQLite 19.2, 18.1, 16.9,
+  22.6 ms); priors under 10 ms only warm; 0.5 of the floor on neither (0.21-0.28).
 
     .venv/bin/python bench/worklist.py                            # small: 10k ready, 100k history
     .venv/bin/python bench/worklist.py --db postgresql --ready 100000 --historical 2000000
