@@ -428,3 +428,31 @@ def test_auto_assignment_pushes_a_preliminary_report_to_a_consultant_never_a_tra
         study_id, "final", "Small acute subdural haematoma.",
     )  # fmt: skip
     assert world.study(study_id).status == "final"
+
+
+def test_consultants_with_other_trusts_and_credentials_read_the_verification_pool_alike(
+    world: World, monkeypatch
+) -> None:
+    """Next case reads the verification pool through one statement for every consultant
+    (their trusts and credentials as parameters, `pool.shared_pool`), compiled once per
+    process and, on PostgreSQL, planned once per connection: written in, each consultant
+    had their own, compiled on their first next case in each process."""
+    from worklist.db import driver
+
+    study_id = world.preliminary()
+    run: list[object] = []
+    rows = driver.rows
+
+    def recording(session, statement, params):  # type: ignore[no-untyped-def]
+        run.append(statement)
+        return rows(session, statement, params)
+
+    monkeypatch.setattr(driver, "rows", recording)
+    for name in ("mrkhan", "jones"):  # other credentials, another trust: not theirs
+        result = world.next_case(name)
+        assert result.study is None or result.study.id != study_id
+    result = world.next_case("okafor")
+    assert result.study is not None and result.study.id == study_id
+    reads = [st for st in run if driver.sql(st).text.startswith("SELECT study.urgency, study.id")]
+    assert len(reads) >= 3
+    assert len({id(st) for st in reads}) == 1, "one statement for every consultant"

@@ -17,6 +17,7 @@ ORU with OBR-25 F and ends the claim.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -25,6 +26,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from worklist.db import driver
 from worklist.db.models import Assignment, Report, ReportVersion, Study, Trust, User
 from worklist.domain.eligibility import (
     Eligibility,
@@ -37,7 +39,7 @@ from worklist.domain.study import StudyStatus
 from worklist.errors import Conflict, Forbidden
 from worklist.services import audit
 from worklist.services import worklist as worklist_service
-from worklist.services.pool import STATUS_LITERAL, pool_query
+from worklist.services.pool import STATUS_LITERAL, pool_query, shared_pool
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +159,7 @@ def claim_if_more_urgent(
     session: Session,
     *,
     ready_query: sa.Select[Study],
+    pool_params: dict[str, Any],
     user: User,
     radiologist: Radiologist,
     now: datetime,
@@ -164,8 +167,12 @@ def claim_if_more_urgent(
     remote_addr: str | None = None,
 ) -> worklist_service.ClaimResult | None:
     """Next case for a consultant: claim the most urgent preliminary study they may verify
-    when no ready study in `ready_query` (their ready pool) ranks above it; else None, and
-    next case claims from the ready pool as usual. A trainee always gets None."""
+    when no ready study in `ready_query` (their ready pool, a `pool.shared_pool` with
+    `pool_params`) ranks above it; else None, and next case claims from the ready pool
+    as usual. A trainee always gets None.
+
+    Both pools are read through the driver as the statements every consultant shares
+    (see `pool.shared_pool`)."""
     if not user.can_finalise:
         return None
     slot = current_session(radiologist.sessions, now)
@@ -173,21 +180,17 @@ def claim_if_more_urgent(
         slot is not None and slot.capacity is not None and radiologist.session_load >= slot.capacity
     )
     # Stat and critical work passes a full session's cap.
-    query = verification_pool_query(radiologist, now, stat_only=full)
+    query = shared_pool(session.get_bind().dialect.name, PRELIMINARY, stat_only=full)
     codes = {a.trust_id: a.trust_code or "" for a in radiologist.agreements}
     passed: list[int] = []
     while len(passed) < _MAX_TRIES:
         candidates = query.where(Study.id.not_in(passed)) if passed else query
-        top = session.execute(
-            candidates.with_only_columns(Study.urgency, Study.id).limit(1)
-        ).first()
-        if top is None:
+        top = driver.rows(session, _first(candidates), pool_params)[1]
+        if not top:
             return None
-        urgency, study_id = top
-        ahead = ready_query.with_only_columns(Study.id).where(
-            sa.or_(Study.urgency > urgency, sa.and_(Study.urgency == urgency, Study.id > study_id))
-        )
-        if session.scalar(ahead.limit(1)) is not None:
+        urgency, study_id = top[0]
+        ahead = {**pool_params, "above_urgency": urgency, "above_id": study_id}
+        if driver.rows(session, _ranking_above(ready_query), ahead)[1]:
             return None  # a ready study ranks first
         passed.append(study_id)
         study = _claim(session, study_id=study_id, user_id=user.id, now=now, lease=lease)
@@ -207,6 +210,25 @@ def claim_if_more_urgent(
         logger.info("study %s claimed by %s for verification", study.id, user.username)
         return worklist_service.ClaimResult(study, assignment, why)
     return None
+
+
+@functools.lru_cache(maxsize=64)
+def _first(candidates: sa.Select[Study]) -> sa.Select[tuple[float, int]]:
+    return candidates.with_only_columns(Study.urgency, Study.id).limit(sa.literal_column("1"))
+
+
+@functools.lru_cache(maxsize=64)
+def _ranking_above(ready_query: sa.Select[Study]) -> sa.Select[tuple[int]]:
+    """A study of `ready_query` that ranks above (above_urgency, above_id), if any."""
+    urgency = driver.param("above_urgency", Study.urgency.type)
+    study_id = driver.param("above_id", sa.Integer())
+    return (
+        ready_query.with_only_columns(Study.id)
+        .where(
+            sa.or_(Study.urgency > urgency, sa.and_(Study.urgency == urgency, Study.id > study_id))
+        )
+        .limit(sa.literal_column("1"))
+    )
 
 
 def assign_for_verification(

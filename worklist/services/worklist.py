@@ -922,22 +922,22 @@ def next_case(
         return ClaimResult(None, reason="not on a duty session now")
     # Over the session's cap, only stat and critical work passes.
     over_capacity = slot.capacity is not None and radiologist.session_load >= slot.capacity
+    # One claim statement for every radiologist, their trusts and credentials as parameters.
+    dialect = session.get_bind().dialect.name
+    query = shared_pool(dialect, stat_only=over_capacity)
+    pool_params = pool_values(radiologist, now)
     if user.can_finalise and verification_waiting:  # consultants also verify, in one order
         from worklist.services import verification
 
         verify = verification.claim_if_more_urgent(
-            session, ready_query=pool_query(radiologist, now, stat_only=over_capacity),
-            user=user, radiologist=radiologist, now=now, lease=lease, remote_addr=remote_addr,
+            session, ready_query=query, pool_params=pool_params, user=user,
+            radiologist=radiologist, now=now, lease=lease, remote_addr=remote_addr,
         )  # fmt: skip
         if verify is not None:
             return verify
     # The pool holds only trusts with an agreement, so their codes come with it.
     codes = {a.trust_id: a.trust_code or "" for a in radiologist.agreements}
-    # One claim text for every radiologist, their trusts and credentials as parameters.
-    dialect = session.get_bind().dialect.name
-    query = shared_pool(dialect, stat_only=over_capacity)
     mates_pool = shared_pool(dialect, by_patient=True)
-    pool_params = pool_values(radiologist, now)
     skipped: list[dict[str, Any]] = []
     skipped_ids: list[int] = []
     while True:
