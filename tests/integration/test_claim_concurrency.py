@@ -175,6 +175,19 @@ def test_when_other_claimers_hold_every_shortlisted_study_next_case_walks_on_to_
             holder.close()
 
 
+def _recorded(monkeypatch) -> list[tuple[object, dict]]:  # type: ignore[no-untyped-def]
+    """The statements (and values) run through the driver from now on, in order."""
+    run: list[tuple[object, dict]] = []
+    rows = driver.rows
+
+    def recording(session, statement, params):  # type: ignore[no-untyped-def]
+        run.append((statement, dict(params)))
+        return rows(session, statement, params)
+
+    monkeypatch.setattr(driver, "rows", recording)
+    return run
+
+
 def _claims(run: list[tuple[object, dict]], dialect: str) -> list[tuple[object, dict]]:
     """The claims among the statements run through the driver: PostgreSQL's claim
     UPDATE, SQLite's locking read of the first candidate."""
@@ -195,14 +208,7 @@ def test_next_case_finds_its_candidate_in_the_ready_pools_index_alone(
     index-only walk, in the index's order (no sort). (A locking walk reads each from the
     table: PostgreSQL locks only rows it has read.)"""
     (user_id,) = fill_pool(runtime, clock, readers=1)
-    run: list[tuple[object, dict]] = []
-    rows = driver.rows
-
-    def recording(session, statement, params):  # type: ignore[no-untyped-def]
-        run.append((statement, dict(params)))
-        return rows(session, statement, params)
-
-    monkeypatch.setattr(driver, "rows", recording)
+    run = _recorded(monkeypatch)
     with runtime.session() as s:
         assert wl.next_case(s, user=s.get(User, user_id), now=clock.now()).study is not None
         statement, params = _claims(run, runtime.dialect)[0]
@@ -233,14 +239,7 @@ def test_a_reader_with_nothing_eligible_gets_no_locking_walk_of_the_pool(
         user_id = make_user(
             s, now=clock.now(), trusts=("RW6",), credentials=("MR",), on_duty=True
         ).id
-    run: list[tuple[object, dict]] = []
-    rows = driver.rows
-
-    def recording(session, statement, params):  # type: ignore[no-untyped-def]
-        run.append((statement, dict(params)))
-        return rows(session, statement, params)
-
-    monkeypatch.setattr(driver, "rows", recording)
+    run = _recorded(monkeypatch)
     with runtime.session() as s:
         assert wl.next_case(s, user=s.get(User, user_id), now=clock.now()).study is None
         statement, params = _claims(run, "postgresql")[0]
@@ -315,14 +314,7 @@ def test_a_connection_serving_radiologists_in_turn_plans_their_claim_once(
                       on_duty=True).id
             for i, mix in enumerate(mixes)
         ]  # fmt: skip
-    run: list[tuple[object, dict]] = []
-    rows = driver.rows
-
-    def recording(session, statement, params):  # type: ignore[no-untyped-def]
-        run.append((statement, dict(params)))
-        return rows(session, statement, params)
-
-    monkeypatch.setattr(driver, "rows", recording)
+    run = _recorded(monkeypatch)
     for user_id in users:  # one connection: the pool has made no other
         with runtime.session() as s:
             assert wl.next_case(s, user=s.get(User, user_id), now=clock.now()).study is not None
