@@ -114,17 +114,24 @@ def _pool(
     by_patient: bool = False,
 ) -> sa.Select[Study]:
     trust = Study.trust_id + sa.literal_column("0") if by_patient else Study.trust_id
-    query = (
-        sa.select(Study)
-        .where(
-            unclaimed_unindexed(status) if by_patient else unclaimed(status),
-            trust.in_([sa.literal_column(str(int(t))) for t in trusts or (-1,)]),
-            credential_clause(credentials),
-        )
-        .order_by(*WORKLIST_ORDER)
-    )
+    return _in_order(
+        status,
+        trust.in_([sa.literal_column(str(int(t))) for t in trusts or (-1,)]),
+        credential_clause(credentials),
+        reader=user_id, stat_only=stat_only, by_patient=by_patient,
+    )  # fmt: skip
+
+
+def _in_order(
+    status: str, trusts: sa.ColumnElement[bool], credentials: sa.ColumnElement[bool], *,
+    reader: int | sa.ColumnElement[int], stat_only: bool, by_patient: bool,
+) -> sa.Select[Study]:  # fmt: skip
+    """The unclaimed `status` studies that pass the trust and credential tests (written
+    in or as parameters), in worklist order, with the rules both forms share."""
+    waiting = unclaimed_unindexed(status) if by_patient else unclaimed(status)
+    query = sa.select(Study).where(waiting, trusts, credentials).order_by(*WORKLIST_ORDER)
     if status == READY:
-        query = query.where(_not_already_read(user_id))
+        query = query.where(_not_already_read(reader))
     if stat_only:
         query = query.where(sa.or_(Study.urgency > urgency_floor(1), Study.critical.is_(True)))
     return query
@@ -281,20 +288,12 @@ def shared_pool(
         ),
     )
     children = sa.or_(holds("children", Study.modality), flag("all_children"))
-    query = (
-        sa.select(Study)
-        .where(
-            unclaimed_unindexed(status) if by_patient else unclaimed(status),
-            _listed(trust, "trusts", sa.Integer(), dialect),
-            sa.or_(
-                sa.and_(Study.paediatric.is_(False), adults),
-                sa.and_(Study.paediatric.is_(True), children),
-            ),
-        )
-        .order_by(*WORKLIST_ORDER)
-    )
-    if status == READY:
-        query = query.where(_not_already_read(driver.param("reader", sa.Integer())))
-    if stat_only:
-        query = query.where(sa.or_(Study.urgency > urgency_floor(1), Study.critical.is_(True)))
-    return query
+    return _in_order(
+        status,
+        _listed(trust, "trusts", sa.Integer(), dialect),
+        sa.or_(
+            sa.and_(Study.paediatric.is_(False), adults),
+            sa.and_(Study.paediatric.is_(True), children),
+        ),
+        reader=driver.param("reader", sa.Integer()), stat_only=stat_only, by_patient=by_patient,
+    )  # fmt: skip
