@@ -658,7 +658,7 @@ def load(runtime: Runtime, *, ready: int, historical: int, radiologists: int, se
             reports.append({"id": sid, "study_id": sid, "draft_text": "", "status": "final"})
             author, signed = rng.choice(user_ids), performed + timedelta(hours=30)
             versions.append({
-                "id": sid, "report_id": sid, "sequence": 1, "kind": "final",
+                "id": sid, "report_id": sid, "study_id": sid, "sequence": 1, "kind": "final",
                 "text": f"{name}: no acute abnormality.", "author_id": author,
                 "signed_at": signed, "urgent_finding": False,
             })  # fmt: skip

@@ -375,6 +375,7 @@ def _add_study(
         signed = min(now, performed + timedelta(hours=rng.randrange(1, 48)))
         report.versions = [
             ReportVersion(
+                study_id=study.id,
                 sequence=1,
                 kind=status.value,
                 author_id=author.id,

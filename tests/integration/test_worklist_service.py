@@ -462,8 +462,9 @@ def test_priors_come_from_every_trust_by_valid_nhs_number_newest_first_with_repo
     make_study(session, trust=rw6, now=clock.now(), patient=here, status="ready",
                performed_ago=timedelta(minutes=5))  # later than the current study  # fmt: skip
     report = Report(study_id=old_ct.id, status="final")
-    report.versions = [ReportVersion(sequence=1, kind="final", text="No nodule.",
-                                     author_id=reader.id, signed_at=clock.now())]  # fmt: skip
+    report.versions = [ReportVersion(study_id=old_ct.id, sequence=1, kind="final",
+                                     text="No nodule.", author_id=reader.id,
+                                     signed_at=clock.now())]  # fmt: skip
     session.add(report)
     session.flush()
     found = priors_service.priors(session, study_id=current.id, user=reader, now=clock.now())

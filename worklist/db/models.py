@@ -437,6 +437,9 @@ class ReportVersion(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     # Looked up through the unique (report_id, sequence): no index of its own (0007).
     report_id: Mapped[int] = mapped_column(sa.ForeignKey("report.id"))
+    # The report's study, which a version never changes: priors find a study's versions
+    # by it (ix_report_version_study_id_sequence) without reading the report (0008).
+    study_id: Mapped[int] = mapped_column(sa.ForeignKey("study.id"))
     sequence: Mapped[int]
     kind: Mapped[str] = mapped_column(sa.String(16))  # preliminary | final | addendum
     text: Mapped[str] = mapped_column(sa.Text)
@@ -447,7 +450,10 @@ class ReportVersion(Base):
 
     report: Mapped[Report] = relationship(back_populates="versions")
 
-    __table_args__ = (sa.UniqueConstraint("report_id", "sequence"),)
+    __table_args__ = (
+        sa.UniqueConstraint("report_id", "sequence"),
+        sa.Index("ix_report_version_study_id_sequence", "study_id", "sequence"),
+    )
 
 
 class Alert(Base):

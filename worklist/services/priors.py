@@ -19,7 +19,6 @@ from worklist.db import driver
 from worklist.db.models import (
     AuditEvent,
     Patient,
-    Report,
     ReportingPermission,
     ReportVersion,
     Study,
@@ -112,14 +111,15 @@ def _exam_time(study: Any) -> sa.ColumnElement[datetime]:
 
 
 def _with_latest_report(query: Q, study_id: sa.ColumnElement[int] | QueryableAttribute[int]) -> Q:
-    """`query` outer-joined to the study's latest signed report version (highest sequence)."""
+    """`query` outer-joined to the study's latest signed report version (highest sequence),
+    found by the study (ix_report_version_study_id_sequence), not through the report."""
     later = aliased(ReportVersion)
     latest_sequence = (
-        sa.select(sa.func.max(later.sequence)).where(later.report_id == Report.id).scalar_subquery()
+        sa.select(sa.func.max(later.sequence)).where(later.study_id == study_id).scalar_subquery()
     )
-    return query.outerjoin(Report, Report.study_id == study_id).outerjoin(
+    return query.outerjoin(
         ReportVersion,
-        sa.and_(ReportVersion.report_id == Report.id, ReportVersion.sequence == latest_sequence),
+        sa.and_(ReportVersion.study_id == study_id, ReportVersion.sequence == latest_sequence),
     )
 
 
@@ -245,8 +245,8 @@ def _priors_statement(sees_every_trust: bool) -> sa.Select[Any]:
         sa.select(Patient.id).where(Patient.link_nhs_number == anchor.c.link_nhs_number),
     ).cte("people")
     exam_time = _exam_time(Study)
-    found = (  # narrow: the study's columns are read once, by the outer query
-        sa.select(Study.id, exam_time.label("exam_time"))
+    found = (  # with every column: read again by id, each cost an index read when cold
+        sa.select(*Study.__table__.columns, exam_time.label("exam_time"))
         .join(anchor, sa.true())
         .where(
             Study.patient_id.in_(sa.select(people.c.patient_id)),
@@ -277,8 +277,7 @@ def _priors_statement(sees_every_trust: bool) -> sa.Select[Any]:
     ).cte("audit_row")
     latest_report = (  # as `_with_latest_report`; cheaper to plan and run here than its join
         sa.select(*_REPORT_COLUMNS)
-        .join(Report, Report.id == ReportVersion.report_id)
-        .where(Report.study_id == found.c.id)
+        .where(ReportVersion.study_id == found.c.id)
         .order_by(ReportVersion.sequence.desc())
         .limit(1)
         .lateral("latest_report")
@@ -287,14 +286,13 @@ def _priors_statement(sees_every_trust: bool) -> sa.Select[Any]:
         sa.select(
             anchor.c.modality.label("anchor_modality"),
             anchor.c.body_area.label("anchor_body_area"),
-            *Study.__table__.columns,
+            *(found.c[name] for name in _STUDY_COLUMNS),
             Trust.code.label("trust_code"),
             *latest_report.c,
         )
         .select_from(anchor)
         .outerjoin(found, sa.true())
-        .outerjoin(Study, Study.id == found.c.id)
-        .outerjoin(Trust, Trust.id == Study.trust_id)
+        .outerjoin(Trust, Trust.id == found.c.trust_id)
         .outerjoin(latest_report, sa.true())
         .order_by(found.c.exam_time.desc(), found.c.id.desc())
         .add_cte(audit_row)

@@ -345,6 +345,7 @@ def _sign(
         author_id = versions[-1].author_id
     version = ReportVersion(
         report_id=report.id,
+        study_id=report.study_id,
         sequence=(versions[-1].sequence + 1) if versions else 1,
         kind=kind.value,
         text=text,
