@@ -455,7 +455,7 @@ import sqlalchemy as sa  # noqa: E402
 from worklist.bootstrap import Runtime, build_runtime  # noqa: E402
 from worklist.clock import FixedClock  # noqa: E402
 from worklist.config import Settings  # noqa: E402
-from worklist.db import migrate  # noqa: E402
+from worklist.db import driver, migrate  # noqa: E402
 from worklist.db.models import (  # noqa: E402
     Assignment,
     Credential,
@@ -472,6 +472,7 @@ from worklist.domain.priority import OrderFacts, effort_for, prioritise  # noqa:
 from worklist.services import accounts  # noqa: E402
 from worklist.services import priors as priors_service  # noqa: E402
 from worklist.services import worklist as service  # noqa: E402
+from worklist.services.pool import pool_values, shared_pool  # noqa: E402
 
 PRIORS_WARM_UP = 10  # priors calls before the clock starts
 NEXT_CASE_WARM_UP = 10  # claims each next-case process makes before the clock starts
@@ -1054,39 +1055,55 @@ def bench_reprioritise(runtime: Runtime) -> dict:
 
 
 def plans(runtime: Runtime, user_id: int, study_id: int) -> dict[str, str]:
-    """The query plans of the candidate (next case), page and priors queries."""
+    """The plans of the statements the service runs, with ANALYZE on PostgreSQL (each run
+    and rolled back): next case's claim (PostgreSQL: the one UPDATE with its shortlist and
+    mates; SQLite: the locking read of the first candidate, which the claim by id follows),
+    the worklist page's walk of the pool (its first chunk of ids) and priors."""
     found = {}
-    with runtime.session() as s:
+    postgres = runtime.dialect == "postgresql"
+    with runtime.session_factory() as s:  # not committed: rolled back after each ANALYZE
         user = s.get(User, user_id)
         radiologist = service.radiologist_facts(s, user=user, now=NOW)
-        # As the service runs them: ids only (the claim's subquery; the page's first step).
-        candidate = service.pool_query(radiologist, NOW).with_only_columns(Study.id).limit(1)
-        if runtime.dialect == "postgresql":
-            candidate = candidate.with_for_update(skip_locked=True)
-        page = service.pool_query(radiologist, NOW).with_only_columns(Study.id).limit(61)
-        study = s.get(Study, study_id)
-        patient_ids = [study.patient_id]
-        exam_time = sa.func.coalesce(Study.performed_at, Study.requested_at, Study.created_at)
-        priors = (
-            sa.select(Study.id)
-            .where(Study.patient_id.in_(patient_ids), Study.id != study_id,
-                   exam_time < study.performed_at)
-            .order_by(exam_time.desc(), Study.id.desc())
-            .limit(100)
-        )  # fmt: skip
-        for name, query in (("next case candidate", candidate), ("worklist page", page),
-                            ("priors", priors)):  # fmt: skip
-            sql = str(query.compile(runtime.engine, compile_kwargs={"literal_binds": True}))
-            if runtime.dialect == "postgresql":
-                # Driver SQL as compiled ('%%' for the LIKE's '%'): text() would double it again.
-                explain = "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + sql
-                rows = s.connection().exec_driver_sql(explain).all()
-                found[name] = "\n".join(r[0] for r in rows)
-            else:
-                rows = s.connection().exec_driver_sql("EXPLAIN QUERY PLAN " + sql).all()
-                found[name] = "\n".join(str(r[-1]) for r in rows)
+        pool = shared_pool(runtime.dialect)
+        claim = (
+            service._claim_update(pool, shared_pool(runtime.dialect, by_patient=True))
+            if postgres
+            else service._first_of(pool)
+        )
+        values = {"claimer_id": user_id, "claim_now": NOW, "claim_expires_at": NOW,
+                  **pool_values(radiologist, NOW)}  # fmt: skip
+        found["next case claim"] = driver.plan(s, claim, values, analyze=True)
         s.rollback()
-    return found
+        page = service.pool_query(radiologist, NOW).with_only_columns(Study.id, Study.urgency)
+        sql = str(page.limit(61).compile(runtime.engine, compile_kwargs={"literal_binds": True}))
+        # Driver SQL as compiled ('%%' for the LIKE's '%'): text() would double it again.
+        explain = "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " if postgres else "EXPLAIN QUERY PLAN "
+        found["worklist page walk"] = [
+            str(r[0] if postgres else r[-1]) for r in s.connection().exec_driver_sql(explain + sql)
+        ]
+        if postgres:  # the one statement (its audit row rolled back)
+            values = {"study_id": study_id, "user_id": user_id, "username": user.username,
+                      "at": NOW, "remote_addr": None, "limit": 100}  # fmt: skip
+            found["priors"] = driver.plan(
+                s, priors_service._priors_statement(True), values, analyze=True
+            )
+            s.rollback()
+        else:  # the query that reads the priors, as the service sends it
+            sent: list[tuple[str, Any]] = []
+
+            def record(_conn, _cursor, statement, parameters, _context, _many):  # type: ignore[no-untyped-def]
+                sent.append((statement, parameters))
+
+            sa.event.listen(runtime.engine, "before_cursor_execute", record)
+            try:
+                priors_service.priors(s, study_id=study_id, user=user, now=NOW)
+            finally:
+                sa.event.remove(runtime.engine, "before_cursor_execute", record)
+            statement, parameters = next((t, p) for t, p in sent if "report_version" in t)
+            rows = s.connection().exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters)
+            found["priors"] = [str(r[-1]) for r in rows]
+            s.rollback()
+    return {name: "\n".join(lines) for name, lines in found.items()}
 
 
 # --- driver ---------------------------------------------------------------------------------

@@ -212,15 +212,10 @@ def test_next_case_finds_its_candidate_in_the_ready_pools_index_alone(
     with runtime.session() as s:
         assert wl.next_case(s, user=s.get(User, user_id), now=clock.now()).study is not None
         statement, params = _claims(run, runtime.dialect)[0]
-        if on_postgres:
-            explain = "EXPLAIN " + driver.sql(statement).text
-            plan = "\n".join(r[0] for r in s.connection().exec_driver_sql(explain, params))
-            assert "Index Only Scan Backward using ix_study_ready_pool" in plan, plan
-            return
-        compiled = driver.sql(statement, "sqlite")
-        raw = s.connection().connection.driver_connection
-        values = {n: driver._sqlite_value(params[n]) for n in compiled.params}
-        plan = "\n".join(r[-1] for r in raw.execute("EXPLAIN QUERY PLAN " + compiled.text, values))
+        plan = "\n".join(driver.plan(s, statement, params))
+    if on_postgres:
+        assert "Index Only Scan Backward using ix_study_ready_pool" in plan, plan
+        return
     assert "USING COVERING INDEX ix_study_ready_pool" in plan, plan
     assert "TEMP B-TREE" not in plan, plan  # walked in order, not sorted
 
@@ -243,8 +238,7 @@ def test_a_reader_with_nothing_eligible_gets_no_locking_walk_of_the_pool(
     with runtime.session() as s:
         assert wl.next_case(s, user=s.get(User, user_id), now=clock.now()).study is None
         statement, params = _claims(run, "postgresql")[0]
-        explain = "EXPLAIN (ANALYZE, COSTS OFF) " + driver.sql(statement).text
-        plan = [r[0] for r in s.connection().exec_driver_sql(explain, params)]
+        plan = driver.plan(s, statement, params, analyze=True)
         s.rollback()
     walks = [line for line in plan if "Index Scan Backward using ix_study_ready_pool" in line]
     assert walks and all("never executed" in line for line in walks), "\n".join(plan)

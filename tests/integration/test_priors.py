@@ -245,12 +245,10 @@ def test_on_postgresql_a_prior_is_read_once_and_its_report_found_by_the_study(
         earlier = make_study(session, trust=rw6, now=clock.now(), patient=patient,
                              status="final", performed_ago=timedelta(days=days))  # fmt: skip
         report(session, earlier, reader, clock, ("final", f"Seen {days} days ago."))
-    connection = session.connection()
-    connection.exec_driver_sql("SET LOCAL enable_seqscan = off")  # a few rows: else scans
-    statement = driver.sql(priors_service._priors_statement(True)).text
+    session.connection().exec_driver_sql("SET LOCAL enable_seqscan = off")  # else scans
     values = {"study_id": current.id, "user_id": reader.id, "username": reader.username,
               "at": clock.now(), "remote_addr": None, "limit": 100}  # fmt: skip
-    plan = "\n".join(r[0] for r in connection.exec_driver_sql("EXPLAIN " + statement, values))
+    plan = "\n".join(driver.plan(session, priors_service._priors_statement(True), values))
     assert "using ix_report_version_study_id_sequence on report_version" in plan, plan
     assert " on report " not in plan, plan
     assert plan.count("using pk_study on study") == 1, plan  # the study asked about, alone

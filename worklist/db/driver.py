@@ -152,6 +152,28 @@ def _sqlite_rows(
     return compiled.names, found
 
 
+def plan(
+    session: Session, statement: sa.Executable, params: dict[str, Any], *, analyze: bool = False
+) -> list[str]:
+    """The database's plan for `statement` with these values, one line a row: PostgreSQL's
+    EXPLAIN (with `analyze`, run: roll back after a statement that writes), SQLite's
+    EXPLAIN QUERY PLAN. For the benchmark's record and the tests that hold a plan."""
+    connection = session.connection()
+    driver_connection = connection.connection.driver_connection
+    assert driver_connection is not None
+    if connection.dialect.name == "sqlite":
+        compiled = sql(statement, "sqlite")
+        values = {name: _sqlite_value(params[name]) for name in compiled.params}
+        rows = driver_connection.execute("EXPLAIN QUERY PLAN " + compiled.text, values)
+        return [str(row[-1]) for row in rows.fetchall()]
+    compiled = sql(statement)
+    params = {**params, **{name: _array_literal(params[name]) for name in compiled.arrays}}
+    options = "(ANALYZE, BUFFERS, COSTS OFF) " if analyze else ""
+    with driver_connection.cursor() as cursor:
+        cursor.execute(f"EXPLAIN {options}{compiled.text}", params)
+        return [row[0] for row in cursor.fetchall()]
+
+
 def _processed(
     row: tuple[Any, ...], processors: tuple[tuple[int, Callable[[Any], Any]], ...]
 ) -> tuple[Any, ...]:
