@@ -234,7 +234,7 @@ def test_on_postgresql_a_prior_is_read_once_and_its_report_found_by_the_study(
     """Each page priors touch is a random read when it is not cached (a patient's
     studies and reports lie far apart). A prior's study is read once, with every column,
     not looked up again by id; its latest version is found by the study (0008), not
-    through the report: 31 -> 21 blocks read a call in the benchmark, PostgreSQL cold."""
+    through the report: 31.5 -> 19.1 blocks read a call in the benchmark, PostgreSQL cold."""
     if not on_postgres:
         pytest.skip("PostgreSQL's plan")
     rw6, _ = region
