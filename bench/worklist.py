@@ -1102,13 +1102,10 @@ def plans(runtime: Runtime, user_id: int, study_id: int) -> dict[str, str]:
                   **pool_values(radiologist, NOW)}  # fmt: skip
         found["next case claim"] = driver.plan(s, claim, values, analyze=True)
         s.rollback()
-        page = service.pool_query(radiologist, NOW).with_only_columns(Study.id, Study.urgency)
-        sql = str(page.limit(61).compile(runtime.engine, compile_kwargs={"literal_binds": True}))
-        # Driver SQL as compiled ('%%' for the LIKE's '%'): text() would double it again.
-        explain = "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " if postgres else "EXPLAIN QUERY PLAN "
-        found["worklist page walk"] = [
-            str(r[0] if postgres else r[-1]) for r in s.connection().exec_driver_sql(explain + sql)
-        ]
+        walk = service._page_walk(runtime.dialect, (), continues=False, chunk=61)
+        found["worklist page walk"] = driver.plan(
+            s, walk, pool_values(radiologist, NOW), analyze=True
+        )
         if postgres:  # the one statement (its audit row rolled back)
             values = {"study_id": study_id, "user_id": user_id, "username": user.username,
                       "at": NOW, "remote_addr": None, "limit": 100}  # fmt: skip

@@ -173,6 +173,25 @@ def test_the_worklist_lists_eligible_studies_in_order_with_filters_and_paging(
     assert {(s.trust_id, s.modality) for s in only_mr_rw6.studies} == {(rw6.id, "MR")}
 
 
+def test_a_worklist_filter_with_a_quote_in_it_is_a_value_never_sql(session, clock, region):
+    """The page's filters are written into its walk (escaped by SQLAlchemy's literal
+    rendering): a quote in a filter matches that text and never closes the string."""
+    rw6, _ = region
+    reader = radiologist(session, clock, credentials=("CT",))
+    study = ready(session, clock, rw6, body_area="HEAD")
+    quoted = "HEAD') OR (1=1) OR ('"
+    for filters in (
+        wl.WorklistFilters(body_areas=(quoted,)),
+        wl.WorklistFilters(modalities=(quoted,)),
+        wl.WorklistFilters(trusts=(quoted,)),
+    ):
+        page = wl.worklist(session, user=reader, now=clock.now(), filters=filters)
+        assert page.studies == []
+    head = wl.worklist(session, user=reader, now=clock.now(),
+                       filters=wl.WorklistFilters(body_areas=("head",)))  # fmt: skip
+    assert head.studies == [study]
+
+
 def test_worklist_filters_on_other_columns_walk_the_pool_in_order_past_many_misses(
     session, clock, region
 ):

@@ -6,13 +6,10 @@ ready pool (`ix_study_ready_pool`) and the verification pool of preliminary repo
 `worklist.domain.eligibility.may_report` are written here as SQL so that the index scan
 stops at the first row that qualifies; `may_report` still decides every row handed out.
 
-A pool's statement depends only on the radiologist's trusts and credentials (and on
-whether only stat and critical work may pass a full session), never on the clock, so it
-is built once per such combination and cached: next case composes no SQL. In
-`pool_query` they are written into the SQL (the worklist page, the verification pool);
-next case's claim takes them as parameters (`shared_pool`, `pool_values`), one SQL
-text for every radiologist, compiled once per process and prepared once per
-connection, not once per radiologist.
+A pool's statement takes the radiologist's trusts and credentials as parameters
+(`shared_pool`, `pool_values`): one SQL text for every radiologist, never depending on
+the clock, compiled once per process and prepared once per connection, not once per
+radiologist. Next case, the worklist page and the verification pool all read it.
 """
 
 from __future__ import annotations
@@ -53,13 +50,6 @@ def _literal(value: str) -> sa.ColumnElement[str]:
     return sa.literal_column(f"'{value}'", sa.String())
 
 
-def _text(value: str) -> sa.ColumnElement[str]:
-    """A credential's modality or body area as an SQL string literal in the statement
-    (quotes doubled), for the reason `_literal` gives: a pool's statement is built once
-    per credentials, and an IN list of parameters was rendered anew at each execution."""
-    return sa.literal_column("'" + value.replace("'", "''") + "'", sa.String())
-
-
 #: The pool statuses as literals (see `_literal`).
 STATUS_LITERAL = {READY: _literal(READY), PRELIMINARY: _literal(PRELIMINARY)}
 
@@ -83,51 +73,12 @@ def unclaimed_unindexed(status: str, study: Any = Study) -> sa.ColumnElement[boo
     )
 
 
-def pool_query(
-    radiologist: Radiologist, now: datetime, *, status: str = READY, stat_only: bool = False,
-    by_patient: bool = False,
-) -> sa.Select[Study]:  # fmt: skip
-    """Unclaimed `status` studies of the trusts and credentials `radiologist` holds, in
-    worklist order; with `stat_only`, only the stat and critical work that passes a full
-    session's cap.
-
-    With `by_patient` the same rules are written so that no index serves them: for a
-    query that names a patient's few studies (ix_study_patient_id), which both planners
-    must reach through that index and never by walking the pool."""
-    today = now.astimezone(LONDON).date()
-    trusts = tuple(sorted({a.trust_id for a in radiologist.agreements if a.in_force(today)}))
-    credentials = tuple(sorted(set(radiologist.credentials), key=_credential_sort_key))
-    return _pool(status, trusts, credentials, radiologist.user_id, stat_only, by_patient)
-
-
-def _credential_sort_key(credential: HeldCredential) -> tuple[str, str]:
-    return credential.modality, credential.body_area or ""
-
-
-@functools.lru_cache(maxsize=4096)
-def _pool(
-    status: str,
-    trusts: tuple[int, ...],
-    credentials: tuple[HeldCredential, ...],
-    user_id: int,
-    stat_only: bool,
-    by_patient: bool = False,
-) -> sa.Select[Study]:
-    trust = Study.trust_id + sa.literal_column("0") if by_patient else Study.trust_id
-    return _in_order(
-        status,
-        trust.in_([sa.literal_column(str(int(t))) for t in trusts or (-1,)]),
-        credential_clause(credentials),
-        reader=user_id, stat_only=stat_only, by_patient=by_patient,
-    )  # fmt: skip
-
-
 def _in_order(
     status: str, trusts: sa.ColumnElement[bool], credentials: sa.ColumnElement[bool], *,
     reader: int | sa.ColumnElement[int], stat_only: bool, by_patient: bool,
 ) -> sa.Select[Study]:  # fmt: skip
-    """The unclaimed `status` studies that pass the trust and credential tests (written
-    in or as parameters), in worklist order, with the rules both forms share."""
+    """The unclaimed `status` studies that pass the trust and credential tests, in
+    worklist order, with the rules every pool applies."""
     waiting = unclaimed_unindexed(status) if by_patient else unclaimed(status)
     query = sa.select(Study).where(waiting, trusts, credentials).order_by(*WORKLIST_ORDER)
     if status == READY:
@@ -162,7 +113,7 @@ def _not_already_read(user_id: int | sa.ColumnElement[int]) -> sa.ColumnElement[
 def _cover(
     credentials: Iterable[HeldCredential],
 ) -> tuple[dict[str, set[str] | None], set[str]]:
-    """What credentials cover, as both forms of the pool's SQL test it: the body areas
+    """What credentials cover, as the pool's SQL tests it: the body areas
     covered per modality (None = any; modality "*" = any modality), and the modalities
     of a child's study (paediatric) covered ("*" = any)."""
     by_modality: dict[str, set[str] | None] = {}
@@ -182,29 +133,7 @@ def _cover(
     return by_modality, for_children
 
 
-def credential_clause(credentials: Iterable[HeldCredential]) -> sa.ColumnElement[bool]:
-    """SQL for `credential_covers`: modality, then body area or the areas of a subspecialty;
-    a child's study (paediatric) needs a paediatric credential or an any-area one."""
-    by_modality, for_children = _cover(credentials)
-    adults = []
-    for modality, covered in sorted(by_modality.items()):
-        parts = [] if modality == "*" else [Study.modality == _text(modality)]
-        if covered is not None:
-            parts.append(sa.func.lower(Study.body_area).in_([_text(a) for a in sorted(covered)]))
-        adults.append(sa.and_(sa.true(), *parts))
-    if "*" in for_children:
-        children: sa.ColumnElement[bool] = sa.true()
-    elif for_children:
-        children = Study.modality.in_([_text(m) for m in sorted(for_children)])
-    else:
-        children = sa.false()
-    return sa.or_(
-        sa.and_(Study.paediatric.is_(False), sa.or_(*adults) if adults else sa.false()),
-        sa.and_(Study.paediatric.is_(True), children),
-    )
-
-
-# --- the same pools as one statement for every radiologist (next case, the driver) -----
+# --- the pools as one statement for every radiologist (through the driver) ------------
 
 #: Joins a modality and a body area in `pool_values`' "areas" (neither holds it).
 _AREA_JOIN = "|"
@@ -250,8 +179,12 @@ def _listed(value: sa.ColumnElement[Any], name: str, item: Any, dialect: str) ->
 def shared_pool(
     dialect: str, status: str = READY, *, stat_only: bool = False, by_patient: bool = False
 ) -> sa.Select[Study]:
-    """`pool_query` with the radiologist's trusts and credentials as parameters
-    (`pool_values`), not written in: one SQL text for every radiologist.
+    """Unclaimed `status` studies of the trusts and credentials a radiologist holds, in
+    worklist order, those given as parameters (`pool_values`), not written in: one SQL
+    text for every radiologist. With `stat_only`, only the stat and critical work that
+    passes a full session's cap. With `by_patient` the rules are written so that no index
+    serves them: for a query that names a patient's few studies (ix_study_patient_id),
+    which both planners must reach through that index and never by walking the pool.
 
     A statement is compiled (SQLAlchemy), prepared (sqlite3's statement cache, psycopg)
     and planned (PostgreSQL) once per text. With the trusts and credentials written in,
@@ -259,7 +192,7 @@ def shared_pool(
     turn, compiled it for each radiologist's first claim in that process (a p99 of 41-47
     against 21-24 ms on SQLite, 8 processes), and PostgreSQL parsed and planned it on
     most claims (~1.4 ms of planning). The lists are tested on the pool index's own
-    columns, as `credential_clause` tests its literals, so the walk stays index-only.
+    columns, so the walk stays index-only.
     Flags skip the terms a radiologist's credentials cannot match: without them SQLite
     built the area terms' strings on every row walked (past 1,500 claimed studies: 103
     us a walk, 38 with the flags, 32 written in)."""

@@ -39,7 +39,7 @@ from worklist.domain.study import StudyStatus
 from worklist.errors import Conflict, Forbidden
 from worklist.services import audit
 from worklist.services import worklist as worklist_service
-from worklist.services.pool import STATUS_LITERAL, pool_query, shared_pool
+from worklist.services.pool import STATUS_LITERAL, pool_values, shared_pool
 
 logger = logging.getLogger(__name__)
 
@@ -49,22 +49,24 @@ _MAX_TRIES = 20
 PRELIMINARY = StudyStatus.PRELIMINARY.value
 
 
-def verification_pool_query(
-    radiologist: Radiologist, now: datetime, *, stat_only: bool = False
-) -> sa.Select[Study]:
-    """Preliminary, unclaimed studies of trusts and credentials the consultant holds,
-    most urgent first (the agreement and credential rules in SQL, as for the ready pool)."""
-    return pool_query(radiologist, now, status=PRELIMINARY, stat_only=stat_only)
-
-
 def verification_pool(
     session: Session, *, user: User, now: datetime, limit: int = 50
 ) -> list[Study]:
-    """The preliminary reports `user` may verify, in order (empty for a trainee)."""
+    """The preliminary reports `user` may verify, in order (empty for a trainee): the
+    unclaimed preliminary studies of the trusts and credentials the consultant holds (the
+    agreement and credential rules in SQL, in the statement next case shares)."""
     if not user.can_finalise:
         return []
     radiologist = worklist_service.radiologist_facts(session, user=user, now=now)
-    return list(session.scalars(verification_pool_query(radiologist, now).limit(limit)))
+    query = _top(shared_pool(session.get_bind().dialect.name, PRELIMINARY), limit)
+    names, rows = driver.rows(session, query, pool_values(radiologist, now))
+    return [driver.loaded(session, Study, dict(zip(names, row, strict=True))) for row in rows]
+
+
+@functools.lru_cache(maxsize=64)
+def _top(pool: sa.Select[Study], limit: int) -> sa.Select[Study]:
+    """The first `limit` of `pool` (a literal: a prepared plan knows how few)."""
+    return pool.limit(sa.literal_column(str(int(limit))))
 
 
 def _eligibility(
