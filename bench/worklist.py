@@ -422,6 +422,50 @@ What we measured and chose (2 cores, shared; one run each, figures move by a thi
   4 runs on each database (PostgreSQL 19.6, 21.0, 18.0, 19.7; SQLite 19.2, 18.1, 16.9,
   22.6 ms); priors under 10 ms only warm; 0.5 of the floor on neither (0.21-0.28).
 
+* 2026-12-07, fifth session (16:05-): a new machine, its speed changing by the minute (a
+  CPython loop of 10 million additions took 0.68-1.12 s; the bare floor at 8 threads did
+  984-2,761 claims/s on PostgreSQL within the same half hour). Compare alternating runs
+  and counts, not figures from different minutes.
+    - Priors read fewer pages. Each page a priors call touches is a random read when not
+      cached (a patient's studies and reports lie far apart): PostgreSQL's statement read
+      each prior's study again by id after finding it (a pk_study read a prior), and
+      found its latest report through the report (two index lookups). Now the study is
+      read once with every column, and report_version carries its study (migration 0008,
+      ix_report_version_study_id_sequence). Blocks read a call, PostgreSQL restarted and
+      the page cache dropped, 200 random waiting studies (4.4 priors each): 31.5 -> 19.1.
+      Alternating runs in that state, the same database: PostgreSQL p99 12.6-12.8 ->
+      7.1-9.5 ms (one old run 35.4); SQLite 11.3-15.4 -> 7.8-11.6 ms. Later, the machine
+      twice as slow, both ~21 ms: the CPU, not the reads, then.
+    - The priors part now measures twice (the same studies again) and, on PostgreSQL,
+      counts the blocks each pass reads from outside shared_buffers.
+    - The plans printed are those of the statements the service runs (the claim UPDATE,
+      its shortlist and mates; SQLite's locking read; the page's walk; the priors
+      statement), by `driver.plan`, no longer stand-ins.
+    - The worklist page, the verification pool and a manual claim's same-patient studies
+      read the one shared pool statement (the written-in pool is gone); migration 0009
+      gives PostgreSQL statistics on the expressions its credential rules test. Pages of
+      32 radiologists, 6 each per filter, alternating (old -> new), PostgreSQL: filtered to
+      a tier p99 161 -> 20 ms, to a body area p99 430 -> 54 ms (p50 164 -> 17), to CT 35
+      -> 17 ms; SQLite about the same, a body area p99 43-61 -> 66-72 ms. The benchmark's
+      four shapes filter by neither a tier nor a body area: those pages were slow unseen.
+    - Where next case's CPU goes (one process, radiologists in turn, the machine in a
+      fast minute): client 1.0-1.15 ms and backend 1.04-1.14 ms a claim, against the
+      floor with the assignment and audit rows 0.26-0.30 and 0.43-0.44. Client: the
+      request's user 0.21 (with BEGIN), facts 0.13, claim 0.21, assignment rows 0.21 ms,
+      psycopg ~0.14 ms a statement. Backend (PostgreSQL's log): the claim 0.64 ms, COMMIT
+      0.38, the rows 0.18, the facts 0.14. Round trips are not it: the floor as one
+      UPDATE in autocommit takes 0.30 ms of CPU against 0.62-0.75 for its four round
+      trips, but the service in autocommit (no BEGIN or COMMIT) saved ~5 % (3.15 ->
+      2.89, 2.34 -> 2.31, 3.29 -> 3.06 ms in alternating pairs). 0.5 of the floor wants ~1.4 ms a
+      claim in all: less SQL in the claim (its shortlist, mates and double-read probes)
+      and less Python around it (the ORM session, the objects built), not fewer trips.
+  Full runs, 16:57-17:07, the machine in a slow state:
+    PostgreSQL  8 processes 535/s, p99 31.1 ms, ratio 0.21 (floor 2,500/s); in turn
+                407/s, p99 37.7 ms (old and new code alike then: 341-476 against 445-514/s
+                in alternating runs). Worklist page worst p99 23.3 ms; priors p99 11.8 ms.
+    SQLite      8 processes 542/s, p99 25.3 ms, ratio 0.21 (floor 2,553/s); in turn
+                556/s, p99 29.2 ms. Worklist page worst p99 28.0 ms; priors p99 15.3 ms.
+
     .venv/bin/python bench/worklist.py                            # small: 10k ready, 100k history
     .venv/bin/python bench/worklist.py --db postgresql --ready 100000 --historical 2000000
     ... --keep            # keep the database: it prints the --database URL to measure again
