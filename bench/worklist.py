@@ -465,6 +465,18 @@ What we measured and chose (2 cores, shared; one run each, figures move by a thi
                 in alternating runs). Worklist page worst p99 23.3 ms; priors p99 11.8 ms.
     SQLite      8 processes 542/s, p99 25.3 ms, ratio 0.21 (floor 2,553/s); in turn
                 556/s, p99 29.2 ms. Worklist page worst p99 28.0 ms; priors p99 15.3 ms.
+  Again at 17:47-17:51 with everything above (the machine still slow: the floor at 1
+  thread 695/s on PostgreSQL, 8 threads 1,767/s):
+    PostgreSQL  8 processes 464/s, p99 34.4 ms, ratio 0.26; in turn 554/s, p99 27.3 ms,
+                ratio 0.31. Worklist page worst p99 26.1 ms (first page of the process
+                29.6); priors p99 7.5 ms first pass (16.5 blocks read a call), 6.8 again.
+    SQLite      8 processes 531/s, p99 27.6 ms, ratio 0.21 (floor 2,540/s); in turn
+                750/s, p99 21.7 ms, ratio 0.30. Worklist page worst p99 16.1 ms; priors
+                p99 14.2 ms first pass, 3.2 again.
+  Targets: worklist page met on both; priors in the first pass met on PostgreSQL in the
+  last runs (7.5 ms; 9.9, 7.0, 7.1 fully cold), not on SQLite (14.2 ms; 7.8-11.6 fully
+  cold in a faster minute); next-case p99 at 8 processes (25-34 ms) and 0.5 of the floor
+  (0.21-0.31) on neither in this machine's slow state.
 
     .venv/bin/python bench/worklist.py                            # small: 10k ready, 100k history
     .venv/bin/python bench/worklist.py --db postgresql --ready 100000 --historical 2000000
