@@ -474,7 +474,7 @@ What we measured and chose (2 cores, shared; one run each, figures move by a thi
                 750/s, p99 21.7 ms, ratio 0.30. Worklist page worst p99 16.1 ms; priors
                 p99 14.2 ms first pass, 3.2 again.
   Targets: worklist page met on both; priors in the first pass met on PostgreSQL in the
-  last runs (7.5 ms; 9.9, 7.0, 7.1 fully cold), not on SQLite (14.2 ms; 7.8-11.6 fully
+  last runs (7.5 ms; 7.1-9.5 fully cold), not on SQLite (14.2 ms; 7.8-11.6 fully
   cold in a faster minute); next-case p99 at 8 processes (25-34 ms) and 0.5 of the floor
   (0.21-0.31) on neither in this machine's slow state.
 
