@@ -257,6 +257,16 @@ WAITING_BY_PATIENT = "ix_study_waiting_by_patient"
 _WAITING_UNINDEXED = sa.text("coalesce(status, '') = 'ready' AND coalesce(claimed_by_id, 0) = 0")
 
 
+#: The ready pool by body area (migration 0010): a worklist page filtered to a body area
+#: walks it in worklist order, instead of walking the whole pool for the few of that area.
+READY_BY_AREA = "ix_study_ready_by_area"
+_BY_AREA = (sa.text("upper(body_area)"), "urgency", "id")
+#: The columns the pool's rules test, so that a walk of the index reads no table row.
+_BY_AREA_RULES = ("trust_id", "modality", "body_area", "claimed_by_id", "critical",
+                  "paediatric", "status")  # fmt: skip
+_READY = sa.text("status = 'ready' AND claimed_by_id IS NULL")
+
+
 def _pool_index(name: str, status: str) -> sa.Index:
     """A pool's partial index: the unclaimed studies of one status, in worklist order."""
     where = sa.text(f"status = '{status}' AND claimed_by_id IS NULL")
@@ -356,6 +366,14 @@ class Study(Base):
         # The verification pool: preliminary reports awaiting a consultant, unclaimed, in
         # worklist order (worklist.services.verification reads it like the ready pool).
         _pool_index("ix_study_verification_pool", "preliminary"),
+        # PostgreSQL: the rules' columns INCLUDEd (a smaller tree; its walks measured
+        # faster); SQLite has no INCLUDE, so they are keys (and it is told to use it).
+        sa.Index(
+            READY_BY_AREA, *_BY_AREA, postgresql_include=_BY_AREA_RULES, postgresql_where=_READY
+        ).ddl_if(dialect="postgresql"),
+        sa.Index(READY_BY_AREA, *_BY_AREA, *_BY_AREA_RULES, sqlite_where=_READY).ddl_if(
+            dialect="sqlite"
+        ),  # fmt: skip
         # SQLite only: a patient's waiting (ready, unclaimed) studies, which next case
         # claims with the one pulled: a few entries of this small index rather than every
         # study of the patient, history included (cold pages: 0.3 against 0.9 ms, inside
