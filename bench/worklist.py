@@ -448,6 +448,12 @@ What we measured and chose (2 cores, shared; one run each, figures move by a thi
       a tier p99 161 -> 20 ms, to a body area p99 430 -> 54 ms (p50 164 -> 17), to CT 35
       -> 17 ms; SQLite about the same, a body area p99 43-61 -> 66-72 ms. The benchmark's
       four shapes filter by neither a tier nor a body area: those pages were slow unseen.
+    - Two page shapes added: 'one body area' (HEAD or CHEST) and 'urgent tiers'. Body
+      area p99 was 140 ms on PostgreSQL and 50-59 ms on SQLite: a radiologist whose
+      modalities have none of that area walked the whole ready pool. Migration 0010's
+      ix_study_ready_by_area (upper(body_area), urgency, id; the rules' columns INCLUDEd
+      on PostgreSQL, keys on SQLite): 20-30 ms and 17-34 ms. SQLite takes it for one area
+      (equality on its first column); for a filter of several it still walks the pool.
     - Where next case's CPU goes (one process, radiologists in turn, the machine in a
       fast minute): client 1.0-1.15 ms and backend 1.04-1.14 ms a claim, against the
       floor with the assignment and audit rows 0.26-0.30 and 0.43-0.44. Client: the
@@ -473,6 +479,8 @@ What we measured and chose (2 cores, shared; one run each, figures move by a thi
     SQLite      8 processes 531/s, p99 27.6 ms, ratio 0.21 (floor 2,540/s); in turn
                 750/s, p99 21.7 ms, ratio 0.30. Worklist page worst p99 16.1 ms; priors
                 p99 14.2 ms first pass, 3.2 again.
+  (Worklist pages filtered to a body area, after 0010 at 18:06-18:14: p99 PostgreSQL
+  22.3-30.5 ms, SQLite 17.2-34.4 ms.)
   Targets: worklist page met on both; priors in the first pass met on PostgreSQL in the
   last runs (7.5 ms; 7.1-9.5 fully cold), not on SQLite (14.2 ms; 7.8-11.6 fully
   cold in a faster minute); next-case p99 at 8 processes (25-34 ms) and 0.5 of the floor

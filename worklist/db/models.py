@@ -367,7 +367,7 @@ class Study(Base):
         # worklist order (worklist.services.verification reads it like the ready pool).
         _pool_index("ix_study_verification_pool", "preliminary"),
         # PostgreSQL: the rules' columns INCLUDEd (a smaller tree; its walks measured
-        # faster); SQLite has no INCLUDE, so they are keys (and it is told to use it).
+        # faster); SQLite has no INCLUDE, so they are keys.
         sa.Index(
             READY_BY_AREA, *_BY_AREA, postgresql_include=_BY_AREA_RULES, postgresql_where=_READY
         ).ddl_if(dialect="postgresql"),

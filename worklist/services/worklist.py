@@ -41,7 +41,6 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from worklist.db import driver
 from worklist.db.models import (
-    READY_BY_AREA,
     Assignment,
     AuditEvent,
     Credential,
@@ -663,8 +662,6 @@ def _page_walk(
     }
     query = shared_pool(dialect).with_only_columns(Study.id, Study.urgency)
     query = query.where(*(terms[name](values) for name, values in filters))
-    if dict(filters).get("body_area"):  # SQLite's planner keeps to the pool's index
-        query = query.with_hint(Study, f"INDEXED BY {READY_BY_AREA}", "sqlite")
     if continues:
         after = sa.tuple_(
             driver.param("after_urgency", Study.urgency.type),
