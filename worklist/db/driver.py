@@ -113,10 +113,8 @@ def rows(
     driver_connection = connection.connection.driver_connection
     assert driver_connection is not None
     compiled = sql(statement)
-    if compiled.arrays:
-        params = {**params, **{name: _array_literal(params[name]) for name in compiled.arrays}}
     with driver_connection.cursor() as cursor:
-        cursor.execute(compiled.text, params)
+        cursor.execute(compiled.text, _postgresql_values(compiled, params))
         result = cursor.pgresult
         if result is None or result.status != pq.ExecStatus.TUPLES_OK:
             return (), []
@@ -139,9 +137,7 @@ def _sqlite_rows(
     sqlite_writers.take_turn(connection, reads_only=compiled.reads_only)
     driver_connection = connection.connection.driver_connection
     assert driver_connection is not None
-    cursor = driver_connection.execute(
-        compiled.text, {name: _sqlite_value(params[name]) for name in compiled.params}
-    )
+    cursor = driver_connection.execute(compiled.text, _sqlite_values(compiled, params))
     found = cursor.fetchall()
     if compiled.names is None:
         compiled.names = tuple(column[0] for column in cursor.description or ())
@@ -163,15 +159,26 @@ def plan(
     assert driver_connection is not None
     if connection.dialect.name == "sqlite":
         compiled = sql(statement, "sqlite")
-        values = {name: _sqlite_value(params[name]) for name in compiled.params}
+        values = _sqlite_values(compiled, params)
         rows = driver_connection.execute("EXPLAIN QUERY PLAN " + compiled.text, values)
         return [str(row[-1]) for row in rows.fetchall()]
     compiled = sql(statement)
-    params = {**params, **{name: _array_literal(params[name]) for name in compiled.arrays}}
     options = "(ANALYZE, BUFFERS, COSTS OFF) " if analyze else ""
     with driver_connection.cursor() as cursor:
-        cursor.execute(f"EXPLAIN {options}{compiled.text}", params)
+        cursor.execute(f"EXPLAIN {options}{compiled.text}", _postgresql_values(compiled, params))
         return [row[0] for row in cursor.fetchall()]
+
+
+def _postgresql_values(compiled: Compiled, params: dict[str, Any]) -> dict[str, Any]:
+    """The values as psycopg takes them: lists as array literals (`_array_literal`)."""
+    if not compiled.arrays:
+        return params
+    return {**params, **{name: _array_literal(params[name]) for name in compiled.arrays}}
+
+
+def _sqlite_values(compiled: Compiled, params: dict[str, Any]) -> dict[str, Any]:
+    """The values the statement uses, as the models' types store them in SQLite."""
+    return {name: _sqlite_value(params[name]) for name in compiled.params}
 
 
 def _processed(

@@ -75,7 +75,7 @@ def unclaimed_unindexed(status: str, study: Any = Study) -> sa.ColumnElement[boo
 
 def _in_order(
     status: str, trusts: sa.ColumnElement[bool], credentials: sa.ColumnElement[bool], *,
-    reader: int | sa.ColumnElement[int], stat_only: bool, by_patient: bool,
+    reader: sa.ColumnElement[int], stat_only: bool, by_patient: bool,
 ) -> sa.Select[Study]:  # fmt: skip
     """The unclaimed `status` studies that pass the trust and credential tests, in
     worklist order, with the rules every pool applies."""
@@ -88,7 +88,7 @@ def _in_order(
     return query
 
 
-def _not_already_read(user_id: int | sa.ColumnElement[int]) -> sa.ColumnElement[bool]:
+def _not_already_read(user_id: sa.ColumnElement[int]) -> sa.ColumnElement[bool]:
     """Not a double-read study this radiologist has already given a reading of.
 
     A per-row index lookup (ix_assignment_study_id) on the few candidates read: the
