@@ -521,7 +521,7 @@ def order_message(
         f"{order.filler}^{f.sending_application}||{order_status}||{tq}||{ts}",
         f"OBR|1|{order.placer}^{f.sending_application}|{order.filler}^{f.sending_application}|"
         f"{p.code}^{_esc(p.name)}^NICIP|||{exam_time}||||||{_esc(order.clinical_details)}|||"
-        f"G1234567^Referrer^Rita|||{order.accession}|||||{p.modality}|||{tq}",
+        f"G1234567^Referrer^Rita||{order.accession}||||||{p.modality}|||{tq}",
     ]
     return "\r".join(segs) + "\r"
 

@@ -47,7 +47,7 @@ def sim(n: int, hospital: str = "R1000001", nhs: str = VALID_NHS) -> SimOrder:
     return SimOrder(
         feed=RW6,
         placer=f"PX{n}",
-        filler=f"AX{n}",  # the default profile's accession number (OBR-3)
+        filler=f"AX{n}",
         accession=f"AX{n}",
         hospital_number=hospital,
         nhs_number=nhs,
