@@ -302,6 +302,7 @@ def test_simulate_ris_plays_the_trusts_ris_and_reports_what_it_received(
 
 # --- a receiver we did not write ----------------------------------------------------------
 
+
 def test_a_third_party_hl7_server_receives_and_acknowledges_a_signed_report(
     runtime: Runtime, clock: FixedClock
 ) -> None:

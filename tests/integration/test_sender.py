@@ -241,6 +241,7 @@ def test_tls_refuses_a_ris_certificate_we_do_not_trust(
 
 # --- a receiver we did not write ----------------------------------------------------------
 
+
 def test_python_hl7s_mllp_server_receives_our_oru_and_acknowledges_it(
     sender: MllpSender,
 ) -> None:

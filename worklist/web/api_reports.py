@@ -85,7 +85,9 @@ def save_draft(study_id: int):  # type: ignore[no-untyped-def]
         now=runtime().clock.now(), remote_addr=remote_addr(),
     )  # fmt: skip
     return jsonify(
-        study_id=study_id, status=report.status, draft_saved_at=iso(report.draft_saved_at),
+        study_id=study_id,
+        status=report.status,
+        draft_saved_at=iso(report.draft_saved_at),
         text=report.draft_text,  # macros expanded: the editor shows what was stored
     )
 
