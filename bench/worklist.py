@@ -1168,8 +1168,8 @@ def plans(runtime: Runtime, user_id: int, study_id: int) -> dict[str, str]:
             if postgres
             else service._first_of(pool)
         )
-        values = {"claimer_id": user_id, "claim_now": NOW, "claim_expires_at": NOW,
-                  **pool_values(radiologist, NOW)}  # fmt: skip
+        values = {"claimer_id": user_id, "claim_now": NOW, "lease_ends": NOW,
+                  "facts": user.facts_version, **pool_values(radiologist, NOW)}  # fmt: skip
         found["next case claim"] = driver.plan(s, claim, values, analyze=True)
         s.rollback()
         walk = service._page_walk(runtime.dialect, (), continues=False, chunk=61)

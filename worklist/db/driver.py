@@ -46,6 +46,12 @@ T = TypeVar("T")
 _MARKED = re.compile(f"{_MARK}([sa])(\\w+?)\\|(.+?){_MARK}")
 
 
+#: PostgreSQL's short names for the types SQLAlchemy spells out: statements under 4 KB
+#: keep psycopg's parsing of them (`_queries.MAX_CACHED_STATEMENT_LENGTH`).
+_SHORT_TYPES = {"TIMESTAMP WITH TIME ZONE": "timestamptz", "INTEGER": "int", "BOOLEAN": "bool"}
+_SHORT_TYPE = re.compile("|".join(_SHORT_TYPES))
+
+
 def param(name: str, type_: Any) -> sa.ColumnElement[Any]:
     """A per-call value in a driver statement: psycopg's `%(name)s`, cast to its type,
     or sqlite3's `:name`.
@@ -53,7 +59,9 @@ def param(name: str, type_: Any) -> sa.ColumnElement[Any]:
     A marker until compiled: the compiler would double the percent sign of a literal.
     An array is given as a list and goes in as one value: PostgreSQL's array literal
     (`_array_literal`), or for SQLite, which has no arrays, JSON (`json_each` reads it)."""
-    cast = type_.compile(dialect=_DIALECTS["postgresql"])
+    cast = _SHORT_TYPE.sub(
+        lambda m: _SHORT_TYPES[m[0]], type_.compile(dialect=_DIALECTS["postgresql"])
+    )
     form = "a" if isinstance(type_, sa.ARRAY) else "s"
     return sa.literal_column(f"{_MARK}{form}{name}|{cast}{_MARK}", type_)
 

@@ -160,6 +160,10 @@ class User(Base):
     can_finalise: Mapped[bool] = mapped_column(default=True)
     active: Mapped[bool] = mapped_column(default=True)
     created_at: Mapped[datetime]
+    # Edits to this user's agreements, credentials and duty sessions, counted by the
+    # database's triggers (migration 0011): next case keeps those facts per connection
+    # and checks this count in its claim statement instead of reading them again.
+    facts_version: Mapped[int] = mapped_column(default=0, server_default="0")
 
     permissions: Mapped[list[ReportingPermission]] = relationship(
         back_populates="user", cascade="all, delete-orphan"

@@ -81,7 +81,9 @@ def _in_order(
     worklist order, with the rules every pool applies."""
     waiting = unclaimed_unindexed(status) if by_patient else unclaimed(status)
     query = sa.select(Study).where(waiting, trusts, credentials).order_by(*WORKLIST_ORDER)
-    if status == READY:
+    # A patient's other studies (`by_patient`) are never double-read ones: next case
+    # never bundles those (`worklist._mates_chosen`).
+    if status == READY and not by_patient:
         query = query.where(_not_already_read(reader))
     if stat_only:
         query = query.where(sa.or_(Study.urgency > urgency_floor(1), Study.critical.is_(True)))

@@ -7,8 +7,8 @@ order as the ready pool (urgency, then newest id; `ix_study_verification_pool`).
 Only a radiologist with `can_finalise` is offered one, and only under the same
 eligibility rules as any study (agreement for the trust, credential, on duty,
 capacity): `worklist.services.worklist.next_case` asks `claim_if_more_urgent`
-before claiming a ready study, and `claim_study` hands a preliminary study to
-`claim_for_verification`. The claim is an ordinary lease (renewed, expired and
+whether one ranks above the ready study it has claimed, and `claim_study` hands a
+preliminary study to `claim_for_verification`. The claim is an ordinary lease (renewed, expired and
 released by the worklist service); signing the final report
 (`worklist.services.reports.sign_report`) records the consultant as verifier,
 keeps the trainee as author (OBR-32 consultant, OBR-33 trainee), queues the
@@ -160,7 +160,7 @@ def _record(
 def claim_if_more_urgent(
     session: Session,
     *,
-    ready_query: sa.Select[Study],
+    than: Study | None,
     pool_params: dict[str, Any],
     user: User,
     radiologist: Radiologist,
@@ -169,12 +169,12 @@ def claim_if_more_urgent(
     remote_addr: str | None = None,
 ) -> worklist_service.ClaimResult | None:
     """Next case for a consultant: claim the most urgent preliminary study they may verify
-    when no ready study in `ready_query` (their ready pool, a `pool.shared_pool` with
-    `pool_params`) ranks above it; else None, and next case claims from the ready pool
-    as usual. A trainee always gets None.
+    when it ranks above `than` (the most urgent ready study they may report, which next
+    case has claimed, or None when there is none); else None, and next case keeps `than`.
+    A trainee always gets None.
 
-    Both pools are read through the driver as the statements every consultant shares
-    (see `pool.shared_pool`)."""
+    The pool is read through the driver as the statement every consultant shares (see
+    `pool.shared_pool`), with `pool_params`."""
     if not user.can_finalise:
         return None
     slot = current_session(radiologist.sessions, now)
@@ -191,9 +191,8 @@ def claim_if_more_urgent(
         if not top:
             return None
         urgency, study_id = top[0]
-        ahead = {**pool_params, "above_urgency": urgency, "above_id": study_id}
-        if driver.rows(session, _ranking_above(ready_query), ahead)[1]:
-            return None  # a ready study ranks first
+        if than is not None and (than.urgency, than.id) > (urgency, study_id):
+            return None  # the ready study ranks first (worklist order)
         passed.append(study_id)
         study = _claim(session, study_id=study_id, user_id=user.id, now=now, lease=lease)
         if study is None:
@@ -217,20 +216,6 @@ def claim_if_more_urgent(
 @functools.lru_cache(maxsize=64)
 def _first(candidates: sa.Select[Study]) -> sa.Select[tuple[float, int]]:
     return candidates.with_only_columns(Study.urgency, Study.id).limit(sa.literal_column("1"))
-
-
-@functools.lru_cache(maxsize=64)
-def _ranking_above(ready_query: sa.Select[Study]) -> sa.Select[tuple[int]]:
-    """A study of `ready_query` that ranks above (above_urgency, above_id), if any."""
-    urgency = driver.param("above_urgency", Study.urgency.type)
-    study_id = driver.param("above_id", sa.Integer())
-    return (
-        ready_query.with_only_columns(Study.id)
-        .where(
-            sa.or_(Study.urgency > urgency, sa.and_(Study.urgency == urgency, Study.id > study_id))
-        )
-        .limit(sa.literal_column("1"))
-    )
 
 
 def assign_for_verification(

@@ -302,11 +302,35 @@ def reprioritise_job(runtime: Any, batch_size: int = 2000) -> None:
 # --- eligibility inputs from rows -------------------------------------------------
 
 
+#: How far ahead a connection keeps a reader's duty sessions with their other standing
+#: facts (`_standing`); it reads them again after that, or after any edit.
+FACTS_HORIZON = timedelta(hours=1)
+
+#: Where a connection keeps its readers' standing facts (`sa.Connection.info`, which
+#: lives as long as the database connection: one database, whatever the process serves).
+_STANDING = "worklist.standing_facts"
+
+
+@dataclass(frozen=True)
+class _Standing:
+    """What eligibility reads about a reader that changes only when someone edits it:
+    agreements, credentials and the duty sessions overlapping [`read_at`, `until`), as of
+    `version` (the reader's `User.facts_version`, counted by the database's triggers)."""
+
+    version: int
+    agreements: tuple[ReportingAgreement, ...]
+    credentials: tuple[HeldCredential, ...]
+    sessions: tuple[DutySlot, ...]
+    read_at: datetime
+    until: datetime
+
+
 @functools.cache
-def _radiologist_facts_query() -> sa.CompoundSelect[Any]:
+def _standing_query() -> sa.CompoundSelect[Any]:
     """Built once (composing this UNION costs more than running it), for the driver."""
     user_id = driver.param("user_id", sa.Integer())
     now = driver.param("now", DutySession.starts_at.type)
+    until = driver.param("until", DutySession.ends_at.type)
     # Typed NULLs in the first branch: PostgreSQL resolves the UNION's column types from it.
     agreements = sa.select(
         sa.literal(0).label("kind"), ReportingPermission.id, ReportingPermission.trust_id,
@@ -324,95 +348,93 @@ def _radiologist_facts_query() -> sa.CompoundSelect[Any]:
         Credential.body_area, sa.null(), sa.null(), sa.null(), sa.null(),
     ).where(Credential.user_id == user_id)  # fmt: skip
     duty = sa.select(
-        sa.literal(2),
-        DutySession.id,
-        sa.null(),
-        sa.null(),
-        sa.null(),
-        DutySession.location,
-        sa.null(),
-        DutySession.starts_at,
-        DutySession.ends_at,
-        DutySession.capacity,
+        sa.literal(2), DutySession.id, sa.null(), sa.null(), sa.null(), DutySession.location,
+        sa.null(), DutySession.starts_at, DutySession.ends_at, DutySession.capacity,
         DutySession.free_choice,
-    ).where(DutySession.user_id == user_id, DutySession.starts_at <= now, DutySession.ends_at > now)
-    # The effort of the studies held to report or verify, summed in the database (one row
-    # however many are held); the status test inside the sum so that both planners reach
-    # the rows through ix_study_claimed_by (see `_held_by`).
-    held_statuses = sa.literal_column(", ".join(f"'{s}'" for s in sorted(_HELD_STATUSES)))
-    load = sa.func.coalesce(
-        sa.func.sum(sa.case((Study.status.in_([held_statuses]), Study.effort), else_=0.0)), 0.0
-    )
-    # Summed only under a capped session (only the cap reads it): a reader holding many
-    # studies made every claim walk them all.
-    capped = (
-        sa.select(DutySession.id)
-        .where(
-            DutySession.user_id == user_id,
-            DutySession.starts_at <= now,
-            DutySession.ends_at > now,
-            DutySession.capacity.is_not(None),
-        )  # fmt: skip
-        .exists()
-    )
-    held = sa.select(
-        sa.literal(3), sa.literal(0), sa.null(), sa.null(), sa.null(), sa.null(), sa.null(),
-        sa.null(), sa.null(), load, sa.null(),
-    ).where(Study.claimed_by_id == user_id, capped)  # fmt: skip
-    # One row when any preliminary report waits unclaimed (ix_study_verification_pool):
-    # next case asks the verification pool only then.
-    waiting = sa.select(
-        sa.literal(4), sa.literal(0), sa.null(), sa.null(), sa.null(), sa.null(), sa.null(),
-        sa.null(), sa.null(), sa.null(), sa.null(),
     ).where(
-        sa.select(Study.id)
-        .where(unclaimed(PRELIMINARY))
-        .exists()
+        DutySession.user_id == user_id, DutySession.starts_at < until, DutySession.ends_at > now
     )  # fmt: skip
-    return sa.union_all(agreements, credentials, duty, held, waiting)
+    # In the same statement, so that the count is that of the facts read with it.
+    version = sa.select(
+        sa.literal(3), User.facts_version, sa.null(), sa.null(), sa.null(), sa.null(),
+        sa.null(), sa.null(), sa.null(), sa.null(), sa.null(),
+    ).where(User.id == user_id)  # fmt: skip
+    return sa.union_all(agreements, credentials, duty, version)
 
 
-def radiologist_facts(session: Session, *, user: User, now: datetime) -> Radiologist:
-    """Everything eligibility needs about `user`, read as plain columns in ONE query."""
-    return _facts(session, user=user, now=now)[0]
+def _standing(
+    session: Session, *, user_id: int, now: datetime, fresh: bool = False
+) -> tuple[_Standing, bool]:
+    """The reader's standing facts, and whether they came from what this connection
+    kept (next case checks those against the stored count in its claim statement).
 
-
-def _facts(session: Session, *, user: User, now: datetime) -> tuple[Radiologist, bool]:
-    """The radiologist's facts, and whether any preliminary report waits for verification.
-
-    A UNION ALL of five small index lookups (agreements with their trust codes,
-    credentials, the duty sessions covering `now`, the studies held, the verification
-    pool's first row), each row tagged with its kind: one round trip instead of five on
-    the claim path.
-    """
-    verification_waiting = False
+    One UNION ALL of small index lookups, each row tagged with its kind, when read."""
+    kept: dict[int, _Standing] = session.connection().info.setdefault(_STANDING, {})
+    found = kept.get(user_id)
+    if found is not None and not fresh and found.read_at <= now < found.until:
+        return found, True
+    until = now + FACTS_HORIZON
+    values = {"user_id": user_id, "now": now, "until": until}
     permissions: list[ReportingAgreement] = []
     held_credentials: list[HeldCredential] = []
     slots: list[DutySlot] = []
-    load = 0.0
-    rows = driver.rows(session, _radiologist_facts_query(), {"user_id": user.id, "now": now})[1]
+    version = 0
     for kind, row_id, trust_id, starts_on, ends_on, text1, text2, starts_at, ends_at, number, \
-            flag in sorted(rows, key=lambda r: (r[0], r[1])):  # fmt: skip
+            flag in sorted(driver.rows(session, _standing_query(), values)[1],
+                           key=lambda r: (r[0], r[1])):  # fmt: skip
         if kind == 0:
-            permissions.append(ReportingAgreement(trust_id, starts_on, ends_on, text1, user.id))
+            permissions.append(ReportingAgreement(trust_id, starts_on, ends_on, text1, user_id))
         elif kind == 1:
             held_credentials.append(HeldCredential(text1, text2))
         elif kind == 2:
             slots.append(DutySlot(starts_at, ends_at, number, bool(flag), text1, row_id))
-        elif kind == 4:
-            verification_waiting = True
-        elif kind == 3:  # reporting and verifying both fill a session
-            load = float(number or 0.0)
-    radiologist = Radiologist(
+        else:
+            version = row_id
+    found = _Standing(
+        version, tuple(permissions), tuple(held_credentials), tuple(slots), now, until
+    )
+    kept[user_id] = found
+    return found, False
+
+
+def _radiologist(session: Session, user: User, standing: _Standing, now: datetime) -> Radiologist:
+    """The reader's facts at `now`: their standing ones, and the effort they hold when a
+    capped session needs it (only the cap reads it: a reader holding many studies made
+    every claim sum them all)."""
+    slots = tuple(slot for slot in standing.sessions if slot.covers(now))
+    capped = any(slot.capacity is not None for slot in slots)
+    return Radiologist(
         user_id=user.id,
-        agreements=tuple(permissions),
-        credentials=tuple(held_credentials),
-        sessions=tuple(slots),
-        # Capacity is the only rule that reads the load.
-        session_load=load if any(slot.capacity is not None for slot in slots) else 0.0,
+        agreements=standing.agreements,
+        credentials=standing.credentials,
+        sessions=slots,
+        session_load=_held_load(session, user.id) if capped else 0.0,
         active=user.active and user.role != "integration",
     )
-    return radiologist, verification_waiting
+
+
+def radiologist_facts(session: Session, *, user: User, now: datetime) -> Radiologist:
+    """Everything eligibility needs about `user`, read now."""
+    standing, _ = _standing(session, user_id=user.id, now=now, fresh=True)
+    return _radiologist(session, user, standing, now)
+
+
+@functools.cache
+def _held_load_query() -> sa.Select[tuple[float]]:
+    """The effort of the studies a reader holds to report or verify, summed in the
+    database; the status test inside the sum so that both planners reach the rows
+    through ix_study_claimed_by (see `_held_by`)."""
+    held_statuses = sa.literal_column(", ".join(f"'{s}'" for s in sorted(_HELD_STATUSES)))
+    return sa.select(
+        sa.func.coalesce(
+            sa.func.sum(sa.case((Study.status.in_([held_statuses]), Study.effort), else_=0.0)),
+            0.0,
+        )
+    ).where(Study.claimed_by_id == driver.param("user_id", sa.Integer()))
+
+
+def _held_load(session: Session, user_id: int) -> float:
+    return float(driver.rows(session, _held_load_query(), {"user_id": user_id})[1][0][0] or 0.0)
 
 
 def held_effort(session: Session, user_ids: Iterable[int]) -> dict[int, float]:
@@ -706,7 +728,7 @@ def conditional_claim(
     """The one claim statement: succeeds only if the study is still ready and free."""
     statement = _conditional_claim_update(expected_holder is not None)
     values = {"study_id": study.id, "claimer_id": user_id, "claim_now": now,
-              "claim_expires_at": now + lease}  # fmt: skip
+              "lease_ends": now + lease}  # fmt: skip
     if expected_holder is not None:
         values["expected_holder"] = expected_holder
     if not driver.rows(session, statement, values)[1]:
@@ -726,7 +748,7 @@ def _claim_values() -> dict[str, Any]:
     return {
         "claimed_by_id": driver.param("claimer_id", sa.Integer()),
         "claimed_at": now,
-        "claim_expires_at": driver.param("claim_expires_at", Study.claim_expires_at.type),
+        "claim_expires_at": driver.param("lease_ends", Study.claim_expires_at.type),
         "updated_at": now,
     }
 
@@ -944,28 +966,43 @@ def next_case(
 
     No cherry-picking: the order is the system's. Studies passed over on the way
     (e.g. no credential for that body area) are recorded with their reasons.
+
+    The reader's agreements, credentials and duty sessions come from what this
+    connection kept (`_standing`); the claim statement itself checks them against the
+    stored count of edits (`User.facts_version`) and claims nothing when they are out of
+    date, and a refusal made without a claim statement is checked against facts read
+    afresh. Either way next case starts again from facts read now.
     """
-    radiologist, verification_waiting = _facts(session, user=user, now=now)
+    fresh = False
+    while True:
+        standing, kept = _standing(session, user_id=user.id, now=now, fresh=fresh)
+        result = _next_case(
+            session, standing, user=user, now=now, lease=lease, remote_addr=remote_addr,
+            checked=not kept,
+        )  # fmt: skip
+        if result is not None:
+            return result
+        fresh = True
+
+
+def _next_case(
+    session: Session, standing: _Standing, *, user: User, now: datetime, lease: timedelta,
+    remote_addr: str | None, checked: bool,
+) -> ClaimResult | None:  # fmt: skip
+    """`next_case` with these standing facts (`checked`: read in this transaction), or
+    None when they turn out to be out of date."""
+    radiologist = _radiologist(session, user, standing, now)
     slot = current_session(radiologist.sessions, now)
     if not radiologist.active:
         return ClaimResult(None, reason="account is not an active reporter")
     if slot is None:
-        return ClaimResult(None, reason="not on a duty session now")
+        return ClaimResult(None, reason="not on a duty session now") if checked else None
     # Over the session's cap, only stat and critical work passes.
     over_capacity = slot.capacity is not None and radiologist.session_load >= slot.capacity
     # One claim statement for every radiologist, their trusts and credentials as parameters.
     dialect = session.get_bind().dialect.name
     query = shared_pool(dialect, stat_only=over_capacity)
     pool_params = pool_values(radiologist, now)
-    if user.can_finalise and verification_waiting:  # consultants also verify, in one order
-        from worklist.services import verification
-
-        verify = verification.claim_if_more_urgent(
-            session, ready_query=query, pool_params=pool_params, user=user,
-            radiologist=radiologist, now=now, lease=lease, remote_addr=remote_addr,
-        )  # fmt: skip
-        if verify is not None:
-            return verify
     # The pool holds only trusts with an agreement, so their codes come with it.
     codes = {a.trust_id: a.trust_code or "" for a in radiologist.agreements}
     mates_pool = shared_pool(dialect, by_patient=True)
@@ -973,11 +1010,20 @@ def next_case(
     skipped_ids: list[int] = []
     while True:
         candidates = query.where(Study.id.not_in(skipped_ids)) if skipped_ids else query
-        study, mates = _claim_first(
+        claim = _claim_first(
             session, candidates, mates_pool, user_id=user.id, now=now, lease=lease,
-            pool_params=pool_params,
+            pool_params=pool_params, facts_version=standing.version,
         )  # fmt: skip
+        if claim.facts_version != standing.version:
+            return None  # nothing was claimed
+        study, mates = claim.study, claim.mates
         if study is None:
+            verify = _verify_first(
+                session, claim, than=None, pool_params=pool_params, user=user,
+                radiologist=radiologist, now=now, lease=lease, remote_addr=remote_addr,
+            )  # fmt: skip
+            if verify is not None:
+                return verify
             reason = "no eligible study is waiting"
             if over_capacity:
                 reason = "session capacity reached; no stat or critical study is waiting"
@@ -992,6 +1038,12 @@ def next_case(
         )  # fmt: skip
         verdict = may_report(radiologist, replace(facts, claimed_by_id=None), now)
         if verdict:
+            verify = _verify_first(
+                session, claim, than=study, pool_params=pool_params, user=user,
+                radiologist=radiologist, now=now, lease=lease, remote_addr=remote_addr,
+            )  # fmt: skip
+            if verify is not None:
+                return verify
             why = "the most urgent waiting study you may report"
             if skipped:
                 why += f" ({len(skipped)} more urgent passed over: see skipped)"
@@ -1018,48 +1070,115 @@ def next_case(
         )
 
 
+def _verify_first(
+    session: Session, claim: _Claim, *, than: Study | None, pool_params: dict[str, Any],
+    user: User, radiologist: Radiologist, now: datetime, lease: timedelta,
+    remote_addr: str | None,
+) -> ClaimResult | None:  # fmt: skip
+    """Consultants also verify, in one order: when a preliminary report waits, the
+    verification of one that ranks above `than` (the ready study just claimed, given
+    back then with its mates), or None."""
+    if not (user.can_finalise and claim.preliminary_waits):
+        return None
+    from worklist.services import verification
+
+    verify = verification.claim_if_more_urgent(
+        session, than=than, pool_params=pool_params, user=user, radiologist=radiologist,
+        now=now, lease=lease, remote_addr=remote_addr,
+    )  # fmt: skip
+    if verify is not None and than is not None:
+        for claimed in (than, *claim.mates):
+            _undo_claim(session, study=claimed, user_id=user.id)
+    return verify
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """What a claim statement found: the study claimed (or None) and the same person's
+    other waiting studies claimed with it; the reader's count of edits to their facts as
+    the database holds it (nothing is claimed unless it is the one given); and whether a
+    preliminary report waits for verification."""
+
+    study: Study | None
+    mates: list[Study]
+    facts_version: int
+    preliminary_waits: bool
+
+
 def _claim_first(
     session: Session, candidates: sa.Select[Study], mates_pool: sa.Select[Study], *,
     user_id: int, now: datetime, lease: timedelta, pool_params: dict[str, Any],
-) -> tuple[Study | None, list[Study]]:  # fmt: skip
+    facts_version: int,
+) -> _Claim:  # fmt: skip
     """Claim the first candidate and, with it, the same person's other waiting studies
-    that `mates_pool` (the same rules) offers: (study or None, its mates).
+    that `mates_pool` (the same rules) offers, if the reader's facts are those of
+    `facts_version`.
 
     UPDATE study SET claimed_by_id = :user ... WHERE id = (SELECT id ... ORDER BY urgency
     DESC, id DESC LIMIT 1 FOR UPDATE SKIP LOCKED) AND claimed_by_id IS NULL AND status =
     'ready' RETURNING study.*. PostgreSQL locks the chosen row and concurrent claimers skip
     it; SQLite ignores FOR UPDATE and serialises writers (BEGIN IMMEDIATE). Either way the
     conditional WHERE means a study is never claimed twice. On PostgreSQL the mates are
-    claimed in the same statement (a second data-modifying CTE).
+    claimed in the same statement (a second data-modifying CTE), and the same statement
+    says the reader's count of edits and whether a preliminary report waits.
 
     SQLite, inside its write lock (which the locking read takes): the first candidate's
     id, then the claim by id, then the mates' ids and their claim only if there are any
     (86 % of claims have none). An UPDATE ... RETURNING whose WHERE holds a subquery cost
     SQLite twice these statements together (0.36 against 0.18 ms for the claim), even
-    when it matched nothing.
+    when it matched nothing. The count and the waiting preliminaries are read first,
+    without the lock, as the facts were before.
     """
-    values = {"claimer_id": user_id, "claim_now": now, "claim_expires_at": now + lease,
-              **pool_params}  # fmt: skip
+    values = {"claimer_id": user_id, "claim_now": now, "lease_ends": now + lease,
+              "facts": facts_version, **pool_params}  # fmt: skip
     if _on_postgresql(session):
         names, rows = driver.rows(session, _claim_update(candidates, mates_pool), values)
+        study_names = names[_CLAIM_STATUS:]
         claimed = [
-            (row[0], driver.loaded(session, Study, dict(zip(names[1:], row[1:], strict=True))))
-            for row in rows
-        ]
-        study = next((s for is_mate, s in claimed if not is_mate), None)
-        return study, [s for is_mate, s in claimed if is_mate]
+            (row[2], driver.loaded(session, Study, dict(zip(study_names, row[_CLAIM_STATUS:],
+                                                            strict=True))))
+            for row in rows if row[2] is not None
+        ]  # fmt: skip
+        return _Claim(
+            next((s for is_mate, s in claimed if not is_mate), None),
+            [s for is_mate, s in claimed if is_mate],
+            rows[0][0],
+            bool(rows[0][1]),
+        )
+    current, waiting = driver.rows(session, _claim_status(), values)[1][0]
+    if current != facts_version:
+        return _Claim(None, [], current, bool(waiting))
+    nothing = _Claim(None, [], current, bool(waiting))
     # Whether anything is eligible, read without the write lock: a reader with nothing
     # eligible walked the whole pool holding it (21-33 ms at 100,000 waiting studies),
     # and every other writer waited. The locking read then walks again from the top.
     if not driver.rows(session, _first_of(candidates, locked=False), values)[1]:
-        return None, []
+        return nothing
     first = driver.rows(session, _first_of(candidates), values)[1]
     if not first:
-        return None, []
+        return nothing
     study = _claim_by_id(session, first[0][0], values)
     if study is None:  # cannot happen while the lock is held; were it lost, nothing is claimed
         raise RuntimeError(f"study {first[0][0]} was claimed under the write lock")
-    return study, _claim_mates(session, mates_pool, anchor=study, values=values)
+    mates = _claim_mates(session, mates_pool, anchor=study, values=values)
+    return _Claim(study, mates, current, bool(waiting))
+
+
+def _facts_version_now() -> sa.ScalarSelect[int]:
+    """The claimer's count of edits to their facts, as stored."""
+    claimer = driver.param("claimer_id", sa.Integer())
+    return sa.select(User.facts_version).where(User.id == claimer).scalar_subquery()
+
+
+def _preliminary_waits() -> sa.Exists:
+    """Whether any preliminary report waits for verification (ix_study_verification_pool)."""
+    return sa.select(Study.id).where(unclaimed(PRELIMINARY)).exists()
+
+
+@functools.cache
+def _claim_status() -> sa.Select[tuple[int, bool]]:
+    """SQLite: the claimer's count of edits, and whether a preliminary report waits."""
+    return sa.select(_facts_version_now(), _preliminary_waits())
 
 
 @functools.lru_cache(maxsize=4096)
@@ -1114,18 +1233,24 @@ def _claim_by_id(session: Session, study_id: int, values: dict[str, Any]) -> Stu
     return driver.loaded(session, Study, dict(zip(names, rows[0], strict=True))) if rows else None
 
 
+#: The columns before `study.*` in `_claim_update`'s rows: the claimer's count of edits
+#: to their facts, whether a preliminary report waits, and whether the study is a mate
+#: (NULL when nothing was claimed).
+_CLAIM_STATUS = 3
+
+
 @functools.lru_cache(maxsize=4096)
-def _claim_update(
-    candidates: sa.Select[Study], mates_pool: sa.Select[Study]
-) -> sa.CompoundSelect[Any]:
+def _claim_update(candidates: sa.Select[Study], mates_pool: sa.Select[Study]) -> sa.Select[Any]:
     """PostgreSQL: the claim UPDATE for a (cached) pool query, built once, for the
     driver, with the claim of the same person's waiting studies as a second CTE: rows of
-    (is a mate, study.*). The study claimed is the first free one of the shortlist
-    (`_shortlist_first`), or, only when other claimers hold all of it, of a locking walk
-    of the whole pool (COALESCE and CASE: PostgreSQL runs that subquery only if needed).
-    An empty shortlist means nothing is eligible: no locking walk then, which read every
-    study of the pool from the table (50 of 85 ms for a reader with nothing eligible
-    among 100,000 waiting studies).
+    (the claimer's count of edits to their facts, whether a preliminary report waits, is
+    a mate, study.*), one with NULLs for the study when nothing was claimed. The study claimed
+    is the first free one of the shortlist (`_shortlist_first`), or, only when other
+    claimers hold all of it, of a locking walk of the whole pool (COALESCE and CASE:
+    PostgreSQL runs that subquery only if needed). An empty shortlist means nothing is
+    eligible: no locking walk then, which read every study of the pool from the table
+    (50 of 85 ms for a reader with nothing eligible among 100,000 waiting studies).
+    Nothing is claimed unless the count is the one the pool's values were made from.
 
     The rows as `study.*`: psycopg caches its parsing of a statement only up to 4 KB,
     and four lists of 45 columns made this one 6 KB."""
@@ -1136,9 +1261,10 @@ def _claim_update(
     )
     walk = sa.case((sa.select(shortlist.c.id).exists(), _first_of(candidates).scalar_subquery()))
     first = sa.func.coalesce(_shortlist_first(shortlist).scalar_subquery(), walk)
+    facts_current = _facts_version_now() == driver.param("facts", sa.Integer())
     claim = (
         sa.update(Study.__table__)
-        .where(Study.id == first, unclaimed(READY))
+        .where(Study.id == first, unclaimed(READY), facts_current)
         .values(_claim_values())
     )
     every_column = sa.literal_column("study.*")
@@ -1156,9 +1282,16 @@ def _claim_update(
         .returning(every_column)
         .cte("mates")
     )
-    return sa.union_all(
+    claimed = sa.union_all(
         sa.select(sa.false().label("is_mate"), sa.literal_column("anchor.*")).select_from(anchor),
         sa.select(sa.true(), sa.literal_column("mates.*")).select_from(mates),
+    ).subquery("claimed")
+    status = sa.select(_facts_version_now().label("v"), _preliminary_waits().label("w")).subquery(
+        "status"
+    )
+    # One row however the claim went (ON true: the status, then each study claimed).
+    return sa.select(status.c.v, status.c.w, sa.literal_column("claimed.*")).select_from(
+        status.outerjoin(claimed, sa.true())
     )
 
 
@@ -1306,7 +1439,7 @@ def claim_patient_studies(
     by: User | None = None,
 ) -> list[Study]:
     """Keep a patient's unread studies with one reader, where the rules allow."""
-    values = {"claimer_id": user.id, "claim_now": now, "claim_expires_at": now + lease,
+    values = {"claimer_id": user.id, "claim_now": now, "lease_ends": now + lease,
               **pool_values(radiologist, now)}  # fmt: skip
     mates_pool = shared_pool(session.get_bind().dialect.name, by_patient=True)
     mates = _claim_mates(session, mates_pool, anchor=anchor, values=values)
