@@ -1,12 +1,17 @@
-"""PostgreSQL connections: tested on checkout only after sitting idle; no JIT."""
+"""PostgreSQL connections: tested on checkout only after sitting idle; no JIT; a failed
+request keeps the connection's prepared statements."""
 
 from __future__ import annotations
 
 import pytest
 import sqlalchemy as sa
 
+from tests.factories import make_study, make_trust, make_user
 from worklist import bootstrap
 from worklist.bootstrap import Runtime
+from worklist.errors import NotFound
+from worklist.services import accounts
+from worklist.services import worklist as wl
 
 
 def _backend_pid(runtime: Runtime) -> int:
@@ -55,3 +60,34 @@ def test_queries_are_not_jit_compiled(postgres_runtime: Runtime) -> None:
     for 14 ms: the short index walks here never gain from JIT."""
     with postgres_runtime.session() as s:
         assert s.execute(sa.text("SHOW jit")).scalar_one() == "off"
+
+
+def test_a_failed_request_keeps_the_connections_prepared_statements(
+    postgres_runtime: Runtime, clock
+) -> None:
+    """An error response rolls its request back; psycopg's rollback() would forget (and
+    DEALLOCATE) every statement prepared on the connection, and the claim would be parsed
+    and planned again for its next five runs."""
+    rt = postgres_runtime
+    with rt.session() as s:
+        trust = make_trust(s, now=clock.now(), code="RW6")
+        reader = make_user(s, now=clock.now(), trusts=("RW6",), credentials=("CT",),
+                           on_duty=True).id  # fmt: skip
+        for _ in range(8):
+            wl.prioritise_study(s, study=make_study(s, trust=trust, now=clock.now()),
+                                now=clock.now())  # fmt: skip
+    for _ in range(7):  # psycopg prepares a statement on its fifth run
+        with rt.session(read_committed=True) as s:
+            assert wl.next_case(s, user=accounts.get_user(s, reader), now=clock.now()).study
+
+    def prepared() -> int:
+        with rt.session() as s:
+            return int(
+                s.execute(sa.text("SELECT count(*) FROM pg_prepared_statements")).scalar_one()
+            )
+
+    before = prepared()
+    assert before > 0
+    with pytest.raises(NotFound), rt.session(read_committed=True) as s:  # as a 404 response
+        wl.get_study(s, study_id=10**9, user=accounts.get_user(s, reader), now=clock.now())
+    assert prepared() == before
