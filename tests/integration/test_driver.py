@@ -75,3 +75,33 @@ def test_a_driver_write_belongs_to_the_session_s_transaction(runtime: Runtime) -
         audit.insert(session, at=at, action="claim")
     with runtime.session() as session:
         assert [e.action for e in session.scalars(sa.select(AuditEvent))] == ["claim"]
+
+
+def test_values_stored_once_for_sqlite_give_the_rows_the_values_give(
+    runtime: Runtime, on_postgres: bool
+) -> None:
+    """`as_stored_in_sqlite`: a claim converts its values once for all its statements;
+    a statement given them finds what it finds given the values themselves."""
+    if on_postgres:
+        pytest.skip("SQLite's stored forms (PostgreSQL takes the values as they are)")
+
+    from worklist.db.models import AuditEvent
+    from worklist.services import audit
+
+    at = datetime(2026, 7, 1, 12, 30, 15, 250, tzinfo=UTC)
+    with runtime.session() as session:
+        for action in ("claim", "release"):
+            audit.insert(session, at=at, action=action, object_type="study", object_id=7,
+                         detail={}, remote_addr=None)  # fmt: skip
+    items = sa.func.json_each(driver.param("actions", sa.JSON())).table_valued("value")
+    statement = sa.select(AuditEvent.action).where(
+        AuditEvent.at == driver.param("at", AuditEvent.at.type),
+        AuditEvent.action.in_(sa.select(items.c.value)),
+    )
+    values = {"at": at, "actions": ["release", "assign"], "unused": [1]}
+    stored = driver.as_stored_in_sqlite(values)
+    assert stored["actions"] == '["release", "assign"]' and isinstance(stored["at"], str)
+    assert driver.as_stored_in_sqlite(stored) == stored  # stored once is stored
+    with runtime.session() as session:
+        assert driver.rows(session, statement, values)[1] == [("release",)]
+        assert driver.rows(session, statement, stored)[1] == [("release",)]

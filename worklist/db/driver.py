@@ -189,6 +189,13 @@ def _sqlite_values(compiled: Compiled, params: dict[str, Any]) -> dict[str, Any]
     return {name: _sqlite_value(params[name]) for name in compiled.params}
 
 
+def as_stored_in_sqlite(params: dict[str, Any]) -> dict[str, Any]:
+    """Values converted once, as SQLite stores them, for several statements in a row:
+    each statement would convert every value it uses again (a claim's lists of trusts
+    and credentials to JSON, its times to text), inside the write lock."""
+    return {name: _sqlite_value(value) for name, value in params.items()}
+
+
 def _processed(
     row: tuple[Any, ...], processors: tuple[tuple[int, Callable[[Any], Any]], ...]
 ) -> tuple[Any, ...]:

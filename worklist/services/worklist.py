@@ -1145,6 +1145,7 @@ def _claim_first(
             rows[0][0],
             bool(rows[0][1]),
         )
+    values = driver.as_stored_in_sqlite(values)  # before the write lock, once
     current, waiting = driver.rows(session, _claim_status(), values)[1][0]
     if current != facts_version:
         return _Claim(None, [], current, bool(waiting))
