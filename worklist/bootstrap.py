@@ -17,6 +17,7 @@ import psycopg.errors
 import sqlalchemy as sa
 from psycopg import pq
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.expression import RollbackToSavepointClause
 
 from worklist.clock import Clock, SystemClock
 from worklist.config import Settings
@@ -61,25 +62,38 @@ def create_db_engine(url: str, *, pool_size: int = 5) -> sa.Engine:
         connect_args={"options": "-c jit=off"},
     )  # fmt: skip
     _ping_when_idle(engine)
-    engine.dialect.do_rollback = _rollback_keeping_prepared  # type: ignore[method-assign]
+    _keep_prepared_statements(engine.dialect)
     return engine
 
 
-def _rollback_keeping_prepared(dbapi_connection: Any) -> None:
-    """ROLLBACK through libpq, not psycopg's `rollback()`.
+def _keep_prepared_statements(dialect: sa.Dialect) -> None:
+    """Roll back through libpq, not through psycopg.
 
-    psycopg forgets every statement it has prepared on a connection at a ROLLBACK, and
-    has the server DEALLOCATE ALL. Each failed web request (a 404, a 409 for a study
-    claimed a moment before) rolls back, so the claim and every other statement of that
-    worker's connection were parsed and planned afresh for their next five runs: with
-    one request in 20 failing, next case cost 70 % more backend CPU a claim (0.9 -> 1.6
-    ms). PostgreSQL's prepared statements outlive transactions; psycopg clears them in
-    case the transaction changed the schema, which no request does (migrations run on
-    connections of their own)."""
-    connection = getattr(dbapi_connection, "driver_connection", None) or dbapi_connection
-    if connection.info.transaction_status == pq.TransactionStatus.IDLE:
-        return  # nothing to roll back (psycopg's own test)
-    result = connection.pgconn.exec_(b"ROLLBACK")
+    psycopg forgets every statement it has prepared on a connection at a ROLLBACK (its
+    `rollback()`, or any ROLLBACK TO SAVEPOINT it runs), and has the server DEALLOCATE
+    ALL. Each failed web request (a 404, a 409 for a study claimed a moment before)
+    rolls back, and so does each HL7 message that fails inside its savepoint: the claim
+    and every other statement of that connection were parsed and planned afresh for
+    their next five runs. One request in 20 failing cost next case 70 % more backend CPU
+    a claim (0.9 -> 1.6 ms). PostgreSQL's prepared statements outlive transactions and
+    savepoints; psycopg clears them in case the transaction changed the schema, which
+    none here does (migrations run on connections of their own)."""
+
+    def do_rollback(dbapi_connection: Any) -> None:
+        connection = getattr(dbapi_connection, "driver_connection", None) or dbapi_connection
+        if connection.info.transaction_status != pq.TransactionStatus.IDLE:  # as psycopg
+            _roll_back(connection, b"ROLLBACK")
+
+    def do_rollback_to_savepoint(connection: sa.Connection, name: str) -> None:
+        command = dialect.statement_compiler(dialect, RollbackToSavepointClause(name))
+        _roll_back(connection.connection.driver_connection, str(command).encode())
+
+    dialect.do_rollback = do_rollback  # type: ignore[method-assign]
+    dialect.do_rollback_to_savepoint = do_rollback_to_savepoint  # type: ignore[method-assign]
+
+
+def _roll_back(connection: Any, command: bytes) -> None:
+    result = connection.pgconn.exec_(command)
     if result.status == pq.ExecStatus.COMMAND_OK:
         return
     if connection.pgconn.status == pq.ConnStatus.BAD:  # as psycopg: the pool discards it

@@ -91,3 +91,8 @@ def test_a_failed_request_keeps_the_connections_prepared_statements(
     with pytest.raises(NotFound), rt.session(read_committed=True) as s:  # as a 404 response
         wl.get_study(s, study_id=10**9, user=accounts.get_user(s, reader), now=clock.now())
     assert prepared() == before
+    with rt.session() as s:  # as an HL7 message that fails inside its savepoint
+        with pytest.raises(sa.exc.DataError), s.begin_nested():
+            s.execute(sa.text("SELECT 1 / 0"))
+        assert s.execute(sa.text("SELECT 1")).scalar_one() == 1  # the transaction goes on
+    assert prepared() == before
