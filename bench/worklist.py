@@ -486,6 +486,49 @@ What we measured and chose (2 cores, shared; one run each, figures move by a thi
   cold in a faster minute); next-case p99 at 8 processes (25-34 ms) and 0.5 of the floor
   (0.21-0.31) on neither in this machine's slow state.
 
+* 2026-12-07, sixth session (19:00-): a new machine, in a fast state most of the hour (the
+  bare floor at 8 threads 2,460-3,140 claims/s on PostgreSQL, 2,570-3,250/s on SQLite).
+    - Next case no longer reads the reader's agreements, credentials and duty sessions on
+      every claim. A connection keeps them (`services.reader_facts`, an hour of duty
+      sessions), and the claim statement checks them against user_account.facts_version,
+      which triggers count up on every edit of those tables (migration 0011). PostgreSQL's
+      claim UPDATE claims nothing unless the count is the kept one; its one status row
+      also says whether a preliminary report waits (the facts asked that before), and
+      verification is now weighed against the ready study just claimed. CPU a claim, one
+      process, radiologists in turn, client + backend, alternating runs: 2.20, 1.86, 2.06
+      -> 1.80, 1.84, 1.72 ms. next_case alternating (old -> new), PostgreSQL 1 process
+      272, 361 -> 376, 502 claims/s; 8 processes 604, 825, 778, 704 -> 887, 824, 833, 719;
+      in turn 716, 747, 836, 700 -> 781, 744, 771, 757. SQLite 1 process 612, 663 -> 856,
+      783; 8 processes 676, 773 -> 880, 787; in turn 1,005, 785 -> 770, 717. One process
+      gains a quarter to a third; at 8 the gain is inside the noise: the machine is busy
+      ~89 % and CPU a claim at 8 is ~2.4 ms against ~1.75 alone (contention, not our
+      Python).
+    - psycopg forgot every prepared statement of a connection at each ROLLBACK (a failed
+      request) and each ROLLBACK TO SAVEPOINT (a failed HL7 message), with a DEALLOCATE
+      ALL. One request in 20 failing: backend CPU a claim 0.9 -> 1.6 ms. Rolled back
+      through libpq now (bootstrap): 0.83-0.89 ms with or without failures.
+    - SQLite: a claim's values converted once before the write lock (about ten JSON
+      encodings of its lists were made inside it). Lock held, one process: p50 0.73 ->
+      0.62 ms, mean 0.84 -> 0.69 ms.
+  Full runs, 19:36-19:37 and 19:52-19:55, the code as committed then:
+    PostgreSQL  next case 1 process 462-480/s (ratio 0.31-0.37); 8 processes 894-914/s,
+                p50 8.2-8.6 ms, p99 16.0-17.1 ms, ratio 0.29-0.32 (floor 2,875-3,141/s);
+                in turn 933/s, p99 15.6 ms, then 596/s, p99 24.8 ms; 32: 623-669/s.
+                Worklist page worst p99 15.9-17.7 ms; priors p99 6.2-7.5 ms first pass
+                (16.2-16.5 blocks read a call), 1.7-2.2 ms again.
+    SQLite      next case 1 process 653-821/s; 8 processes 658-829/s, p99 23.4-33.3 ms,
+                ratio 0.21-0.32 (floor 2,571-3,144/s); in turn 890-1,069/s, p99 17.4-17.9
+                ms, ratio 0.28-0.42; 32: 677-758/s. Worklist page worst p99 11.1-11.6 ms;
+                priors p99 6.5-8.5 ms first pass, 2.0-2.1 ms again.
+  Targets: worklist page and priors met on both (priors first pass too, in these runs);
+  next-case p99 under 20 ms at 8 processes on PostgreSQL (16.0, 17.1 ms), on SQLite in
+  turn (17.4, 17.9 ms) but not one radiologist a process (23.4, 33.3 ms); 0.5 of the
+  floor on neither (0.21-0.42). What is left a claim, PostgreSQL, one process: client
+  ~0.9 ms (psycopg ~0.1 ms for each of three statements and COMMIT, the SQLAlchemy
+  session ~0.2, our Python ~0.3), backend ~0.85 ms (the claim statement 0.37 ms executing,
+  the assignment and audit rows 0.09, ~0.05 a round trip besides); the floor with its
+  rows 0.32 + 0.48 ms.
+
     .venv/bin/python bench/worklist.py                            # small: 10k ready, 100k history
     .venv/bin/python bench/worklist.py --db postgresql --ready 100000 --historical 2000000
     ... --keep            # keep the database: it prints the --database URL to measure again
@@ -533,7 +576,7 @@ from worklist.db.models import (  # noqa: E402
     User,
 )
 from worklist.domain.priority import OrderFacts, effort_for, prioritise  # noqa: E402
-from worklist.services import accounts  # noqa: E402
+from worklist.services import accounts, reader_facts  # noqa: E402
 from worklist.services import priors as priors_service  # noqa: E402
 from worklist.services import worklist as service  # noqa: E402
 from worklist.services.pool import pool_values, shared_pool  # noqa: E402
@@ -1161,7 +1204,7 @@ def plans(runtime: Runtime, user_id: int, study_id: int) -> dict[str, str]:
     postgres = runtime.dialect == "postgresql"
     with runtime.session_factory() as s:  # not committed: rolled back after each ANALYZE
         user = s.get(User, user_id)
-        radiologist = service.radiologist_facts(s, user=user, now=NOW)
+        radiologist = reader_facts.radiologist_facts(s, user=user, now=NOW)
         pool = shared_pool(runtime.dialect)
         claim = (
             service._claim_update(pool, shared_pool(runtime.dialect, by_patient=True))

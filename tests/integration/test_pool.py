@@ -20,6 +20,7 @@ from worklist.db.models import Assignment, ReportingPermission, Study
 from worklist.domain.eligibility import HeldCredential as Held
 from worklist.domain.eligibility import RefusalCode, may_report
 from worklist.domain.priority import urgency_floor
+from worklist.services import reader_facts
 from worklist.services import worklist as wl
 from worklist.services.pool import PRELIMINARY, READY, pool_values, shared_pool
 
@@ -57,7 +58,7 @@ def _held(session, radiologist, now, status=READY, **kw):
 
 
 def _allowed(session, reader, studies, now, codes):
-    radiologist = wl.radiologist_facts(session, user=reader, now=now)
+    radiologist = reader_facts.radiologist_facts(session, user=reader, now=now)
     readings = wl.readings_of(session, [s.id for s in studies])
     allowed = set()
     for study in studies:
@@ -127,7 +128,7 @@ def test_the_pool_holds_what_the_rules_allow_for_every_credential_mix(session, c
     for study in studies:
         wl.prioritise_study(session, study=study, now=now)
     session.flush()
-    radiologist = wl.radiologist_facts(session, user=reader, now=now)
+    radiologist = reader_facts.radiologist_facts(session, user=reader, now=now)
     urgent = {s.id for s in studies if s.urgency > urgency_floor(1) or s.critical}
     mixes = [
         radiologist.credentials,
@@ -182,7 +183,7 @@ def test_a_full_session_leaves_only_stat_and_critical_work_in_the_pool(session, 
     for study in (routine, stat, timing_critical):
         wl.prioritise_study(session, study=study, now=now)
     session.flush()
-    radiologist = wl.radiologist_facts(session, user=reader, now=now)
+    radiologist = reader_facts.radiologist_facts(session, user=reader, now=now)
 
     def ids(**kw):
         return _held(session, radiologist, now, **kw)
@@ -200,7 +201,7 @@ def test_a_credential_with_a_quote_in_it_is_a_value_never_sql(session, clock):
     trust = make_trust(session, now=now, code="RW6")
     reader = make_user(session, now=now, trusts=("RW6",), credentials=("MR",), on_duty=True)
     study = make_study(session, trust=trust, now=now, modality="MR", body_area="HEAD")
-    radiologist = wl.radiologist_facts(session, user=reader, now=now)
+    radiologist = reader_facts.radiologist_facts(session, user=reader, now=now)
     assert _held(session, radiologist, now) == {study.id}
     quoted = replace(radiologist, credentials=(Held("CT", "KNEE') OR (1=1) OR ('"),))
     assert _held(session, quoted, now) == set()

@@ -13,7 +13,7 @@ from tests.factories import make_study, make_trust, make_user
 from worklist.bootstrap import Runtime, build_runtime
 from worklist.db import driver
 from worklist.db.models import Credential, DutySession, ReportingPermission, Trust, User
-from worklist.services import accounts
+from worklist.services import accounts, reader_facts
 from worklist.services import worklist as wl
 
 
@@ -32,7 +32,7 @@ def reads(monkeypatch) -> list[int]:
     rows = driver.rows
 
     def counted(session, statement, params):  # type: ignore[no-untyped-def]
-        if statement is wl._standing_query():
+        if statement is reader_facts._standing_query():
             seen.append(params["user_id"])
         return rows(session, statement, params)
 
@@ -67,7 +67,7 @@ def test_a_connection_reads_a_readers_standing_facts_once(runtime, clock, reads)
 def test_the_facts_are_read_again_once_their_horizon_has_passed(runtime, clock, reads):
     reader = setup(runtime, clock)
     assert next_case(runtime, clock, reader).study is not None
-    clock.advance(wl.FACTS_HORIZON)
+    clock.advance(reader_facts.FACTS_HORIZON)
     assert next_case(runtime, clock, reader).study is not None
     assert reads == [reader, reader]
 

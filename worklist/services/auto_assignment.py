@@ -24,14 +24,13 @@ from worklist.domain.eligibility import DutySlot, Radiologist, current_session, 
 from worklist.domain.priority import tier_from_urgency
 from worklist.services import verification
 from worklist.services.pool import PRELIMINARY, READY, WORKLIST_ORDER, unclaimed
+from worklist.services.reader_facts import held_effort, radiologist_facts
 from worklist.services.worklist import (
     DEFAULT_LEASE,
     MAX_EXPLAINED_SKIPS,
     claim_patient_studies,
     conditional_claim,
-    held_effort,
     needs_double_reading,
-    radiologist_facts,
     readings_of,
     record_assignment,
     study_to_read,

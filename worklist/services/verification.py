@@ -37,7 +37,7 @@ from worklist.domain.eligibility import (
 from worklist.domain.priority import tier_from_urgency
 from worklist.domain.study import StudyStatus
 from worklist.errors import Conflict, Forbidden
-from worklist.services import audit
+from worklist.services import audit, reader_facts
 from worklist.services import worklist as worklist_service
 from worklist.services.pool import STATUS_LITERAL, pool_values, shared_pool
 
@@ -57,7 +57,7 @@ def verification_pool(
     agreement and credential rules in SQL, in the statement next case shares)."""
     if not user.can_finalise:
         return []
-    radiologist = worklist_service.radiologist_facts(session, user=user, now=now)
+    radiologist = reader_facts.radiologist_facts(session, user=user, now=now)
     query = _top(shared_pool(session.get_bind().dialect.name, PRELIMINARY), limit)
     names, rows = driver.rows(session, query, pool_values(radiologist, now))
     return [driver.loaded(session, Study, dict(zip(names, row, strict=True))) for row in rows]
@@ -261,7 +261,7 @@ def claim_for_verification(
             return current
     if not user.can_finalise:
         raise Forbidden("verifying a preliminary report needs the right to finalise")
-    radiologist = worklist_service.radiologist_facts(session, user=user, now=now)
+    radiologist = reader_facts.radiologist_facts(session, user=user, now=now)
     verdict = _eligibility(session, study=study, user=user, radiologist=radiologist, now=now)
     if not verdict:
         raise Conflict(f"you may not verify this study: {verdict.explain()}")

@@ -43,8 +43,6 @@ from worklist.db import driver
 from worklist.db.models import (
     Assignment,
     AuditEvent,
-    Credential,
-    DutySession,
     Patient,
     ReportingPermission,
     Study,
@@ -54,9 +52,7 @@ from worklist.db.models import (
 from worklist.domain.eligibility import (
     LONDON,
     PAEDIATRIC,
-    DutySlot,
     Eligibility,
-    HeldCredential,
     Radiologist,
     RefusalCode,
     ReportingAgreement,
@@ -79,7 +75,7 @@ from worklist.domain.priority import (
 )
 from worklist.domain.study import StudyStatus
 from worklist.errors import Conflict, Forbidden, InvalidInput, NotFound
-from worklist.services import accounts, audit
+from worklist.services import accounts, audit, reader_facts
 from worklist.services.pool import (
     PRELIMINARY,
     WORKLIST_ORDER,
@@ -106,7 +102,6 @@ _STOPPED_CLAIM_REASONS = {
 }
 MAX_EXPLAINED_SKIPS = 10
 #: Claims are held on ready studies, and on preliminary ones being verified.
-_HELD_STATUSES = frozenset({READY, StudyStatus.PRELIMINARY.value})
 
 
 # --- rules ---------------------------------------------------------------------------
@@ -299,164 +294,7 @@ def reprioritise_job(runtime: Any, batch_size: int = 2000) -> None:
         logger.info("reprioritised %d of %d ready studies", changed, len(ids))
 
 
-# --- eligibility inputs from rows -------------------------------------------------
-
-
-#: How far ahead a connection keeps a reader's duty sessions with their other standing
-#: facts (`_standing`); it reads them again after that, or after any edit.
-FACTS_HORIZON = timedelta(hours=1)
-
-#: Where a connection keeps its readers' standing facts (`sa.Connection.info`, which
-#: lives as long as the database connection: one database, whatever the process serves).
-_STANDING = "worklist.standing_facts"
-
-
-@dataclass(frozen=True)
-class _Standing:
-    """What eligibility reads about a reader that changes only when someone edits it:
-    agreements, credentials and the duty sessions overlapping [`read_at`, `until`), as of
-    `version` (the reader's `User.facts_version`, counted by the database's triggers)."""
-
-    version: int
-    agreements: tuple[ReportingAgreement, ...]
-    credentials: tuple[HeldCredential, ...]
-    sessions: tuple[DutySlot, ...]
-    read_at: datetime
-    until: datetime
-
-
-@functools.cache
-def _standing_query() -> sa.CompoundSelect[Any]:
-    """Built once (composing this UNION costs more than running it), for the driver."""
-    user_id = driver.param("user_id", sa.Integer())
-    now = driver.param("now", DutySession.starts_at.type)
-    until = driver.param("until", DutySession.ends_at.type)
-    # Typed NULLs in the first branch: PostgreSQL resolves the UNION's column types from it.
-    agreements = sa.select(
-        sa.literal(0).label("kind"), ReportingPermission.id, ReportingPermission.trust_id,
-        ReportingPermission.starts_on, ReportingPermission.ends_on, Trust.code.label("text1"),
-        sa.cast(sa.null(), sa.String).label("text2"),
-        sa.cast(sa.null(), DutySession.starts_at.type).label("starts_at"),
-        sa.cast(sa.null(), DutySession.ends_at.type).label("ends_at"),
-        sa.cast(sa.null(), sa.Float).label("number"),
-        sa.cast(sa.null(), sa.Boolean).label("flag"),
-    ).join(Trust, Trust.id == ReportingPermission.trust_id).where(
-        ReportingPermission.user_id == user_id
-    )  # fmt: skip
-    credentials = sa.select(
-        sa.literal(1), Credential.id, sa.null(), sa.null(), sa.null(), Credential.modality,
-        Credential.body_area, sa.null(), sa.null(), sa.null(), sa.null(),
-    ).where(Credential.user_id == user_id)  # fmt: skip
-    duty = sa.select(
-        sa.literal(2), DutySession.id, sa.null(), sa.null(), sa.null(), DutySession.location,
-        sa.null(), DutySession.starts_at, DutySession.ends_at, DutySession.capacity,
-        DutySession.free_choice,
-    ).where(
-        DutySession.user_id == user_id, DutySession.starts_at < until, DutySession.ends_at > now
-    )  # fmt: skip
-    # In the same statement, so that the count is that of the facts read with it.
-    version = sa.select(
-        sa.literal(3), User.facts_version, sa.null(), sa.null(), sa.null(), sa.null(),
-        sa.null(), sa.null(), sa.null(), sa.null(), sa.null(),
-    ).where(User.id == user_id)  # fmt: skip
-    return sa.union_all(agreements, credentials, duty, version)
-
-
-def _standing(
-    session: Session, *, user_id: int, now: datetime, fresh: bool = False
-) -> tuple[_Standing, bool]:
-    """The reader's standing facts, and whether they came from what this connection
-    kept (next case checks those against the stored count in its claim statement).
-
-    One UNION ALL of small index lookups, each row tagged with its kind, when read."""
-    kept: dict[int, _Standing] = session.connection().info.setdefault(_STANDING, {})
-    found = kept.get(user_id)
-    if found is not None and not fresh and found.read_at <= now < found.until:
-        return found, True
-    until = now + FACTS_HORIZON
-    values = {"user_id": user_id, "now": now, "until": until}
-    permissions: list[ReportingAgreement] = []
-    held_credentials: list[HeldCredential] = []
-    slots: list[DutySlot] = []
-    version = 0
-    for kind, row_id, trust_id, starts_on, ends_on, text1, text2, starts_at, ends_at, number, \
-            flag in sorted(driver.rows(session, _standing_query(), values)[1],
-                           key=lambda r: (r[0], r[1])):  # fmt: skip
-        if kind == 0:
-            permissions.append(ReportingAgreement(trust_id, starts_on, ends_on, text1, user_id))
-        elif kind == 1:
-            held_credentials.append(HeldCredential(text1, text2))
-        elif kind == 2:
-            slots.append(DutySlot(starts_at, ends_at, number, bool(flag), text1, row_id))
-        else:
-            version = row_id
-    found = _Standing(
-        version, tuple(permissions), tuple(held_credentials), tuple(slots), now, until
-    )
-    kept[user_id] = found
-    return found, False
-
-
-def _radiologist(session: Session, user: User, standing: _Standing, now: datetime) -> Radiologist:
-    """The reader's facts at `now`: their standing ones, and the effort they hold when a
-    capped session needs it (only the cap reads it: a reader holding many studies made
-    every claim sum them all)."""
-    slots = tuple(slot for slot in standing.sessions if slot.covers(now))
-    capped = any(slot.capacity is not None for slot in slots)
-    return Radiologist(
-        user_id=user.id,
-        agreements=standing.agreements,
-        credentials=standing.credentials,
-        sessions=slots,
-        session_load=_held_load(session, user.id) if capped else 0.0,
-        active=user.active and user.role != "integration",
-    )
-
-
-def radiologist_facts(session: Session, *, user: User, now: datetime) -> Radiologist:
-    """Everything eligibility needs about `user`, read now."""
-    standing, _ = _standing(session, user_id=user.id, now=now, fresh=True)
-    return _radiologist(session, user, standing, now)
-
-
-@functools.cache
-def _held_load_query() -> sa.Select[tuple[float]]:
-    """The effort of the studies a reader holds to report or verify, summed in the
-    database; the status test inside the sum so that both planners reach the rows
-    through ix_study_claimed_by (see `_held_by`)."""
-    held_statuses = sa.literal_column(", ".join(f"'{s}'" for s in sorted(_HELD_STATUSES)))
-    return sa.select(
-        sa.func.coalesce(
-            sa.func.sum(sa.case((Study.status.in_([held_statuses]), Study.effort), else_=0.0)),
-            0.0,
-        )
-    ).where(Study.claimed_by_id == driver.param("user_id", sa.Integer()))
-
-
-def _held_load(session: Session, user_id: int) -> float:
-    return float(driver.rows(session, _held_load_query(), {"user_id": user_id})[1][0][0] or 0.0)
-
-
-def held_effort(session: Session, user_ids: Iterable[int]) -> dict[int, float]:
-    """The effort each user holds to report or verify (what fills a session), in one
-    query: for callers that need it without a capped session (the facts sum it only
-    under one)."""
-    ids = list(user_ids)
-    if not ids:
-        return {}
-    rows = session.execute(
-        sa.select(Study.claimed_by_id, sa.func.sum(Study.effort))
-        .where(Study.claimed_by_id.in_(ids), Study.status.in_(sorted(_HELD_STATUSES)))
-        .group_by(Study.claimed_by_id)
-    ).all()
-    return {int(user_id): float(total or 0.0) for user_id, total in rows}
-
-
-def _held_by(user_id: int) -> sa.Select[Study]:
-    """The studies a user holds: a handful of rows, filtered and sorted in Python, so that
-    both planners reach them through ix_study_claimed_by alone (with a status term SQLite
-    may walk every ready study through ix_study_status_urgency instead)."""
-    return sa.select(Study).where(Study.claimed_by_id == user_id)
+# --- studies to read -----------------------------------------------------------------
 
 
 def needs_double_reading(study: Study) -> bool:
@@ -544,7 +382,7 @@ def worklist(
 ) -> WorklistPage:
     """The studies `user` may report, in the system's order, with their own claims first."""
     filters = filters or WorklistFilters()
-    radiologist = radiologist_facts(session, user=user, now=now)
+    radiologist = reader_facts.radiologist_facts(session, user=user, now=now)
     codes = trust_codes(session)
     dialect = session.get_bind().dialect.name
     values = pool_values(radiologist, now)
@@ -584,8 +422,9 @@ def worklist(
             break
         after = (walked[-1][1], walked[-1][0])
         chunk = min(chunk * 2, MAX_WALK_CHUNK)
+    held = session.scalars(reader_facts.held_by(user.id))
     mine = sorted(
-        (s for s in session.scalars(_held_by(user.id)) if s.status in _HELD_STATUSES),
+        (s for s in held if s.status in reader_facts.HELD_STATUSES),
         key=lambda s: (-s.urgency, -s.id),
     )
     slot = current_session(radiologist.sessions, now)
@@ -968,14 +807,14 @@ def next_case(
     (e.g. no credential for that body area) are recorded with their reasons.
 
     The reader's agreements, credentials and duty sessions come from what this
-    connection kept (`_standing`); the claim statement itself checks them against the
+    connection kept (`reader_facts.standing`); the claim statement itself checks them against the
     stored count of edits (`User.facts_version`) and claims nothing when they are out of
     date, and a refusal made without a claim statement is checked against facts read
     afresh. Either way next case starts again from facts read now.
     """
     fresh = False
     while True:
-        standing, kept = _standing(session, user_id=user.id, now=now, fresh=fresh)
+        standing, kept = reader_facts.standing(session, user_id=user.id, now=now, fresh=fresh)
         result = _next_case(
             session, standing, user=user, now=now, lease=lease, remote_addr=remote_addr,
             checked=not kept,
@@ -986,12 +825,12 @@ def next_case(
 
 
 def _next_case(
-    session: Session, standing: _Standing, *, user: User, now: datetime, lease: timedelta,
-    remote_addr: str | None, checked: bool,
+    session: Session, standing: reader_facts.Standing, *, user: User, now: datetime,
+    lease: timedelta, remote_addr: str | None, checked: bool,
 ) -> ClaimResult | None:  # fmt: skip
     """`next_case` with these standing facts (`checked`: read in this transaction), or
     None when they turn out to be out of date."""
-    radiologist = _radiologist(session, user, standing, now)
+    radiologist = reader_facts.radiologist_at(session, user, standing, now)
     slot = current_session(radiologist.sessions, now)
     if not radiologist.active:
         return ClaimResult(None, reason="account is not an active reporter")
@@ -1526,7 +1365,7 @@ def claim_study(
         current = _open_assignment(session, study.id)
         assert current is not None
         return current
-    radiologist = radiologist_facts(session, user=user, now=now)
+    radiologist = reader_facts.radiologist_facts(session, user=user, now=now)
     slot = current_session(radiologist.sessions, now)
     if user.role not in ("manager", "admin") and not (slot and slot.free_choice):
         raise Forbidden(
@@ -1565,7 +1404,7 @@ def _eligibility(
 
 def eligibility_for(session: Session, *, study: Study, user: User, now: datetime) -> Eligibility:
     """Whether `user` may be given `study` now, and every reason why not."""
-    radiologist = radiologist_facts(session, user=user, now=now)
+    radiologist = reader_facts.radiologist_facts(session, user=user, now=now)
     return _eligibility(session, study=study, user=user, radiologist=radiologist, now=now)
 
 
