@@ -1198,7 +1198,8 @@ def bench_reprioritise(runtime: Runtime) -> dict:
 def plans(runtime: Runtime, user_id: int, study_id: int) -> dict[str, str]:
     """The plans of the statements the service runs, with ANALYZE on PostgreSQL (each run
     and rolled back): next case's claim (PostgreSQL: the one UPDATE with its shortlist and
-    mates; SQLite: the locking read of the first candidate, which the claim by id follows),
+    mates; SQLite: the locking read of the first candidate, from the one read without the
+    lock, which the claim by id follows),
     the worklist page's walk of the pool (its first chunk of ids) and priors."""
     found = {}
     postgres = runtime.dialect == "postgresql"
@@ -1206,13 +1207,15 @@ def plans(runtime: Runtime, user_id: int, study_id: int) -> dict[str, str]:
         user = s.get(User, user_id)
         radiologist = reader_facts.radiologist_facts(s, user=user, now=NOW)
         pool = shared_pool(runtime.dialect)
-        claim = (
-            service._claim_update(pool, shared_pool(runtime.dialect, by_patient=True))
-            if postgres
-            else service._first_of(pool)
-        )
         values = {"claimer_id": user_id, "claim_now": NOW, "lease_ends": NOW,
                   "facts": user.facts_version, **pool_values(radiologist, NOW)}  # fmt: skip
+        if postgres:
+            claim = service._claim_update(pool, shared_pool(runtime.dialect, by_patient=True))
+        else:  # the locking read, from the candidate read without the lock
+            claim = service._first_from(pool)
+            first = driver.rows(s, service._first_unlocked(pool), values)[1]
+            values |= {"from_id": first[0][0], "from_urgency": first[0][1]} if first else {
+                "from_id": 0, "from_urgency": 0.0}  # fmt: skip
         found["next case claim"] = driver.plan(s, claim, values, analyze=True)
         s.rollback()
         walk = service._page_walk(runtime.dialect, (), continues=False, chunk=61)

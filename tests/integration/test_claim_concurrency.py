@@ -245,6 +245,24 @@ def test_a_reader_with_nothing_eligible_gets_no_locking_walk_of_the_pool(
     assert any("Index Only Scan" in line and "ix_study_ready_pool" in line for line in plan)
 
 
+def test_on_sqlite_the_locking_read_walks_on_from_the_study_found_without_the_lock(
+    runtime, clock, on_postgres, monkeypatch
+):
+    """Under the write lock SQLite does not walk again past the more urgent studies this
+    reader may not report (the read without the lock did): it starts at the study that
+    read found, an index range on (urgency, id)."""
+    if on_postgres:
+        pytest.skip("SQLite's write lock")
+    (user_id,) = fill_pool(runtime, clock, readers=1)
+    run = _recorded(monkeypatch)
+    with runtime.session() as s:
+        claimed = wl.next_case(s, user=s.get(User, user_id), now=clock.now()).study
+        statement, params = _claims(run, "sqlite")[0]
+        plan = "\n".join(driver.plan(s, statement, params))
+    assert params["from_id"] == claimed.id
+    assert "ix_study_ready_pool (status=? AND urgency<?)" in plan, plan
+
+
 def test_on_sqlite_a_reader_with_nothing_eligible_never_takes_the_write_lock(
     runtime, clock, on_postgres, monkeypatch
 ):

@@ -991,10 +991,14 @@ def _claim_first(
     nothing = _Claim(None, [], current, bool(waiting))
     # Whether anything is eligible, read without the write lock: a reader with nothing
     # eligible walked the whole pool holding it (21-33 ms at 100,000 waiting studies),
-    # and every other writer waited. The locking read then walks again from the top.
-    if not driver.rows(session, _first_of(candidates, locked=False), values)[1]:
+    # and every other writer waited. The locking read then walks on from that study
+    # (it may have been claimed meanwhile), not again past what this reader may not
+    # report; a study made ready above it in that moment waits for the next claim.
+    found = driver.rows(session, _first_unlocked(candidates), values)[1]
+    if not found:
         return nothing
-    first = driver.rows(session, _first_of(candidates), values)[1]
+    values = {**values, "from_id": found[0][0], "from_urgency": found[0][1]}
+    first = driver.rows(session, _first_from(candidates), values)[1]
     if not first:
         return nothing
     study = _claim_by_id(session, first[0][0], values)
@@ -1022,12 +1026,29 @@ def _claim_status() -> sa.Select[tuple[int, bool]]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _first_of(candidates: sa.Select[Study], *, locked: bool = True) -> sa.Select[tuple[int]]:
-    """The first candidate's id, locked (skipping rows another claimer holds), or not."""
-    first = candidates.with_only_columns(Study.id).limit(
-        sa.literal_column("1")  # a literal, so that a prepared plan knows it is one row
+def _first_of(candidates: sa.Select[Study]) -> sa.Select[tuple[int]]:
+    """The first candidate's id, locked (skipping rows another claimer holds)."""
+    return (
+        candidates.with_only_columns(Study.id)
+        .limit(sa.literal_column("1"))  # a literal, so that a prepared plan knows it is one row
+        .with_for_update(skip_locked=True)
     )
-    return first.with_for_update(skip_locked=True) if locked else first
+
+
+@functools.lru_cache(maxsize=4096)
+def _first_unlocked(candidates: sa.Select[Study]) -> sa.Select[tuple[int, float]]:
+    """SQLite: the first candidate's id and urgency, read without the write lock."""
+    return candidates.with_only_columns(Study.id, Study.urgency).limit(sa.literal_column("1"))
+
+
+@functools.lru_cache(maxsize=4096)
+def _first_from(candidates: sa.Select[Study]) -> sa.Select[tuple[int]]:
+    """SQLite, under the write lock: the first candidate at or after (from_urgency,
+    from_id) in worklist order (keyset, an index condition, as the page's walk)."""
+    start = sa.tuple_(
+        driver.param("from_urgency", Study.urgency.type), driver.param("from_id", sa.Integer())
+    )
+    return _first_of(candidates.where(sa.tuple_(Study.urgency, Study.id) <= start))
 
 
 #: PostgreSQL: how many of the most urgent candidates a claim first looks among (see
