@@ -23,3 +23,10 @@ def post_fork(server, worker):  # noqa: ARG001
     wsgi = sys.modules.get("wsgi")
     if wsgi is not None:
         wsgi.app.extensions["worklist.runtime"].engine.dispose(close=False)
+
+
+def post_worker_init(worker):  # noqa: ARG001
+    # The worker has built its app: leave start-up objects out of garbage collections.
+    from worklist.bootstrap import settle_after_start_up
+
+    settle_after_start_up()

@@ -559,7 +559,7 @@ sys.path.insert(0, str(ROOT))
 
 import sqlalchemy as sa  # noqa: E402
 
-from worklist.bootstrap import Runtime, build_runtime  # noqa: E402
+from worklist.bootstrap import Runtime, build_runtime, settle_after_start_up  # noqa: E402
 from worklist.clock import FixedClock  # noqa: E402
 from worklist.config import Settings  # noqa: E402
 from worklist.db import driver, migrate  # noqa: E402
@@ -889,6 +889,7 @@ def _next_case_child(url: str, user_ids: list[int], claims: int, ready, go, out)
     settings = Settings(instance_path=Path(tempfile.gettempdir()), database_url=url,
                         environment="test", db_pool_size=1).validated()  # fmt: skip
     runtime = build_runtime(settings, clock=FixedClock(NOW))
+    settle_after_start_up()  # as a web worker does once it has built its app
     turn = itertools.cycle(user_ids)
     # Connect, and build and prepare this radiologist's statements, before the clock
     # starts. psycopg prepares a statement on its sixth run (until then PostgreSQL parses
@@ -1276,6 +1277,7 @@ def run(kind: str, args: argparse.Namespace) -> dict:
                 print(f"kept: --database {url}", flush=True)
         result: dict[str, Any] = {"database": kind, "load": loaded}
         parts = set(args.only or PARTS)
+        settle_after_start_up()  # the pages and priors are served as by a web worker
         if "plans" in parts:
             result["plans"] = plans(runtime, user_ids[0], args.historical + 1)
             for name, plan in result["plans"].items():

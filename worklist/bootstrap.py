@@ -6,6 +6,7 @@ scheduler, CLI, test) calls `build_runtime` once and passes the result down.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Iterator
@@ -159,6 +160,16 @@ class Runtime:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def settle_after_start_up() -> None:
+    """Leave the objects alive now (modules, mappers, the app: ~100,000 of them) out of
+    every later garbage collection (`gc.freeze`), in a process that serves requests.
+
+    A full collection walked them all: 15-40 ms, at a point that comes round every few
+    thousand requests, and one landed on a worklist page in two hundred (the page's p99
+    54-57 ms against 12 without it). They live as long as the process anyway."""
+    gc.freeze()
 
 
 def build_runtime(settings: Settings, *, clock: Clock | None = None) -> Runtime:
