@@ -15,7 +15,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
-from worklist.bootstrap import Runtime, build_runtime
+from worklist.bootstrap import Runtime, build_runtime, settle_after_start_up
 from worklist.config import Settings
 from worklist.errors import ConfigurationError, WorklistError
 
@@ -306,6 +306,7 @@ def cmd_hl7_listen(args: argparse.Namespace, runtime: Runtime) -> int:
     stop = _stop_on_signals()
     host = args.host or runtime.settings.hl7_host
     port = runtime.settings.hl7_port if args.port is None else args.port
+    settle_after_start_up()
     serve_hl7(runtime, host, port, stop=stop)
     return 0
 
@@ -315,6 +316,7 @@ def cmd_scheduler(args: argparse.Namespace, runtime: Runtime) -> int:
     from worklist.scheduler import run_scheduler
 
     stop = _stop_on_signals()
+    settle_after_start_up()
     run_scheduler(runtime, scheduled_jobs(runtime.settings), stop=stop)
     return 0
 
@@ -385,6 +387,7 @@ def cmd_serve(args: argparse.Namespace, runtime: Runtime) -> int:
         )
     app = create_app(runtime=runtime)
     server = make_server(args.host, args.port, app, threaded=True)
+    settle_after_start_up()
     web = threading.Thread(target=server.serve_forever, name="web", daemon=True)
     for thread in [*threads, web]:
         thread.start()
