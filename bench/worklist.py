@@ -510,6 +510,18 @@ What we measured and chose (2 cores, shared; one run each, figures move by a thi
     - SQLite: a claim's values converted once before the write lock (about ten JSON
       encodings of its lists were made inside it). Lock held, one process: p50 0.73 ->
       0.62 ms, mean 0.84 -> 0.69 ms.
+    - SQLite: the locking read walks on from the study the read without the lock found
+      (keyset on (urgency, id)) instead of walking again from the top, under the lock,
+      past every more urgent study the reader may not report. Alternating, old -> new: 8
+      processes p99 24.9, 23.3 -> 16.8, 21.0 ms; in turn p99 30.0, 18.6 -> 18.0, 17.1 ms;
+      one process 800, 886 -> 989, 996 claims/s.
+    - Garbage collection: a full collection walked every object alive (~100,000 after
+      start-up): 14.6 ms in a claim loop, ~40 ms in a page, every few thousand requests.
+      One landed on an 'urgent tiers' page in 200 and made its p99 55-58 ms (12-15
+      without). Web workers (gunicorn's post_worker_init), the listener, the scheduler
+      and this benchmark's processes now gc.freeze() once started
+      (`bootstrap.settle_after_start_up`). The same pause explains figures that moved
+      with unrelated changes: where it lands depends on how much each request allocates.
   Full runs, 19:36-19:37 and 19:52-19:55, the code as committed then:
     PostgreSQL  next case 1 process 462-480/s (ratio 0.31-0.37); 8 processes 894-914/s,
                 p50 8.2-8.6 ms, p99 16.0-17.1 ms, ratio 0.29-0.32 (floor 2,875-3,141/s);
