@@ -532,10 +532,20 @@ What we measured and chose (2 cores, shared; one run each, figures move by a thi
                 ratio 0.21-0.32 (floor 2,571-3,144/s); in turn 890-1,069/s, p99 17.4-17.9
                 ms, ratio 0.28-0.42; 32: 677-758/s. Worklist page worst p99 11.1-11.6 ms;
                 priors p99 6.5-8.5 ms first pass, 2.0-2.1 ms again.
+  Again at 20:27-20:30, with everything above (the machine fast: floor at 8 threads
+  3,106/s on PostgreSQL, 2,993/s on SQLite):
+    PostgreSQL  next case 1 process 558/s (ratio 0.36); 8 processes 1,063/s, p50 6.9 ms,
+                p99 13.7 ms, ratio 0.34; in turn 1,024/s, p99 14.4 ms, ratio 0.33; 32:
+                717/s. Worklist page worst p99 13.8 ms; priors p99 3.1 ms first pass
+                (16.4 blocks read a call), 2.0 ms again.
+    SQLite      next case 1 process 852/s; 8 processes 1,188/s, p50 6.3 ms, p99 20.0 ms,
+                ratio 0.40; in turn 1,247/s, p99 19.5 ms, ratio 0.42; 32: 761/s.
+                Worklist page worst p99 11.7 ms; priors p99 7.8 ms first pass, 2.0 again.
   Targets: worklist page and priors met on both (priors first pass too, in these runs);
-  next-case p99 under 20 ms at 8 processes on PostgreSQL (16.0, 17.1 ms), on SQLite in
-  turn (17.4, 17.9 ms) but not one radiologist a process (23.4, 33.3 ms); 0.5 of the
-  floor on neither (0.21-0.42). What is left a claim, PostgreSQL, one process: client
+  next-case p99 under 20 ms at 8 processes on PostgreSQL (13.7-17.1 ms in three runs),
+  on SQLite in the last run (19.5-20.0 ms; 23.4 and 33.3 ms one radiologist a process
+  before the locking read from the candidate); 0.5 of the floor on neither (0.33-0.42
+  in the last run). What is left a claim, PostgreSQL, one process: client
   ~0.9 ms (psycopg ~0.1 ms for each of three statements and COMMIT, the SQLAlchemy
   session ~0.2, our Python ~0.3), backend ~0.85 ms (the claim statement 0.37 ms executing,
   the assignment and audit rows 0.09, ~0.05 a round trip besides); the floor with its
