@@ -64,6 +64,21 @@ def test_a_connection_reads_a_readers_standing_facts_once(runtime, clock, reads)
     assert reads == [reader]
 
 
+def test_the_pool_statements_values_are_made_once_from_kept_facts(runtime, clock, monkeypatch):
+    made = []
+    pool_values = reader_facts.pool_values
+
+    def counted(radiologist, now):  # type: ignore[no-untyped-def]
+        made.append(radiologist.user_id)
+        return pool_values(radiologist, now)
+
+    monkeypatch.setattr(reader_facts, "pool_values", counted)
+    reader = setup(runtime, clock)
+    assert next_case(runtime, clock, reader).study is not None
+    assert next_case(runtime, clock, reader).study is not None
+    assert made == [reader]
+
+
 def test_the_facts_are_read_again_once_their_horizon_has_passed(runtime, clock, reads):
     reader = setup(runtime, clock)
     assert next_case(runtime, clock, reader).study is not None

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -19,8 +19,15 @@ from sqlalchemy.orm import Session
 
 from worklist.db import driver
 from worklist.db.models import Credential, DutySession, ReportingPermission, Study, Trust, User
-from worklist.domain.eligibility import DutySlot, HeldCredential, Radiologist, ReportingAgreement
+from worklist.domain.eligibility import (
+    LONDON,
+    DutySlot,
+    HeldCredential,
+    Radiologist,
+    ReportingAgreement,
+)
 from worklist.domain.study import StudyStatus
+from worklist.services.pool import pool_values
 
 #: What fills a duty session: the studies a reader holds to report or to verify.
 HELD_STATUSES = frozenset({StudyStatus.READY.value, StudyStatus.PRELIMINARY.value})
@@ -47,6 +54,15 @@ class Standing:
     sessions: tuple[DutySlot, ...]
     read_at: datetime
     until: datetime
+    #: `pool_values` by London day: made from these facts alone, once a day.
+    pools: dict[date, dict[str, Any]] = field(default_factory=dict, compare=False, repr=False)
+
+    def pool_values(self, radiologist: Radiologist, now: datetime) -> dict[str, Any]:
+        """The pool statement's values for `radiologist` (made from these facts) at `now`."""
+        today = now.astimezone(LONDON).date()
+        if today not in self.pools:
+            self.pools[today] = pool_values(radiologist, now)
+        return self.pools[today]
 
 
 @functools.cache

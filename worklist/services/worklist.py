@@ -841,7 +841,7 @@ def _next_case(
     # One claim statement for every radiologist, their trusts and credentials as parameters.
     dialect = session.get_bind().dialect.name
     query = shared_pool(dialect, stat_only=over_capacity)
-    pool_params = pool_values(radiologist, now)
+    pool_params = standing.pool_values(radiologist, now)
     # The pool holds only trusts with an agreement, so their codes come with it.
     codes = {a.trust_id: a.trust_code or "" for a in radiologist.agreements}
     mates_pool = shared_pool(dialect, by_patient=True)
