@@ -515,6 +515,8 @@ What we measured and chose (2 cores, shared; one run each, figures move by a thi
       past every more urgent study the reader may not report. Alternating, old -> new: 8
       processes p99 24.9, 23.3 -> 16.8, 21.0 ms; in turn p99 30.0, 18.6 -> 18.0, 17.1 ms;
       one process 800, 886 -> 989, 996 claims/s.
+    - The pool statement's values are made once a day from the kept facts, not on each
+      claim: client CPU a claim 0.87-0.91 -> 0.81-0.85 ms (alternating, one process).
     - Garbage collection: a full collection walked every object alive (~100,000 after
       start-up): 14.6 ms in a claim loop, ~40 ms in a page, every few thousand requests.
       One landed on an 'urgent tiers' page in 200 and made its p99 55-58 ms (12-15
