@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from tests.factories import make_study, make_trust, make_user
 from worklist.bootstrap import Runtime, build_runtime
 from worklist.db import driver
-from worklist.db.models import Credential, DutySession, ReportingPermission, Trust, User
+from worklist.db.models import Credential, DutySession, ReportingPermission, Study, Trust, User
 from worklist.services import accounts, reader_facts
 from worklist.services import worklist as wl
 
@@ -182,3 +182,25 @@ def test_every_edit_to_a_readers_facts_is_counted(runtime, clock):
     with runtime.session() as s:
         s.execute(sa.update(Trust).where(Trust.code == "RM3").values(name="renamed"))
     assert counts() == after  # not the code: nothing the facts hold
+
+
+def test_next_case_gives_up_with_a_conflict_when_the_facts_never_match(runtime, clock, monkeypatch):
+    """Facts out of date on every read (edits racing each claim) end in a 409, not a
+    loop; nothing is claimed."""
+    from dataclasses import replace
+
+    from worklist.errors import Conflict
+
+    reader = setup(runtime, clock)
+    standing = reader_facts.standing
+
+    def out_of_date(session, *, user_id, now, fresh=False):  # type: ignore[no-untyped-def]
+        found, kept = standing(session, user_id=user_id, now=now, fresh=fresh)
+        return replace(found, version=found.version + 1), kept
+
+    monkeypatch.setattr(reader_facts, "standing", out_of_date)
+    with pytest.raises(Conflict):
+        next_case(runtime, clock, reader)
+    monkeypatch.undo()
+    with runtime.session() as s:
+        assert s.scalar(sa.select(sa.func.count()).where(Study.claimed_by_id.is_not(None))) == 0

@@ -807,21 +807,25 @@ def next_case(
     (e.g. no credential for that body area) are recorded with their reasons.
 
     The reader's agreements, credentials and duty sessions come from what this
-    connection kept (`reader_facts.standing`); the claim statement itself checks them against the
-    stored count of edits (`User.facts_version`) and claims nothing when they are out of
-    date, and a refusal made without a claim statement is checked against facts read
-    afresh. Either way next case starts again from facts read now.
+    connection kept (`reader_facts.standing`); the claim statement itself checks them
+    against the stored count of edits (`User.facts_version`) and claims nothing when they
+    are out of date, and a refusal made without a claim statement is checked against
+    facts read afresh. Either way next case starts again from facts read now.
     """
-    fresh = False
-    while True:
-        standing, kept = reader_facts.standing(session, user_id=user.id, now=now, fresh=fresh)
+    for attempt in range(_FACTS_ATTEMPTS):
+        standing, kept = reader_facts.standing(session, user_id=user.id, now=now, fresh=attempt > 0)
         result = _next_case(
             session, standing, user=user, now=now, lease=lease, remote_addr=remote_addr,
             checked=not kept,
         )  # fmt: skip
         if result is not None:
             return result
-        fresh = True
+    raise Conflict("your agreements, credentials or duty sessions kept changing; try again")
+
+
+#: Reads of a reader's facts before next case gives up: each is out of date only if
+#: someone edited them between the read and the claim statement.
+_FACTS_ATTEMPTS = 4
 
 
 def _next_case(
@@ -853,6 +857,8 @@ def _next_case(
             session, candidates, mates_pool, user_id=user.id, now=now, lease=lease,
             pool_params=pool_params, facts_version=standing.version,
         )  # fmt: skip
+        if claim.facts_version is None:  # the account is gone
+            return ClaimResult(None, reason="account is not an active reporter")
         if claim.facts_version != standing.version:
             return None  # nothing was claimed
         study, mates = claim.study, claim.mates
@@ -940,7 +946,7 @@ class _Claim:
 
     study: Study | None
     mates: list[Study]
-    facts_version: int
+    facts_version: int | None  # None: no such account
     preliminary_waits: bool
 
 
