@@ -849,6 +849,10 @@ def _next_case(
     # The pool holds only trusts with an agreement, so their codes come with it.
     codes = {a.trust_id: a.trust_code or "" for a in radiologist.agreements}
     mates_pool = shared_pool(dialect, by_patient=True)
+    verify_first = functools.partial(
+        _verify_first, session=session, pool_params=pool_params, user=user,
+        radiologist=radiologist, now=now, lease=lease, remote_addr=remote_addr,
+    )  # fmt: skip
     skipped: list[dict[str, Any]] = []
     skipped_ids: list[int] = []
     while True:
@@ -863,10 +867,7 @@ def _next_case(
             return None  # nothing was claimed
         study, mates = claim.study, claim.mates
         if study is None:
-            verify = _verify_first(
-                session, claim, than=None, pool_params=pool_params, user=user,
-                radiologist=radiologist, now=now, lease=lease, remote_addr=remote_addr,
-            )  # fmt: skip
+            verify = verify_first(claim)
             if verify is not None:
                 return verify
             reason = "no eligible study is waiting"
@@ -883,10 +884,7 @@ def _next_case(
         )  # fmt: skip
         verdict = may_report(radiologist, replace(facts, claimed_by_id=None), now)
         if verdict:
-            verify = _verify_first(
-                session, claim, than=study, pool_params=pool_params, user=user,
-                radiologist=radiologist, now=now, lease=lease, remote_addr=remote_addr,
-            )  # fmt: skip
+            verify = verify_first(claim)
             if verify is not None:
                 return verify
             why = "the most urgent waiting study you may report"
@@ -916,23 +914,22 @@ def _next_case(
 
 
 def _verify_first(
-    session: Session, claim: _Claim, *, than: Study | None, pool_params: dict[str, Any],
-    user: User, radiologist: Radiologist, now: datetime, lease: timedelta,
-    remote_addr: str | None,
+    claim: _Claim, session: Session, *, pool_params: dict[str, Any], user: User,
+    radiologist: Radiologist, now: datetime, lease: timedelta, remote_addr: str | None,
 ) -> ClaimResult | None:  # fmt: skip
     """Consultants also verify, in one order: when a preliminary report waits, the
-    verification of one that ranks above `than` (the ready study just claimed, given
-    back then with its mates), or None."""
+    verification of one that ranks above the ready study `claim` holds (given back then
+    with its mates; none held: any), or None."""
     if not (user.can_finalise and claim.preliminary_waits):
         return None
     from worklist.services import verification
 
     verify = verification.claim_if_more_urgent(
-        session, than=than, pool_params=pool_params, user=user, radiologist=radiologist,
-        now=now, lease=lease, remote_addr=remote_addr,
+        session, than=claim.study, pool_params=pool_params, user=user,
+        radiologist=radiologist, now=now, lease=lease, remote_addr=remote_addr,
     )  # fmt: skip
-    if verify is not None and than is not None:
-        for claimed in (than, *claim.mates):
+    if verify is not None and claim.study is not None:
+        for claimed in (claim.study, *claim.mates):
             _undo_claim(session, study=claimed, user_id=user.id)
     return verify
 
@@ -992,9 +989,9 @@ def _claim_first(
         )
     values = driver.as_stored_in_sqlite(values)  # before the write lock, once
     current, waiting = driver.rows(session, _claim_status(), values)[1][0]
-    if current != facts_version:
-        return _Claim(None, [], current, bool(waiting))
     nothing = _Claim(None, [], current, bool(waiting))
+    if current != facts_version:
+        return nothing
     # Whether anything is eligible, read without the write lock: a reader with nothing
     # eligible walked the whole pool holding it (21-33 ms at 100,000 waiting studies),
     # and every other writer waited. The locking read then walks on from that study
