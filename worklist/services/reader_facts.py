@@ -157,18 +157,22 @@ def radiologist_facts(session: Session, *, user: User, now: datetime) -> Radiolo
     return radiologist_at(session, user, found, now)
 
 
+def _held_sum() -> sa.ColumnElement[float]:
+    """The effort of the studies held to report or verify, summed in the database; the
+    status test inside the sum, so that both planners reach the rows through
+    ix_study_claimed_by (see `held_by`)."""
+    held_statuses = sa.literal_column(", ".join(f"'{s}'" for s in sorted(HELD_STATUSES)))
+    return sa.func.coalesce(
+        sa.func.sum(sa.case((Study.status.in_([held_statuses]), Study.effort), else_=0.0)), 0.0
+    )
+
+
 @functools.cache
 def _held_load_query() -> sa.Select[tuple[float]]:
-    """The effort of the studies a reader holds to report or verify, summed in the
-    database; the status test inside the sum so that both planners reach the rows
-    through ix_study_claimed_by (see `held_by`)."""
-    held_statuses = sa.literal_column(", ".join(f"'{s}'" for s in sorted(HELD_STATUSES)))
-    return sa.select(
-        sa.func.coalesce(
-            sa.func.sum(sa.case((Study.status.in_([held_statuses]), Study.effort), else_=0.0)),
-            0.0,
-        )
-    ).where(Study.claimed_by_id == driver.param("user_id", sa.Integer()))
+    """One reader's held effort, for the driver (next case, under a capped session)."""
+    return sa.select(_held_sum()).where(
+        Study.claimed_by_id == driver.param("user_id", sa.Integer())
+    )
 
 
 def _held_load(session: Session, user_id: int) -> float:
@@ -183,8 +187,8 @@ def held_effort(session: Session, user_ids: Iterable[int]) -> dict[int, float]:
     if not ids:
         return {}
     rows = session.execute(
-        sa.select(Study.claimed_by_id, sa.func.sum(Study.effort))
-        .where(Study.claimed_by_id.in_(ids), Study.status.in_(sorted(HELD_STATUSES)))
+        sa.select(Study.claimed_by_id, _held_sum())
+        .where(Study.claimed_by_id.in_(ids))
         .group_by(Study.claimed_by_id)
     ).all()
     return {int(user_id): float(total or 0.0) for user_id, total in rows}
