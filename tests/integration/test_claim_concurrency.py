@@ -245,6 +245,50 @@ def test_a_reader_with_nothing_eligible_gets_no_locking_walk_of_the_pool(
     assert any("Index Only Scan" in line and "ix_study_ready_pool" in line for line in plan)
 
 
+@pytest.mark.postgres
+def test_the_claim_reads_a_patients_waiting_studies_and_none_of_their_history(
+    runtime, clock, on_postgres, monkeypatch
+):
+    """Next case claims the same person's other waiting studies with the one it pulls. It
+    finds them through ix_study_patient_status, whose second column is the status test
+    the mates query makes: a patient's reported history (2,000,000 studies in the
+    benchmark, on cold pages) is never read from the table to be refused one by one."""
+    if not on_postgres:
+        pytest.skip("PostgreSQL's patient index (SQLite has ix_study_waiting_by_patient)")
+    (user_id,) = fill_pool(runtime, clock, readers=1)
+    now = clock.now()
+    history = 300
+    with runtime.session() as s:
+        first = s.scalars(sa.select(Study).order_by(Study.urgency.desc()).limit(1)).one()
+        common = {
+            "trust_id": first.trust_id, "patient_id": first.patient_id, "modality": "CT",
+            "body_area": "HEAD", "status_changed_at": now, "effort": 1.0, "created_at": now,
+            "updated_at": now, "performed_at": now - timedelta(days=30),
+        }  # fmt: skip
+        s.execute(
+            sa.insert(Study),
+            [{**common, "accession_number": f"H{i}", "status": "reported", "urgency": 0.0}
+             for i in range(history)]
+            + [{**common, "accession_number": "MATE", "status": "ready", "ready_at": now,
+                "urgency": 1.0}],
+        )  # fmt: skip
+        anchor_id = first.id
+    with runtime.engine.connect() as c:
+        c.exec_driver_sql("ANALYZE study")
+    run = _recorded(monkeypatch)
+    with runtime.session() as s:
+        result = wl.next_case(s, user=s.get(User, user_id), now=now)
+        assert result.study is not None and result.study.id == anchor_id
+        assert [m.accession_number for m in result.together] == ["MATE"]
+        statement, params = _claims(run, "postgresql")[0]
+        plan = driver.plan(s, statement, params, analyze=True)
+        s.rollback()
+    text = "\n".join(plan)
+    assert "ix_study_patient_status" in text, text
+    removed = [int(line.rsplit(":", 1)[1]) for line in plan if "Rows Removed by Filter" in line]
+    assert max(removed, default=0) < history, text
+
+
 def test_on_sqlite_the_locking_read_walks_on_from_the_study_found_without_the_lock(
     runtime, clock, on_postgres, monkeypatch
 ):

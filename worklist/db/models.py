@@ -261,6 +261,13 @@ WAITING_BY_PATIENT = "ix_study_waiting_by_patient"
 _WAITING_UNINDEXED = sa.text("coalesce(status, '') = 'ready' AND coalesce(claimed_by_id, 0) = 0")
 
 
+#: A patient's studies with their status (migration 0012, PostgreSQL): the second column
+#: is the expression the mates query tests (`pool.unclaimed_unindexed`), so next case
+#: reads a patient's waiting studies and none of their history. SQLite has
+#: ix_study_patient_id and WAITING_BY_PATIENT instead.
+PATIENT_STATUS = "ix_study_patient_status"
+
+
 #: The ready pool by body area (migration 0010): a worklist page filtered to a body area
 #: walks it in worklist order, instead of walking the whole pool for the few of that area.
 READY_BY_AREA = "ix_study_ready_by_area"
@@ -293,7 +300,7 @@ class Study(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     trust_id: Mapped[int] = mapped_column(sa.ForeignKey("trust.id"))
-    patient_id: Mapped[int] = mapped_column(sa.ForeignKey("patient.id"), index=True)
+    patient_id: Mapped[int] = mapped_column(sa.ForeignKey("patient.id"))
     accession_number: Mapped[str] = mapped_column(sa.String(64))
     placer_order_number: Mapped[str | None] = mapped_column(sa.String(100))
     filler_order_number: Mapped[str | None] = mapped_column(sa.String(100))
@@ -392,6 +399,10 @@ class Study(Base):
         # serves. Not on PostgreSQL (see `pool.unclaimed_unindexed`).
         sa.Index(WAITING_BY_PATIENT, "patient_id", sqlite_where=_WAITING_UNINDEXED).ddl_if(
             dialect="sqlite"
+        ),
+        sa.Index("ix_study_patient_id", "patient_id").ddl_if(dialect="sqlite"),
+        sa.Index(PATIENT_STATUS, "patient_id", sa.text("coalesce(status, '')")).ddl_if(
+            dialect="postgresql"
         ),
     )
 

@@ -60,12 +60,14 @@ def unclaimed(status: str) -> sa.ColumnElement[bool]:
 
 
 def unclaimed_unindexed(status: str, study: Any = Study) -> sa.ColumnElement[bool]:
-    """`unclaimed(status)` written in coalesce(), which no index serves: so that both
-    planners reach a patient's few studies through ix_study_patient_id rather than walking
-    the pool (literals: PostgreSQL's RETURNING is compiled without literal_binds).
+    """`unclaimed(status)` written in coalesce(), which no pool index serves: so that both
+    planners reach a patient's few studies through a patient index rather than walking
+    the pool (literals: PostgreSQL's RETURNING is compiled without literal_binds). The
+    patient indexes test this expression themselves: PostgreSQL's second column
+    (ix_study_patient_status), SQLite's predicate (ix_study_waiting_by_patient).
 
-    Not served by a partial index of its own either (tried: ix_study_waiting_by_patient):
-    PostgreSQL cannot estimate such a predicate, and on a small, fresh table it drove the
+    On PostgreSQL not by a partial index (tried as migration 0003): it cannot estimate
+    such a predicate, and on a small, fresh table it drove the
     claim of a patient's studies from a scan of that whole index, 46 s a claim."""
     return sa.and_(
         sa.func.coalesce(study.status, sa.literal_column("''")) == sa.literal_column(f"'{status}'"),
@@ -185,8 +187,9 @@ def shared_pool(
     worklist order, those given as parameters (`pool_values`), not written in: one SQL
     text for every radiologist. With `stat_only`, only the stat and critical work that
     passes a full session's cap. With `by_patient` the rules are written so that no index
-    serves them: for a query that names a patient's few studies (ix_study_patient_id),
-    which both planners must reach through that index and never by walking the pool.
+    serves them: for a query that names a patient's few studies (a patient index, see
+    `unclaimed_unindexed`), which both planners must reach through that index and never
+    by walking the pool.
 
     A statement is compiled (SQLAlchemy), prepared (sqlite3's statement cache, psycopg)
     and planned (PostgreSQL) once per text. With the trusts and credentials written in,
