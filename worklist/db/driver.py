@@ -7,8 +7,11 @@ and compiled once, every other value rendered as a literal, then run on the sess
 connection inside the session's transaction, so it sees and is seen by everything else
 the unit of work does.
 
-PostgreSQL: psycopg prepares a statement it has run five times, so PostgreSQL plans it
-once per connection. Values go in as psycopg takes them (aware datetimes; JSON through
+PostgreSQL: the SQL has PostgreSQL's own $n placeholders and goes through psycopg's
+RawCursor as it is: psycopg's cursor parsed `%(name)s` placeholders on every run of a
+statement longer than 4 KB, and the next-case claim had to be kept under that. psycopg
+prepares a statement it has run five times, so PostgreSQL plans it once per connection.
+Values go in as psycopg takes them (aware datetimes; JSON through
 `json()`) and come out as it gives them, datetimes turned to UTC as `UTCDateTime` does.
 
 SQLite: values go in as the models' types store them (datetimes as naive UTC text, JSON
@@ -29,7 +32,7 @@ from datetime import UTC, date, datetime
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from psycopg import postgres, pq
+from psycopg import RawCursor, postgres, pq
 from psycopg.types.json import Jsonb
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, make_transient_to_detached
@@ -38,7 +41,8 @@ from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from worklist.db import sqlite_writers
 
 _DIALECTS = {
-    "postgresql": postgresql.dialect(paramstyle="pyformat"),  # type: ignore[no-untyped-call]
+    # $n placeholders, as PostgreSQL takes them: no percent signs doubled in literals.
+    "postgresql": postgresql.dialect(paramstyle="numeric_dollar"),  # type: ignore[no-untyped-call]
     "sqlite": sqlite.dialect(paramstyle="named"),  # type: ignore[no-untyped-call]
 }
 _MARK = "__driver_param__"
@@ -46,15 +50,14 @@ T = TypeVar("T")
 _MARKED = re.compile(f"{_MARK}([sa])(\\w+?)\\|(.+?){_MARK}")
 
 
-#: PostgreSQL's short names for the types SQLAlchemy spells out: statements under 4 KB
-#: keep psycopg's parsing of them (`_queries.MAX_CACHED_STATEMENT_LENGTH`).
+#: PostgreSQL's short names for the types SQLAlchemy spells out (shorter statements).
 _SHORT_TYPES = {"TIMESTAMP WITH TIME ZONE": "timestamptz", "INTEGER": "int", "BOOLEAN": "bool"}
 _SHORT_TYPE = re.compile("|".join(_SHORT_TYPES))
 
 
 def param(name: str, type_: Any) -> sa.ColumnElement[Any]:
-    """A per-call value in a driver statement: psycopg's `%(name)s`, cast to its type,
-    or sqlite3's `:name`.
+    """A per-call value in a driver statement: PostgreSQL's `$n`, cast to its type, or
+    sqlite3's `:name`.
 
     A marker until compiled: the compiler would double the percent sign of a literal.
     An array is given as a list and goes in as one value: PostgreSQL's array literal
@@ -75,8 +78,8 @@ class Compiled:
     """A statement's SQL for the driver, and the names of its result columns once known."""
 
     text: str
-    arrays: tuple[str, ...] = ()  # PostgreSQL: the array parameters (see `_array_literal`)
-    params: tuple[str, ...] = ()  # SQLite: the parameters, those alone converted
+    arrays: frozenset[str] = frozenset()  # PostgreSQL: the array parameters (`_array_literal`)
+    params: tuple[str, ...] = ()  # the parameters in placeholder order, those alone sent
     names: tuple[str, ...] | None = None
     times: tuple[int, ...] = ()  # PostgreSQL: where the timestamps are, turned to UTC
     #: SQLite: the result columns that need their type's processor, with it.
@@ -92,16 +95,21 @@ def sql(statement: sa.Executable, dialect_name: str = "postgresql") -> Compiled:
         dialect=dialect, compile_kwargs={"literal_binds": True}
     )
     text = str(compiled)
+    names = tuple(dict.fromkeys(m[1] for m in _MARKED.findall(text)))
     if dialect_name == "postgresql":
-        arrays = tuple(dict.fromkeys(m[1] for m in _MARKED.findall(text) if m[0] == "a"))
-        return Compiled(_MARKED.sub(r"%(\2)s::\3", text), arrays=arrays)
+        numbers = {name: i for i, name in enumerate(names, 1)}
+        return Compiled(
+            _MARKED.sub(lambda m: f"${numbers[m[2]]}::{m[3]}", text),
+            arrays=frozenset(m[1] for m in _MARKED.findall(text) if m[0] == "a"),
+            params=names,
+        )
     processors = (
         (i, column.type._cached_result_processor(dialect, None))
         for i, column in enumerate(compiled._result_columns)
     )
     return Compiled(
         _MARKED.sub(r":\2", text),
-        params=tuple(dict.fromkeys(m[1] for m in _MARKED.findall(text))),
+        params=names,
         processors=tuple((i, p) for i, p in processors if p is not None),
         reads_only=sqlite_writers.reads_only(text, statement),
     )
@@ -121,7 +129,7 @@ def rows(
     driver_connection = connection.connection.driver_connection
     assert driver_connection is not None
     compiled = sql(statement)
-    with driver_connection.cursor() as cursor:
+    with RawCursor(driver_connection) as cursor:
         cursor.execute(compiled.text, _postgresql_values(compiled, params))
         result = cursor.pgresult
         if result is None or result.status != pq.ExecStatus.TUPLES_OK:
@@ -172,16 +180,18 @@ def plan(
         return [str(row[-1]) for row in rows.fetchall()]
     compiled = sql(statement)
     options = "(ANALYZE, BUFFERS, COSTS OFF) " if analyze else ""
-    with driver_connection.cursor() as cursor:
+    with RawCursor(driver_connection) as cursor:
         cursor.execute(f"EXPLAIN {options}{compiled.text}", _postgresql_values(compiled, params))
         return [row[0] for row in cursor.fetchall()]
 
 
-def _postgresql_values(compiled: Compiled, params: dict[str, Any]) -> dict[str, Any]:
-    """The values as psycopg takes them: lists as array literals (`_array_literal`)."""
-    if not compiled.arrays:
-        return params
-    return {**params, **{name: _array_literal(params[name]) for name in compiled.arrays}}
+def _postgresql_values(compiled: Compiled, params: dict[str, Any]) -> tuple[Any, ...]:
+    """The values in placeholder order, as psycopg takes them: lists as array literals
+    (`_array_literal`)."""
+    arrays = compiled.arrays
+    return tuple(
+        _array_literal(params[name]) if name in arrays else params[name] for name in compiled.params
+    )
 
 
 def _sqlite_values(compiled: Compiled, params: dict[str, Any]) -> dict[str, Any]:
