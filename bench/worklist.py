@@ -1233,7 +1233,9 @@ def plans(runtime: Runtime, user_id: int, study_id: int) -> dict[str, str]:
         radiologist = reader_facts.radiologist_facts(s, user=user, now=NOW)
         pool = shared_pool(runtime.dialect)
         values = {"claimer_id": user_id, "claim_now": NOW, "lease_ends": NOW,
-                  "facts": user.facts_version, **pool_values(radiologist, NOW)}  # fmt: skip
+                  "facts": user.facts_version, **pool_values(radiologist, NOW),
+                  "why": "plan", "skipped": driver.json([]), "claimer_name": user.username,
+                  "remote_addr": None}  # fmt: skip
         if postgres:
             claim = service._claim_update(pool, shared_pool(runtime.dialect, by_patient=True))
         else:  # the locking read, from the candidate read without the lock

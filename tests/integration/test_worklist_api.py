@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 import sqlalchemy as sa
 
 from tests.factories import make_study, make_token, make_trust, make_user
 from worklist.db.models import AuditEvent, DutySession
+from worklist.domain.priority import describe
 from worklist.services import worklist as wl
 
 
@@ -93,6 +95,11 @@ def test_viewing_a_study_shows_why_it_came_to_me_and_is_audited(client, world, r
     (assignment,) = body["assignments"]
     assert assignment["user"] == "asingh"
     assert assignment["explanation"]["why"] == "the most urgent waiting study you may report"
+    # The line the rules' explanation reads as at the claim, made when shown.
+    priority = assignment["explanation"]["priority"]
+    started = datetime.fromisoformat(assignment["started_at"])
+    assert priority["text"] == describe(priority["explanation"], started, ZoneInfo("Europe/London"))
+    assert priority["text"].startswith("Stat / emergency department (tier 1): rule")
     assert body["eligibility"]["allowed"] is True
     with runtime.session() as s:
         views = s.scalars(sa.select(AuditEvent).where(AuditEvent.action == "view_study")).all()

@@ -114,7 +114,14 @@ def test_next_case_passes_over_studies_it_may_not_give_and_records_the_reasons(
     assert [(s["study_id"], s["reasons"]) for s in skipped] == [
         (disputed.id, ["arbitration of a double read needs a consultant"])
     ]
-    assert disputed.claimed_by_id is None  # the refused claim was undone
+    assert disputed.claimed_by_id is None  # the refused claim was undone, with its rows
+    assert trainee.id not in {
+        h.user_id for h in wl.assignment_history(session, study_id=disputed.id)
+    }
+    assert not session.scalars(
+        sa.select(AuditEvent).where(AuditEvent.user_id == trainee.id,
+                                    AuditEvent.object_id == str(disputed.id))
+    ).all()  # fmt: skip
     assert chest.claimed_by_id is None  # no credential for CT chest: never a candidate
     assert wl.eligibility_for(session, study=chest, user=trainee, now=clock.now()).explain() == (
         "no credential for CT CHEST"
@@ -402,6 +409,60 @@ def test_a_patients_unread_studies_stay_with_one_reader(session, clock, region):
     assert wl.next_case(session, user=other, now=clock.now()).study is stranger
 
 
+def test_next_case_records_each_study_handed_out_as_every_assignment_is_recorded(
+    session, clock, region
+):
+    """On PostgreSQL the claim statement writes the assignment and audit rows itself (in
+    SQL); they are the rows `record_assignments` writes on SQLite and for every other
+    kind of assignment."""
+    rw6, _ = region
+    reader = radiologist(session, clock, credentials=("CT",))
+    patient = make_patient(session, trust=rw6, now=clock.now())
+    chest = ready(session, clock, rw6, patient=patient, body_area="CHEST", order_priority="A")
+    abdomen = ready(session, clock, rw6, patient=patient, body_area="ABDOMEN")
+    result = wl.next_case(session, user=reader, now=clock.now(), remote_addr="10.1.2.3")
+    assert result.study is chest and result.together == [abdomen]
+    session.expire_all()
+    rows = {a.study_id: a for a in session.scalars(sa.select(Assignment))}
+    assert result.assignment.id == rows[chest.id].id
+    assert result.assignment.explanation == rows[chest.id].explanation
+    for study, why, extra in (
+        (chest, "the most urgent waiting study you may report", {"skipped": []}),
+        (abdomen, f"same patient as {chest.accession_number}, kept with one reader",
+         {"with_study_id": chest.id}),
+    ):  # fmt: skip
+        row = rows[study.id]
+        assert (row.user_id, row.kind, row.assigned_by_id, row.started_at, row.expires_at) == (
+            reader.id,
+            "pull",
+            None,
+            clock.now(),
+            clock.now() + wl.DEFAULT_LEASE,
+        )
+        priority = row.explanation["priority"]
+        assert datetime.fromisoformat(priority.pop("due_at")) == study.due_at
+        assert row.explanation == {
+            "why": why, **extra,
+            "priority": {
+                "accession_number": study.accession_number,
+                "tier": tier_from_urgency(study.urgency), "class": study.priority_class,
+                "explanation": study.priority_explanation,
+            },
+        }  # fmt: skip
+    events = session.scalars(
+        sa.select(AuditEvent).where(AuditEvent.action == "claim").order_by(AuditEvent.id)
+    ).all()
+    assert [
+        (e.at, e.user_id, e.username, e.object_type, e.object_id, e.detail, e.remote_addr)
+        for e in events
+    ] == [
+        (clock.now(), reader.id, reader.username, "study", str(s.id),
+         {"kind": "pull", "to": reader.username, "accession_number": s.accession_number,
+          "why": rows[s.id].explanation["why"]}, "10.1.2.3")
+        for s in (chest, abdomen)
+    ]  # fmt: skip
+
+
 def test_a_patients_study_the_reader_may_not_report_or_another_holds_is_not_bundled(
     session, clock, region
 ):
@@ -442,6 +503,8 @@ def test_a_patients_study_over_the_sessions_cap_or_double_read_is_given_back_not
     session.expire_all()
     assert session.get(Study, abdomen.id).claimed_by_id is None
     assert wl.assignment_history(session, study_id=abdomen.id) == []
+    claims = session.scalars(sa.select(AuditEvent.object_id).where(AuditEvent.action == "claim"))
+    assert list(claims) == [str(chest.id)]
     taken = {wl.next_case(session, user=other, now=clock.now()).study for _ in range(2)}
     assert taken == {session.get(Study, abdomen.id), session.get(Study, screening.id)}
 

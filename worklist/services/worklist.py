@@ -62,6 +62,7 @@ from worklist.domain.eligibility import (
     may_report,
 )
 from worklist.domain.priority import (
+    MAX_TIER,
     OrderFacts,
     Priority,
     RuleSet,
@@ -620,17 +621,32 @@ def _open_assignment(session: Session, study_id: int) -> Assignment | None:
     )
 
 
-def _priority_summary(study: Study, now: datetime) -> dict[str, Any]:
-    explanation = study.priority_explanation or {}
-    summary: dict[str, Any] = {
+def _priority_summary(study: Study) -> dict[str, Any]:
+    """The study's priority when it was handed out. The line a radiologist reads is made
+    from the explanation when shown (`explained`): next case writes this summary in SQL
+    (`_claim_update`), where the rules' wording cannot be."""
+    return {
         "accession_number": study.accession_number,
         "tier": tier_from_urgency(study.urgency),
         "class": study.priority_class,
         "due_at": study.due_at.isoformat() if study.due_at else None,
+        "explanation": study.priority_explanation or {},
     }
-    if explanation.get("due_at"):
-        summary["text"] = describe(explanation, now)
-    return summary
+
+
+def explained(explanation: dict[str, Any], at: datetime, tz: Any = None) -> dict[str, Any]:
+    """An assignment's explanation as shown: its priority summary with the line the
+    rules' explanation reads as at `at` (when it was handed out)."""
+    priority = explanation.get("priority")
+    if not isinstance(priority, dict) or "text" in priority:
+        return explanation  # none, or written with its line (before 2026-12-07)
+    rules = priority.get("explanation") or {}
+    text = describe(rules, at, tz) if rules.get("due_at") else None
+    return {**explanation, "priority": {**priority, "text": text}}
+
+
+#: Why a patient's other waiting study went with the one pulled (Python and SQL).
+SAME_PATIENT = "same patient as {}, kept with one reader"
 
 
 def record_assignment(
@@ -675,8 +691,7 @@ def record_assignments(
         "started_at": now, "expires_at": now + lease,
     }  # fmt: skip
     explanations = [
-        {"why": why, "priority": _priority_summary(study, now), **extra}
-        for study, why, extra in handed
+        {"why": why, "priority": _priority_summary(study), **extra} for study, why, extra in handed
     ]
     details = [
         {"kind": kind, "to": user.username, "accession_number": study.accession_number,
@@ -857,9 +872,14 @@ def _next_case(
     skipped_ids: list[int] = []
     while True:
         candidates = query.where(Study.id.not_in(skipped_ids)) if skipped_ids else query
+        why = "the most urgent waiting study you may report"
+        if skipped:
+            why += f" ({len(skipped)} more urgent passed over: see skipped)"
+        explanation = {"skipped": skipped[:MAX_EXPLAINED_SKIPS]}
         claim = _claim_first(
-            session, candidates, mates_pool, user_id=user.id, now=now, lease=lease,
+            session, candidates, mates_pool, user=user, now=now, lease=lease,
             pool_params=pool_params, facts_version=standing.version,
+            handed=(why, explanation, remote_addr),
         )  # fmt: skip
         if claim.facts_version is None:  # the account is gone
             return ClaimResult(None, reason="account is not an active reporter")
@@ -887,22 +907,20 @@ def _next_case(
             verify = verify_first(claim)
             if verify is not None:
                 return verify
-            why = "the most urgent waiting study you may report"
-            if skipped:
-                why += f" ({len(skipped)} more urgent passed over: see skipped)"
             together = _kept_with(
-                session, anchor=study, mates=mates, user=user, radiologist=radiologist,
-                now=now, codes=codes,
+                anchor=study, mates=mates, user=user, radiologist=radiologist, now=now,
+                codes=codes,
             )  # fmt: skip
-            assignment, *_ = record_assignments(
-                session,
-                [(study, why, {"skipped": skipped[:MAX_EXPLAINED_SKIPS]}),
-                 *_with_anchor(study, together)],
-                user=user, kind="pull", now=now, lease=lease, remote_addr=remote_addr,
-            )  # fmt: skip
+            _give_back(session, claim, [m for m in mates if m not in together], user_id=user.id)
+            if claim.assignments:  # PostgreSQL: written by the claim statement
+                assignment = _written_assignment(session, claim, study, user=user, lease=lease)
+            else:
+                assignment, *_ = record_assignments(
+                    session, [(study, why, explanation), *_with_anchor(study, together)],
+                    user=user, kind="pull", now=now, lease=lease, remote_addr=remote_addr,
+                )  # fmt: skip
             return ClaimResult(study, assignment, why, together)
-        for claimed in (study, *mates):
-            _undo_claim(session, study=claimed, user_id=user.id)
+        _give_back(session, claim, [study, *mates], user_id=user.id)
         skipped_ids.append(study.id)
         skipped.append(
             {
@@ -929,8 +947,7 @@ def _verify_first(
         radiologist=radiologist, now=now, lease=lease, remote_addr=remote_addr,
     )  # fmt: skip
     if verify is not None and claim.study is not None:
-        for claimed in (claim.study, *claim.mates):
-            _undo_claim(session, study=claimed, user_id=user.id)
+        _give_back(session, claim, [claim.study, *claim.mates], user_id=user.id)
     return verify
 
 
@@ -945,12 +962,47 @@ class _Claim:
     mates: list[Study]
     facts_version: int | None  # None: no such account
     preliminary_waits: bool
+    at: datetime
+    #: PostgreSQL: each study's assignment row (id, explanation), written with the claim.
+    assignments: dict[int, tuple[int, dict[str, Any]]] = field(default_factory=dict)
+
+
+def _written_assignment(
+    session: Session, claim: _Claim, study: Study, *, user: User, lease: timedelta
+) -> Assignment:
+    """The assignment row the claim statement wrote for `study`, as if loaded."""
+    new_id, explanation = claim.assignments[study.id]
+    return driver.loaded(session, Assignment, {
+        "id": new_id, "study_id": study.id, "user_id": user.id, "kind": "pull",
+        "assigned_by_id": None, "started_at": claim.at, "expires_at": claim.at + lease,
+        "ended_at": None, "end_reason": None, "explanation": explanation,
+    })  # fmt: skip
+
+
+def _give_back(session: Session, claim: _Claim, studies: Sequence[Study], *, user_id: int) -> None:
+    """Undo these studies' claims, and delete the rows the claim statement wrote for them
+    (inside this transaction: nobody has seen them)."""
+    if not studies:
+        return
+    for study in studies:
+        _undo_claim(session, study=study, user_id=user_id)
+    written = [claim.assignments[s.id][0] for s in studies if s.id in claim.assignments]
+    if not written:
+        return
+    session.execute(sa.delete(Assignment).where(Assignment.id.in_(written)))
+    session.execute(
+        sa.delete(AuditEvent).where(
+            AuditEvent.action == "claim", AuditEvent.object_type == "study",
+            AuditEvent.object_id.in_([str(s.id) for s in studies]),
+            AuditEvent.user_id == user_id, AuditEvent.at == claim.at,
+        )
+    )  # fmt: skip
 
 
 def _claim_first(
     session: Session, candidates: sa.Select[Study], mates_pool: sa.Select[Study], *,
-    user_id: int, now: datetime, lease: timedelta, pool_params: dict[str, Any],
-    facts_version: int,
+    user: User, now: datetime, lease: timedelta, pool_params: dict[str, Any],
+    facts_version: int, handed: tuple[str, dict[str, Any], str | None],
 ) -> _Claim:  # fmt: skip
     """Claim the first candidate and, with it, the same person's other waiting studies
     that `mates_pool` (the same rules) offers, if the reader's facts are those of
@@ -961,8 +1013,11 @@ def _claim_first(
     'ready' RETURNING study.*. PostgreSQL locks the chosen row and concurrent claimers skip
     it; SQLite ignores FOR UPDATE and serialises writers (BEGIN IMMEDIATE). Either way the
     conditional WHERE means a study is never claimed twice. On PostgreSQL the mates are
-    claimed in the same statement (a second data-modifying CTE), and the same statement
-    says the reader's count of edits and whether a preliminary report waits.
+    claimed in the same statement (a second data-modifying CTE), every study claimed gets
+    its assignment and audit rows there too (`handed`: why and what else to explain, the
+    request's address), and the same statement says the reader's count of edits and
+    whether a preliminary report waits. SQLite's rows are written after, by
+    `record_assignments`.
 
     SQLite, inside its write lock (which the locking read takes): the first candidate's
     id, then the claim by id, then the mates' ids and their claim only if there are any
@@ -971,25 +1026,30 @@ def _claim_first(
     when it matched nothing. The count and the waiting preliminaries are read first,
     without the lock, as the facts were before.
     """
-    values = {"claimer_id": user_id, "claim_now": now, "lease_ends": now + lease,
+    values = {"claimer_id": user.id, "claim_now": now, "lease_ends": now + lease,
               "facts": facts_version, **pool_params}  # fmt: skip
     if _on_postgresql(session):
+        why, explanation, remote_addr = handed
+        values = {**values, "why": why, "skipped": driver.json(explanation["skipped"]),
+                  "claimer_name": user.username, "remote_addr": remote_addr}  # fmt: skip
         names, rows = driver.rows(session, _claim_update(candidates, mates_pool), values)
         study_names = names[_CLAIM_STATUS:]
         claimed = [
-            (row[2], driver.loaded(session, Study, dict(zip(study_names, row[_CLAIM_STATUS:],
-                                                            strict=True))))
-            for row in rows if row[2] is not None
+            (row, driver.loaded(session, Study, dict(zip(study_names, row[_CLAIM_STATUS:],
+                                                         strict=True))))
+            for row in rows if row[4] is not None
         ]  # fmt: skip
         return _Claim(
-            next((s for is_mate, s in claimed if not is_mate), None),
-            [s for is_mate, s in claimed if is_mate],
+            next((s for row, s in claimed if not row[4]), None),
+            [s for row, s in claimed if row[4]],
             rows[0][0],
             bool(rows[0][1]),
+            now,
+            {s.id: (row[2], row[3]) for row, s in claimed},
         )
     values = driver.as_stored_in_sqlite(values)  # before the write lock, once
     current, waiting = driver.rows(session, _claim_status(), values)[1][0]
-    nothing = _Claim(None, [], current, bool(waiting))
+    nothing = _Claim(None, [], current, bool(waiting), now)
     if current != facts_version:
         return nothing
     # Whether anything is eligible, read without the write lock: a reader with nothing
@@ -1008,7 +1068,7 @@ def _claim_first(
     if study is None:  # cannot happen while the lock is held; were it lost, nothing is claimed
         raise RuntimeError(f"study {first[0][0]} was claimed under the write lock")
     mates = _claim_mates(session, mates_pool, anchor=study, values=values)
-    return _Claim(study, mates, current, bool(waiting))
+    return _Claim(study, mates, current, bool(waiting), now)
 
 
 def _facts_version_now() -> sa.ScalarSelect[int]:
@@ -1098,26 +1158,31 @@ def _claim_by_id(session: Session, study_id: int, values: dict[str, Any]) -> Stu
 
 
 #: The columns before `study.*` in `_claim_update`'s rows: the claimer's count of edits
-#: to their facts, whether a preliminary report waits, and whether the study is a mate
-#: (NULL when nothing was claimed).
-_CLAIM_STATUS = 3
+#: to their facts, whether a preliminary report waits, the study's new assignment row
+#: (id, explanation), whether it is a mate and why it was handed out (NULL when nothing
+#: was claimed).
+_CLAIM_STATUS = 6
 
 
 @functools.lru_cache(maxsize=4096)
 def _claim_update(candidates: sa.Select[Study], mates_pool: sa.Select[Study]) -> sa.Select[Any]:
     """PostgreSQL: the claim UPDATE for a (cached) pool query, built once, for the
-    driver, with the claim of the same person's waiting studies as a second CTE: rows of
-    (the claimer's count of edits to their facts, whether a preliminary report waits, is
-    a mate, study.*), one with NULLs for the study when nothing was claimed. The study claimed
-    is the first free one of the shortlist (`_shortlist_first`), or, only when other
-    claimers hold all of it, of a locking walk of the whole pool (COALESCE and CASE:
-    PostgreSQL runs that subquery only if needed). An empty shortlist means nothing is
-    eligible: no locking walk then, which read every study of the pool from the table
-    (50 of 85 ms for a reader with nothing eligible among 100,000 waiting studies).
-    Nothing is claimed unless the count is the one the pool's values were made from.
+    driver, with the claim of the same person's waiting studies as a second CTE, and each
+    study's assignment and audit rows as two more: rows of (the claimer's count of edits
+    to their facts, whether a preliminary report waits, the assignment's id and
+    explanation, is a mate, why, study.*), one with NULLs for the study when nothing was
+    claimed. The study claimed is the first free one of the shortlist
+    (`_shortlist_first`), or, only when other claimers hold all of it, of a locking walk
+    of the whole pool (COALESCE and CASE: PostgreSQL runs that subquery only if needed).
+    An empty shortlist means nothing is eligible: no locking walk then, which read every
+    study of the pool from the table (50 of 85 ms for a reader with nothing eligible
+    among 100,000 waiting studies). Nothing is claimed unless the count is the one the
+    pool's values were made from.
 
-    The rows as `study.*`: psycopg caches its parsing of a statement only up to 4 KB,
-    and four lists of 45 columns made this one 6 KB."""
+    The rows are those `record_assignments` writes, made in SQL (`_handed_out`): a
+    statement of their own was a fifth of a claim's cost at 8 claiming processes
+    (975-1,094 against 860-906 claims/s with them here). What Python's eligibility then
+    refuses is given back with its rows (`_give_back`)."""
     shortlist = (
         candidates.with_only_columns(Study.id)
         .limit(sa.literal_column(str(SHORTLIST)))
@@ -1134,7 +1199,7 @@ def _claim_update(candidates: sa.Select[Study], mates_pool: sa.Select[Study]) ->
     every_column = sa.literal_column("study.*")
     anchor = claim.returning(every_column).cte("anchor")
 
-    def of_anchor(name: str) -> sa.ScalarSelect[int]:
+    def of_anchor(name: str) -> sa.ScalarSelect[Any]:
         return sa.select(sa.literal_column(f"anchor.{name}")).select_from(anchor).scalar_subquery()
 
     mates = (
@@ -1146,17 +1211,112 @@ def _claim_update(candidates: sa.Select[Study], mates_pool: sa.Select[Study]) ->
         .returning(every_column)
         .cte("mates")
     )
-    claimed = sa.union_all(
-        sa.select(sa.false().label("is_mate"), sa.literal_column("anchor.*")).select_from(anchor),
-        sa.select(sa.true(), sa.literal_column("mates.*")).select_from(mates),
-    ).subquery("claimed")
+    before, after = (sa.literal(part, sa.String()) for part in SAME_PATIENT.split("{}"))
+    handed = sa.union_all(
+        sa.select(
+            sa.false().label("is_mate"),
+            driver.param("why", sa.String()).label("why"),
+            sa.literal_column("anchor.*"),
+        ).select_from(anchor),
+        sa.select(
+            sa.true(), before + of_anchor("accession_number") + after, sa.literal_column("mates.*")
+        ).select_from(mates),
+    ).cte("handed")
+    assignment_rows, audit_rows = _handed_out(handed, anchor_id=of_anchor("id"))
+    claimed = (
+        sa.select(
+            sa.literal_column("assignment_rows.id").label("assignment_id"),
+            sa.literal_column("assignment_rows.explanation").label("assignment_explanation"),
+            sa.literal_column("handed.*"),
+        )
+        .select_from(handed)
+        .join(assignment_rows, sa.text("assignment_rows.study_id = handed.id"))
+        .subquery("claimed")
+    )
     status = sa.select(_facts_version_now().label("v"), _preliminary_waits().label("w")).subquery(
         "status"
     )
     # One row however the claim went (ON true: the status, then each study claimed).
-    return sa.select(status.c.v, status.c.w, sa.literal_column("claimed.*")).select_from(
-        status.outerjoin(claimed, sa.true())
+    return (
+        sa.select(status.c.v, status.c.w, sa.literal_column("claimed.*"))
+        .select_from(status.outerjoin(claimed, sa.true()))
+        .add_cte(audit_rows)
     )
+
+
+def _handed_out(handed: sa.CTE, *, anchor_id: sa.ColumnElement[int]) -> tuple[sa.CTE, sa.CTE]:
+    """PostgreSQL: the assignment rows (returning id, study_id, explanation) and audit
+    rows of the studies of the CTE `handed` (is_mate, why, study.*), as
+    `record_assignments` writes them."""
+
+    def column(name: str) -> sa.ColumnElement[Any]:
+        return sa.literal_column(f"handed.{name}")
+
+    at = driver.param("claim_now", sa.DateTime(timezone=True))
+    claimer = driver.param("claimer_id", sa.Integer())
+    urgency = column("urgency")
+    tier = sa.case(
+        *((urgency > sa.literal_column(repr(urgency_floor(t))), sa.literal_column(str(t)))
+          for t in range(1, MAX_TIER)),
+        else_=sa.literal_column(str(MAX_TIER)),
+    )  # fmt: skip  # `tier_from_urgency`, by the tiers' floors
+    due_at = sa.func.to_jsonb(column("due_at").op("AT TIME ZONE")(sa.literal_column("'UTC'")))
+    summary = sa.func.jsonb_build_object(
+        "accession_number", column("accession_number"), "tier", tier,
+        "class", column("priority_class"),
+        "due_at", due_at.op("#>>")(sa.literal_column("'{}'")).op("||")(
+            sa.literal_column("'+00:00'")
+        ),
+        "explanation", sa.func.coalesce(column("priority_explanation"),
+                                        sa.literal_column("'{}'::jsonb")),
+    )  # fmt: skip
+    extra = sa.case(
+        (column("is_mate"), sa.func.jsonb_build_object("with_study_id", anchor_id)),
+        else_=sa.func.jsonb_build_object("skipped", driver.param("skipped", postgresql.JSONB())),
+    )
+    explanation = sa.func.jsonb_build_object("why", column("why"), "priority", summary).op("||")(
+        extra
+    )
+    table = Assignment.__table__
+    assignment = (
+        sa.insert(table)
+        .from_select(
+            (
+                "study_id",
+                "user_id",
+                "kind",
+                "assigned_by_id",
+                "started_at",
+                "expires_at",
+                "explanation",
+            ),
+            sa.select(
+                column("id"),
+                claimer,
+                sa.literal_column("'pull'"),
+                sa.null(),
+                at,
+                driver.param("lease_ends", sa.DateTime(timezone=True)),
+                explanation,
+            ).select_from(handed),
+        )  # fmt: skip
+        .returning(table.c.id, table.c.study_id, table.c.explanation)
+        .cte("assignment_rows")
+    )
+    detail = sa.func.jsonb_build_object(
+        "kind", sa.literal_column("'pull'"), "to", driver.param("claimer_name", sa.String()),
+        "accession_number", column("accession_number"), "why", column("why"),
+    )  # fmt: skip
+    events = AuditEvent.__table__
+    event = audit.insert_from(
+        sa.select(
+            at, claimer, driver.param("claimer_name", events.c.username.type),
+            sa.literal_column("'claim'"), sa.literal_column("'study'"),
+            sa.cast(column("id"), sa.String()), detail,
+            driver.param("remote_addr", events.c.remote_addr.type),
+        ).select_from(handed)
+    ).cte("audit_rows")  # fmt: skip
+    return assignment, event
 
 
 def _mates_update(
@@ -1230,11 +1390,11 @@ def _claim_mates(
 
 
 def _kept_with(
-    session: Session, *, anchor: Study, mates: Sequence[Study], user: User,
+    *, anchor: Study, mates: Sequence[Study], user: User,
     radiologist: Radiologist, now: datetime, codes: dict[int, str],
 ) -> list[Study]:  # fmt: skip
     """The mates claimed with `anchor` that the rules let this reader keep, most urgent
-    first (each counted against the session's capacity); the others are given back."""
+    first (each counted against the session's capacity); the caller gives back the rest."""
     load = radiologist.session_load + anchor.effort
     kept = []
     for study in sorted(mates, key=lambda s: (-s.urgency, -s.id)):
@@ -1249,13 +1409,11 @@ def _kept_with(
         ):
             load += study.effort
             kept.append(study)
-        else:
-            _undo_claim(session, study=study, user_id=user.id)
     return kept
 
 
 def _with_anchor(anchor: Study, together: Sequence[Study]) -> list[Handed]:
-    why = f"same patient as {anchor.accession_number}, kept with one reader"
+    why = SAME_PATIENT.format(anchor.accession_number)
     return [(study, why, {"with_study_id": anchor.id}) for study in together]
 
 
@@ -1308,9 +1466,11 @@ def claim_patient_studies(
     mates_pool = shared_pool(session.get_bind().dialect.name, by_patient=True)
     mates = _claim_mates(session, mates_pool, anchor=anchor, values=values)
     together = _kept_with(
-        session, anchor=anchor, mates=mates, user=user, radiologist=radiologist, now=now,
-        codes=codes,
-    )  # fmt: skip
+        anchor=anchor, mates=mates, user=user, radiologist=radiologist, now=now, codes=codes
+    )
+    for study in mates:
+        if study not in together:
+            _undo_claim(session, study=study, user_id=user.id)
     if together:
         record_assignments(
             session, _with_anchor(anchor, together), user=user, kind=kind, now=now,

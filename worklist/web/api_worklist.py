@@ -81,7 +81,9 @@ def assignment_json(row: Assignment) -> dict[str, Any]:
         "expires_at": iso(row.expires_at),
         "ended_at": iso(row.ended_at),
         "end_reason": row.end_reason,
-        "explanation": row.explanation,
+        "explanation": service.explained(
+            row.explanation or {}, row.started_at, runtime().settings.tz
+        ),
     }
 
 
