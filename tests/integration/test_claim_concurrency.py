@@ -339,6 +339,41 @@ def test_on_sqlite_a_reader_with_nothing_eligible_never_takes_the_write_lock(
     assert turns == [1]
 
 
+def test_on_sqlite_a_patients_other_studies_are_looked_up_before_the_write_lock(
+    runtime, clock, on_postgres, monkeypatch
+):
+    """The same person's other waiting studies are read with the candidate, before the
+    write lock (most claims have none, and every writer waits out the lookup); under
+    it they are only claimed, by id, each if still waiting."""
+    if on_postgres:
+        pytest.skip("SQLite's write lock (PostgreSQL claims them in the claim statement)")
+    (user_id,) = fill_pool(runtime, clock, readers=1)
+    now = clock.now()
+    with runtime.session() as s:
+        first = s.scalars(sa.select(Study).order_by(Study.urgency.desc()).limit(1)).one()
+        s.execute(
+            sa.insert(Study),
+            [{"trust_id": first.trust_id, "patient_id": first.patient_id, "modality": "CT",
+              "body_area": "CHEST", "status": "ready", "status_changed_at": now,
+              "ready_at": now, "urgency": 1.0, "effort": 1.0, "created_at": now,
+              "updated_at": now, "accession_number": "MATE"}],
+        )  # fmt: skip
+    locked: list[bool] = []
+    rows = driver.rows
+
+    def recording(session, statement, params):  # type: ignore[no-untyped-def]
+        if "LIMIT 20" in driver.sql(statement, "sqlite").text:  # the mates' lookup
+            locked.append(session.connection().connection.dbapi_connection.in_transaction)
+        return rows(session, statement, params)
+
+    monkeypatch.setattr(driver, "rows", recording)
+    with runtime.session(read_committed=True) as s:  # as a web request
+        result = wl.next_case(s, user=s.get(User, user_id), now=now)
+    assert result.study is not None and result.study.id == first.id
+    assert [m.accession_number for m in result.together] == ["MATE"]
+    assert locked == [False]
+
+
 def test_a_connection_serving_radiologists_in_turn_plans_their_claim_once(
     runtime, clock, on_postgres, monkeypatch
 ):
