@@ -419,7 +419,9 @@ def test_a_connection_serving_radiologists_in_turn_plans_their_claim_once(
         raw.execute("SET plan_cache_mode = force_generic_plan")
         raw.execute(sql.SQL("PREPARE generic_claim AS ") + sql.SQL(text))  # type: ignore[arg-type]
         order = driver.sql(statement).params
-        values = sql.SQL(", ").join(sql.Literal(params[name]) for name in order)
+        values = sql.SQL(", ").join(
+            sql.Literal(list(v) if isinstance(v := params[name], tuple) else v) for name in order
+        )
         explain = sql.SQL("EXPLAIN EXECUTE generic_claim({})").format(values)
         plan = "\n".join(r[0] for r in raw.execute(explain))
         raw.execute("DEALLOCATE generic_claim")

@@ -190,7 +190,8 @@ def _postgresql_values(compiled: Compiled, params: dict[str, Any]) -> tuple[Any,
     (`_array_literal`)."""
     arrays = compiled.arrays
     return tuple(
-        _array_literal(params[name]) if name in arrays else params[name] for name in compiled.params
+        _array_literal(tuple(params[name])) if name in arrays else params[name]
+        for name in compiled.params
     )
 
 
@@ -235,7 +236,7 @@ def _sqlite_value(value: Any) -> Any:
         return value.isoformat()
     if isinstance(value, Jsonb):
         return json_module.dumps(value.obj)
-    if isinstance(value, dict | list):
+    if isinstance(value, dict | list | tuple):
         return json_module.dumps(value)
     return value
 
@@ -260,9 +261,11 @@ def loaded(session: Session, model: type[T], values: dict[str, Any]) -> T:
     return found  # type: ignore[no-any-return]
 
 
-def _array_literal(values: list[Any] | tuple[Any, ...]) -> str:
+@functools.lru_cache(maxsize=4096)
+def _array_literal(values: tuple[Any, ...]) -> str:
     """An array of integers or strings as PostgreSQL's array literal, for a parameter
-    cast to its array type in the SQL.
+    cast to its array type in the SQL. Kept: a reader's trusts and credentials are the
+    same array on every claim (`pool.pool_values`).
 
     One parameter type whatever the values, so that one prepared statement serves them
     all: psycopg types a list by its contents (an empty list as unknown, small integers as

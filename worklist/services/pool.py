@@ -145,9 +145,9 @@ _AREA_JOIN = "|"
 
 def pool_values(radiologist: Radiologist, now: datetime) -> dict[str, Any]:
     """The radiologist's trusts and credentials as the values of `shared_pool`'s
-    parameters, for `worklist.db.driver` (lists: PostgreSQL arrays, SQLite JSON). Short
-    names: the claim names each three times, and psycopg keeps its parsing of a
-    statement only up to 4 KB."""
+    parameters, for `worklist.db.driver` (tuples: PostgreSQL arrays, SQLite JSON; kept
+    for a day by `reader_facts.Standing`, so the driver's array literals are made once).
+    Short names: the claim names each three times."""
     today = now.astimezone(LONDON).date()
     by_modality, for_children = _cover(radiologist.credentials)
     areas = sorted(
@@ -157,10 +157,10 @@ def pool_values(radiologist: Radiologist, now: datetime) -> dict[str, Any]:
     )
     return {
         "reader": radiologist.user_id,
-        "trusts": sorted({a.trust_id for a in radiologist.agreements if a.in_force(today)}),
-        "any_area": sorted(m for m, covered in by_modality.items() if covered is None),
-        "areas": areas,
-        "children": sorted(for_children),
+        "trusts": tuple(sorted({a.trust_id for a in radiologist.agreements if a.in_force(today)})),
+        "any_area": tuple(sorted(m for m, covered in by_modality.items() if covered is None)),
+        "areas": tuple(areas),
+        "children": tuple(sorted(for_children)),
         # Which terms can match at all: the others are not evaluated on the rows walked.
         "all_adults": by_modality.get("*", ()) is None,
         "all_children": "*" in for_children,
