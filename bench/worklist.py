@@ -553,6 +553,48 @@ What we measured and chose (2 cores, shared; one run each, figures move by a thi
   the assignment and audit rows 0.09, ~0.05 a round trip besides); the floor with its
   rows 0.32 + 0.48 ms.
 
+* 2026-12-07, seventh session (22:00-): a new machine, as noisy (the bare floor at 8
+  threads 2,300-3,300 claims/s on PostgreSQL within the hour; 8 processes in turn
+  700-1,160/s for the same code). Where the time went, and what changed:
+    - At 8 processes a claim costs about twice its CPU alone (PostgreSQL, /proc: client
+      0.81 -> ~1.5 ms, backend 0.75 -> 1.1-1.7 ms): 16 processes on 2 cores. Threads
+      instead of processes (2 x 4, 4 x 2, 1 x 8, as gunicorn's gthread workers) did no
+      better: 822-1,088/s.
+    - Blocks read from outside shared_buffers during 4,000 claims (pg_statio, 8
+      processes): 19,935 of the study table, ~5 a claim. The same person's other waiting
+      studies were found through ix_study_patient_id and every study of the person, history
+      included, read to test its status. Migration 0012: ix_study_patient_status
+      (patient_id, coalesce(status, '')) in its place on PostgreSQL; 2,068 blocks after.
+      Backend CPU a claim 0.78-0.86 -> 0.72-0.79 ms (one process, alternating); claims/s
+      at 8 no different beyond the noise (this disk answers fast). Still read each claim:
+      the person's patient rows (~1.6 blocks: heap, pk_patient, ix_patient_link_nhs_number).
+    - The claim's assignment and audit rows: with them left out altogether, 8 processes
+      did 1,003-1,194 against 779-799/s (alternating): a fifth of a claim's cost there.
+      They are now two more CTEs of the claim statement (the explanation made in SQL; the
+      rules' one-line description is made from the kept explanation when shown). CPU a
+      claim, one process: 1.46-1.52 -> 1.30-1.37 ms. Without the audit row (tried, not
+      kept) 8 processes did no better: the insert is not the cost, its statement was.
+    - psycopg parsed placeholders on every run of a statement over 4 KB (the claim was
+      4,093 characters); the driver now sends $n placeholders through RawCursor.
+    - Also: a reader's array literals made once a day; `driver.loaded` 10.8 -> 6.6 us an
+      instance. SQLite: the mates' ids read before the write lock (hold p50 0.45 -> 0.41
+      ms, one process).
+    - Tried, not kept: the request in autocommit (no BEGIN and COMMIT round trips): 8
+      processes 752-769 against 772-950/s (the claim and its rows then committed apart).
+  Full runs, 23:09-23:20, the code as committed:
+    PostgreSQL  next case 1 process 559-606/s (ratio 0.37-0.40); 8 processes 834-1,056/s,
+                p99 14.7-20.7 ms, ratio 0.30-0.32 (floor 2,755-3,271/s); in turn
+                992-1,066/s, p99 14.0-15.0 ms, ratio 0.33-0.36; 32: 752/s. Worklist page
+                worst p99 13.8 ms; priors p99 3.9 ms first pass (16.6 blocks read a call).
+    SQLite      next case 1 process 882-1,000/s; 8 processes 888-1,148/s, p99 20.9-24.9 ms,
+                ratio 0.29-0.33 (floor 3,090-3,496/s); in turn 882-999/s, p99 22.6-24.5
+                ms. Worklist page worst p99 10.9 ms; priors p99 4.7 ms.
+  Targets: worklist page and priors met on both; next-case p99 under 20 ms at 8 on
+  PostgreSQL in one run of two (14.7, 20.7; in turn 14.0-15.0), not on SQLite this
+  hour (20.9-24.9); 0.5 of the floor on neither (0.28-0.36). A claim alone now costs
+  ~1.3 ms of CPU on PostgreSQL against the floor's ~0.55; 0.5 at 8 processes wants
+  about 1.0.
+
     .venv/bin/python bench/worklist.py                            # small: 10k ready, 100k history
     .venv/bin/python bench/worklist.py --db postgresql --ready 100000 --historical 2000000
     ... --keep            # keep the database: it prints the --database URL to measure again
