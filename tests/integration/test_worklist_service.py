@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from tests.factories import make_patient, make_study, make_trust, make_user
 from worklist.db.models import Assignment, AuditEvent, DutySession, Report, ReportVersion, Study
-from worklist.domain.priority import PriorityRulesError, tier_from_urgency
+from worklist.domain.priority import PriorityRulesError, described, tier_from_urgency
 from worklist.domain.priority_rules import DEFAULT_RULES
 from worklist.errors import Conflict, Forbidden, NotFound
 from worklist.services import accounts, auto_assignment
@@ -446,7 +446,7 @@ def test_next_case_records_each_study_handed_out_as_every_assignment_is_recorded
             "priority": {
                 "accession_number": study.accession_number,
                 "tier": tier_from_urgency(study.urgency), "class": study.priority_class,
-                "explanation": study.priority_explanation,
+                "explanation": described(study.priority_explanation),
             },
         }  # fmt: skip
     events = session.scalars(

@@ -9,10 +9,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from worklist.domain.priority import (
+    DESCRIBED_KEYS,
     OrderFacts,
     PriorityRulesError,
     default_rules,
     describe,
+    described,
     effort_for,
     load_rules,
     parse_duration,
@@ -325,3 +327,16 @@ def test_a_child_at_the_examination_makes_a_paediatric_study_by_the_rules_age():
     doc["paediatric_under_years"] = "sixteen"
     with pytest.raises(PriorityRulesError, match="paediatric_under_years: must be a whole"):
         load_rules(doc)
+
+
+def test_what_an_assignment_keeps_of_an_explanation_describes_the_study_as_well():
+    """An assignment keeps only the keys `describe` reads (a third of the explanation's
+    size), and the line made from them is the one made from the whole explanation."""
+    referral = NOW - timedelta(days=20)
+    p = prioritise(facts(pathway="2WW", referral_at=referral, performed_at=NOW), RULES, NOW)
+    stored = json.loads(json.dumps(p.explanation()))
+    kept = described(stored)
+    assert set(kept) <= set(DESCRIBED_KEYS) and "pathway" in kept and "summary" not in kept
+    for at in (NOW, NOW + timedelta(days=9)):
+        assert describe(kept, at) == describe(stored, at)
+    assert len(json.dumps(kept)) < len(json.dumps(stored)) / 2

@@ -836,6 +836,17 @@ def time_left(due_at: datetime, now: datetime) -> timedelta:
     return due_at - now
 
 
+#: The keys of a stored explanation that `describe` reads: what an assignment keeps of its
+#: study's explanation, to say later why the study stood where it did.
+DESCRIBED_KEYS = ("class_label", "tier", "rule", "target_text", "clock_start_field", "due_at",
+                  "due_reason", "pathway", "ageing")  # fmt: skip
+
+
+def described(explanation: Mapping[str, Any]) -> dict[str, Any]:
+    """What `describe` reads of a stored explanation (the keys it has, not null)."""
+    return {k: explanation[k] for k in DESCRIBED_KEYS if explanation.get(k) is not None}
+
+
 def describe(
     explanation: Priority | Mapping[str, Any],
     now: datetime,

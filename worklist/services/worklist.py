@@ -62,12 +62,14 @@ from worklist.domain.eligibility import (
     may_report,
 )
 from worklist.domain.priority import (
+    DESCRIBED_KEYS,
     MAX_TIER,
     OrderFacts,
     Priority,
     RuleSet,
     default_rules,
     describe,
+    described,
     effort_for,
     parse_rules_json,
     prioritise,
@@ -630,7 +632,7 @@ def _priority_summary(study: Study) -> dict[str, Any]:
         "tier": tier_from_urgency(study.urgency),
         "class": study.priority_class,
         "due_at": study.due_at.isoformat() if study.due_at else None,
-        "explanation": study.priority_explanation or {},
+        "explanation": described(study.priority_explanation or {}),
     }
 
 
@@ -1258,6 +1260,18 @@ def _claim_update(candidates: sa.Select[Study], mates_pool: sa.Select[Study]) ->
     )
 
 
+def _described(explanation: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    """`priority.described` in SQL: the keys `describe` reads, those not null."""
+    fields = sa.func.jsonb_each(explanation).table_valued("key", "value").alias("field")
+    keys = ", ".join(f"'{k}'" for k in DESCRIBED_KEYS)
+    kept = (
+        sa.select(sa.func.jsonb_object_agg(fields.c.key, fields.c.value))
+        .where(sa.text(f"field.key IN ({keys}) AND field.value <> 'null'::jsonb"))
+        .scalar_subquery()
+    )
+    return sa.func.coalesce(kept, sa.literal_column("'{}'::jsonb"))
+
+
 def _handed_out(handed: sa.CTE, *, anchor_id: sa.ColumnElement[int]) -> tuple[sa.CTE, sa.CTE]:
     """PostgreSQL: the assignment rows (returning id, study_id, explanation) and audit
     rows of the studies of the CTE `handed` (is_mate, why, study.*), as
@@ -1281,8 +1295,7 @@ def _handed_out(handed: sa.CTE, *, anchor_id: sa.ColumnElement[int]) -> tuple[sa
         "due_at", due_at.op("#>>")(sa.literal_column("'{}'")).op("||")(
             sa.literal_column("'+00:00'")
         ),
-        "explanation", sa.func.coalesce(column("priority_explanation"),
-                                        sa.literal_column("'{}'::jsonb")),
+        "explanation", _described(column("priority_explanation")),
     )  # fmt: skip
     extra = sa.case(
         (column("is_mate"), sa.func.jsonb_build_object("with_study_id", anchor_id)),
