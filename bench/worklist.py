@@ -579,9 +579,17 @@ What we measured and chose (2 cores, shared; one run each, figures move by a thi
     - Also: a reader's array literals made once a day; `driver.loaded` 10.8 -> 6.6 us an
       instance. SQLite: the mates' ids read before the write lock (hold p50 0.45 -> 0.41
       ms, one process).
+    - An assignment first kept its study's whole priority explanation (742 bytes here) for
+      the line shown later; it keeps only the keys that line is made from now
+      (`priority.described`). SQLite at 8 processes in turn, alternating with the code
+      before the claim wrote its rows: p99 22.0/17.2/19.7 -> 16.0/16.0/15.2 ms.
     - Tried, not kept: the request in autocommit (no BEGIN and COMMIT round trips): 8
       processes 752-769 against 772-950/s (the claim and its rows then committed apart).
-  Full runs, 23:09-23:20, the code as committed:
+      The audit row's foreign key to user_account dropped (every claim takes FOR KEY SHARE
+      on its reader's row three times, all readers on a page or two): 8 processes in turn
+      +1-7 % (984/1,053/1,024 -> 1,050/1,065/1,100/s); not worth an audit row that could
+      name no account.
+  Full runs, 23:09-23:20 (the machine fast), the code before `priority.described`:
     PostgreSQL  next case 1 process 559-606/s (ratio 0.37-0.40); 8 processes 834-1,056/s,
                 p99 14.7-20.7 ms, ratio 0.30-0.32 (floor 2,755-3,271/s); in turn
                 992-1,066/s, p99 14.0-15.0 ms, ratio 0.33-0.36; 32: 752/s. Worklist page
@@ -589,11 +597,17 @@ What we measured and chose (2 cores, shared; one run each, figures move by a thi
     SQLite      next case 1 process 882-1,000/s; 8 processes 888-1,148/s, p99 20.9-24.9 ms,
                 ratio 0.29-0.33 (floor 3,090-3,496/s); in turn 882-999/s, p99 22.6-24.5
                 ms. Worklist page worst p99 10.9 ms; priors p99 4.7 ms.
+  Next case again at 23:36-23:41, the code as committed (the machine slowing: PostgreSQL
+  one process 398-405/s against 559-606 half an hour before):
+    PostgreSQL  8 processes 778-1,041/s, p99 15.7-21.3 ms, ratio 0.29-0.34; in turn
+                870-1,136/s, p99 15.3-18.2 ms, ratio 0.33-0.37; 32: 626-783/s.
+    SQLite      8 processes 818-867/s, p99 24.1-25.5 ms, ratio 0.28-0.31; in turn
+                880-1,231/s, p99 15.4-20.0 ms, ratio 0.30-0.45.
   Targets: worklist page and priors met on both; next-case p99 under 20 ms at 8 on
-  PostgreSQL in one run of two (14.7, 20.7; in turn 14.0-15.0), not on SQLite this
-  hour (20.9-24.9); 0.5 of the floor on neither (0.28-0.36). A claim alone now costs
-  ~1.3 ms of CPU on PostgreSQL against the floor's ~0.55; 0.5 at 8 processes wants
-  about 1.0.
+  PostgreSQL in 3 runs of 4 (in turn in all 4), on SQLite in turn (15.4-20.0) but not
+  with one radiologist a process (20.9-25.5); 0.5 of the floor on neither (0.28-0.45).
+  A claim alone now costs ~1.3 ms of CPU on PostgreSQL against the floor's ~0.55; 0.5
+  at 8 processes wants about 1.0.
 
     .venv/bin/python bench/worklist.py                            # small: 10k ready, 100k history
     .venv/bin/python bench/worklist.py --db postgresql --ready 100000 --historical 2000000
