@@ -738,7 +738,7 @@ def record_assignments(
     ]  # fmt: skip
 
 
-#: What SQLite's assignment insert writes (see `record_assignments`).
+#: What an assignment insert writes (SQLite's, see `record_assignments`; `_rows_for`).
 _ASSIGNED = ("study_id", "user_id", "kind", "assigned_by_id", "started_at", "expires_at",
              "explanation")  # fmt: skip
 _ASSIGNMENT_INSERT = (
@@ -746,6 +746,36 @@ _ASSIGNMENT_INSERT = (
     .values({name: driver.param(name, Assignment.__table__.c[name].type) for name in _ASSIGNED})
     .returning(Assignment.__table__.c.id)
 )
+
+
+def _rows_for(
+    source: sa.FromClause, *, study_id: sa.ColumnElement[Any], explanation: sa.ColumnElement[Any],
+    object_id: sa.ColumnElement[Any], detail: sa.ColumnElement[Any],
+    user_id: sa.ColumnElement[Any], kind: sa.ColumnElement[Any],
+    assigned_by_id: sa.ColumnElement[Any], started_at: sa.ColumnElement[Any],
+    expires_at: sa.ColumnElement[Any], at: sa.ColumnElement[Any],
+    actor_id: sa.ColumnElement[Any], actor_name: sa.ColumnElement[Any],
+    action: sa.ColumnElement[Any], remote_addr: sa.ColumnElement[Any],
+) -> tuple[sa.CTE, sa.CTE]:  # fmt: skip
+    """PostgreSQL: the assignment row (returning id, study_id, explanation) and the audit
+    row (what `audit.record` writes) of each row of `source`, as two data-modifying CTEs."""
+    table = Assignment.__table__
+    assignment = (
+        sa.insert(table)
+        .from_select(
+            _ASSIGNED,
+            sa.select(
+                study_id, user_id, kind, assigned_by_id, started_at, expires_at, explanation
+            ).select_from(source),
+        )  # fmt: skip
+        .returning(table.c.id, table.c.study_id, table.c.explanation)
+        .cte("assignment_rows")
+    )
+    event = audit.insert_from(
+        sa.select(at, actor_id, actor_name, action, sa.literal_column("'study'"), object_id,
+                  detail, remote_addr).select_from(source)
+    ).cte("audit_rows")  # fmt: skip
+    return assignment, event
 
 
 @functools.cache
@@ -767,33 +797,18 @@ def _assignments_and_audit_insert() -> sa.Select[tuple[int, int]]:
         )
         .render_derived(with_types=True)
     )
-    common = ("user_id", "kind", "assigned_by_id", "started_at", "expires_at")
-    assignment = (
-        sa.insert(Assignment)
-        .from_select(
-            ("study_id", *common, "explanation"),
-            sa.select(
-                handed.c.study_id,
-                *(driver.param(n, table.c[n].type) for n in common),
-                handed.c.explanation,
-            ),
-        )
-        .returning(Assignment.id, Assignment.study_id)
-        .cte("assignment_rows")
-    )
     events = AuditEvent.__table__
-    event = audit.insert_from(
-        sa.select(
-            driver.param("at", events.c.at.type),
-            driver.param("actor_id", events.c.user_id.type),
-            driver.param("actor_name", events.c.username.type),
-            driver.param("action", events.c.action.type),
-            sa.literal_column("'study'"),
-            handed.c.object_id,
-            handed.c.detail,
-            driver.param("remote_addr", events.c.remote_addr.type),
-        )
-    ).cte("audit_rows")
+    common = ("user_id", "kind", "assigned_by_id", "started_at", "expires_at")
+    assignment, event = _rows_for(
+        handed, study_id=handed.c.study_id, explanation=handed.c.explanation,
+        object_id=handed.c.object_id, detail=handed.c.detail,
+        **{n: driver.param(n, table.c[n].type) for n in common},
+        at=driver.param("at", events.c.at.type),
+        actor_id=driver.param("actor_id", events.c.user_id.type),
+        actor_name=driver.param("actor_name", events.c.username.type),
+        action=driver.param("action", events.c.action.type),
+        remote_addr=driver.param("remote_addr", events.c.remote_addr.type),
+    )  # fmt: skip
     return sa.select(assignment.c.id, assignment.c.study_id).add_cte(event)
 
 
@@ -880,8 +895,8 @@ def _next_case(
         explanation = {"skipped": skipped[:MAX_EXPLAINED_SKIPS]}
         claim = _claim_first(
             session, candidates, mates_pool, user=user, now=now, lease=lease,
-            pool_params=pool_params, facts_version=standing.version,
-            handed=(why, explanation, remote_addr),
+            pool_params=pool_params, facts_version=standing.version, why=why,
+            skipped=explanation["skipped"], remote_addr=remote_addr,
         )  # fmt: skip
         if claim.facts_version is None:  # the account is gone
             return ClaimResult(None, reason="account is not an active reporter")
@@ -1004,7 +1019,7 @@ def _give_back(session: Session, claim: _Claim, studies: Sequence[Study], *, use
 def _claim_first(
     session: Session, candidates: sa.Select[Study], mates_pool: sa.Select[Study], *,
     user: User, now: datetime, lease: timedelta, pool_params: dict[str, Any],
-    facts_version: int, handed: tuple[str, dict[str, Any], str | None],
+    facts_version: int, why: str, skipped: list[dict[str, Any]], remote_addr: str | None,
 ) -> _Claim:  # fmt: skip
     """Claim the first candidate and, with it, the same person's other waiting studies
     that `mates_pool` (the same rules) offers, if the reader's facts are those of
@@ -1016,8 +1031,8 @@ def _claim_first(
     it; SQLite ignores FOR UPDATE and serialises writers (BEGIN IMMEDIATE). Either way the
     conditional WHERE means a study is never claimed twice. On PostgreSQL the mates are
     claimed in the same statement (a second data-modifying CTE), every study claimed gets
-    its assignment and audit rows there too (`handed`: why and what else to explain, the
-    request's address), and the same statement says the reader's count of edits and
+    its assignment and audit rows there too (`why`, `skipped`, the request's address),
+    and the same statement says the reader's count of edits and
     whether a preliminary report waits. SQLite's rows are written after, by
     `record_assignments`.
 
@@ -1033,8 +1048,7 @@ def _claim_first(
     values = {"claimer_id": user.id, "claim_now": now, "lease_ends": now + lease,
               "facts": facts_version, **pool_params}  # fmt: skip
     if _on_postgresql(session):
-        why, explanation, remote_addr = handed
-        values = {**values, "why": why, "skipped": driver.json(explanation["skipped"]),
+        values = {**values, "why": why, "skipped": driver.json(skipped),
                   "claimer_name": user.username, "remote_addr": remote_addr}  # fmt: skip
         names, rows = driver.rows(session, _claim_update(candidates, mates_pool), values)
         study_names = names[_CLAIM_STATUS:]
@@ -1304,46 +1318,21 @@ def _handed_out(handed: sa.CTE, *, anchor_id: sa.ColumnElement[int]) -> tuple[sa
     explanation = sa.func.jsonb_build_object("why", column("why"), "priority", summary).op("||")(
         extra
     )
-    table = Assignment.__table__
-    assignment = (
-        sa.insert(table)
-        .from_select(
-            (
-                "study_id",
-                "user_id",
-                "kind",
-                "assigned_by_id",
-                "started_at",
-                "expires_at",
-                "explanation",
-            ),
-            sa.select(
-                column("id"),
-                claimer,
-                sa.literal_column("'pull'"),
-                sa.null(),
-                at,
-                driver.param("lease_ends", sa.DateTime(timezone=True)),
-                explanation,
-            ).select_from(handed),
-        )  # fmt: skip
-        .returning(table.c.id, table.c.study_id, table.c.explanation)
-        .cte("assignment_rows")
-    )
     detail = sa.func.jsonb_build_object(
         "kind", sa.literal_column("'pull'"), "to", driver.param("claimer_name", sa.String()),
         "accession_number", column("accession_number"), "why", column("why"),
     )  # fmt: skip
     events = AuditEvent.__table__
-    event = audit.insert_from(
-        sa.select(
-            at, claimer, driver.param("claimer_name", events.c.username.type),
-            sa.literal_column("'claim'"), sa.literal_column("'study'"),
-            sa.cast(column("id"), sa.String()), detail,
-            driver.param("remote_addr", events.c.remote_addr.type),
-        ).select_from(handed)
-    ).cte("audit_rows")  # fmt: skip
-    return assignment, event
+    return _rows_for(
+        handed, study_id=column("id"), explanation=explanation,
+        object_id=sa.cast(column("id"), sa.String()), detail=detail,
+        user_id=claimer, kind=sa.literal_column("'pull'"), assigned_by_id=sa.null(),
+        started_at=at, expires_at=driver.param("lease_ends", sa.DateTime(timezone=True)),
+        at=at, actor_id=claimer,
+        actor_name=driver.param("claimer_name", events.c.username.type),
+        action=sa.literal_column("'claim'"),
+        remote_addr=driver.param("remote_addr", events.c.remote_addr.type),
+    )  # fmt: skip
 
 
 def _mates_update(
