@@ -17,7 +17,13 @@ with mixed agreements and credentials, then measures:
               SELECT id ... WHERE status='ready' AND claimed_by_id IS NULL ORDER BY
               urgency DESC, id DESC LIMIT 1 FOR UPDATE SKIP LOCKED; UPDATE ...; COMMIT
               (SQLite: BEGIN IMMEDIATE, no FOR UPDATE), and the bare top-50 query;
-              the service's claim rate is printed as a ratio to it;
+              the service's claim rate is printed as a ratio to it. At 8, the
+              target, the floor and next case are run again in alternating rounds
+              (--rounds, 3) and the ratio given is the median of the rounds' own;
+  bare statements  PostgreSQL, each round at 8: the service's own next-case
+              statements (loading the user, the claim), as the driver sends them,
+              replayed from bare psycopg by 8 processes: the database's share of a
+              claim, as a ratio to the floor, without Python's;
   worklist    `services.worklist.worklist` (the caller's top 50 eligible, with and
               without filters) p50/p99, after one page per radiologist (the process's
               first page reported on its own);
@@ -1046,6 +1052,137 @@ def bench_next_case(runtime: Runtime, url: str, user_ids: list[int], concurrency
             "first_claim_of_a_process_ms": summary_ms([r[4] for r in results])}  # fmt: skip
 
 
+def service_statements(runtime: Runtime, user_ids: list[int]) -> dict[int, list[tuple[str, tuple]]]:
+    """PostgreSQL: each radiologist's statements of one next-case request as the driver
+    sends them (loading the user, the claim), SQL and values, caught in a transaction
+    rolled back."""
+    caught: dict[int, list[tuple[str, tuple]]] = {}
+    run = driver.rows
+
+    def catching(session, statement, params):  # type: ignore[no-untyped-def]
+        compiled = driver.sql(statement)
+        caught[user_id].append((compiled.text, driver._postgresql_values(compiled, params)))
+        return run(session, statement, params)
+
+    driver.rows = catching  # type: ignore[assignment]
+    try:
+        for user_id in user_ids:
+            caught[user_id] = []
+            session = runtime.read_committed_factory()
+            try:
+                user = accounts.get_user(session, user_id)
+                service.next_case(session, user=user, now=NOW)
+            finally:
+                session.rollback()
+                session.close()
+    finally:
+        driver.rows = run  # type: ignore[assignment]
+    return caught
+
+
+def _bare_child(dsn: str, statements: list[tuple[str, tuple]], claims: int, ready, go, out) -> None:  # type: ignore[no-untyped-def]
+    """Replay one radiologist's next-case statements from psycopg alone: BEGIN, each
+    statement, COMMIT; a claim is a row with an assignment id."""
+    import psycopg
+
+    connection = psycopg.connect(dsn, options="-c jit=off")
+    cursor = psycopg.RawCursor(connection)
+    claim_at: dict[str, int | None] = {}  # a statement's assignment id column, if any
+
+    def claim() -> bool:
+        claimed = False
+        for text, values in statements:
+            cursor.execute(text, values)
+            rows = cursor.fetchall()
+            if text not in claim_at:  # psycopg builds `description` anew each call
+                names = [column.name for column in cursor.description or ()]
+                claim_at[text] = names.index("assignment_id") if "assignment_id" in names else None
+            at = claim_at[text]
+            if at is not None:
+                claimed = any(row[at] is not None for row in rows)
+        connection.commit()
+        return claimed
+
+    for _ in range(NEXT_CASE_WARM_UP):
+        claim()
+    ready.release()
+    go.wait()
+    latencies, started = [], time.time()
+    for _ in range(claims):
+        t0 = time.perf_counter()
+        if not claim():
+            break
+        latencies.append(time.perf_counter() - t0)
+    out.put((latencies, started, time.time()))
+    connection.close()
+
+
+def bench_service_statements_bare(runtime: Runtime, url: str, user_ids: list[int],
+                                  concurrency: int, claims: int) -> dict:  # fmt: skip
+    """PostgreSQL: the service's own next-case statements (`service_statements`) replayed
+    by `concurrency` processes through bare psycopg, one radiologist each, as
+    `bench_next_case` runs them: the database's share of a claim, without Python's."""
+    import multiprocessing
+
+    caught = service_statements(runtime, user_ids[:concurrency])
+    runtime.engine.dispose()
+    dsn = sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    ctx = multiprocessing.get_context("fork")
+    ready, go, out = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
+    children = [
+        ctx.Process(target=_bare_child,
+                    args=(dsn, caught[user_id], max(1, claims // concurrency), ready, go, out))
+        for user_id in user_ids[:concurrency]
+    ]  # fmt: skip
+    for child in children:
+        child.start()
+    for _ in children:
+        ready.acquire()
+    go.set()
+    results = [out.get(timeout=600) for _ in children]
+    for child in children:
+        child.join()
+    latencies = [v for r in results for v in r[0]]
+    elapsed = max(r[2] for r in results) - min(r[1] for r in results)
+    return_all_claims(runtime)
+    return {**summary_ms(latencies), "concurrency": concurrency,
+            "claims_per_second": round(len(latencies) / elapsed, 1)}  # fmt: skip
+
+
+def rounds_at_8(runtime: Runtime, url: str, user_ids: list[int], claims: int, rounds: int,
+                floor: dict, served: dict) -> dict:  # fmt: skip
+    """The floor and next case at 8 again, in `rounds` alternating rounds (the first is
+    the one just measured), each round's ratio its own, and their median: the machine's
+    speed moves by a third within minutes, and a ratio of two runs minutes apart moves
+    with it. On PostgreSQL each round also replays the service's own statements from a
+    bare client (`bench_service_statements_bare`): how far the database's share of a
+    claim alone stands from the floor."""
+    made = []
+    for index in range(rounds):
+        if index:
+            floor = bench_floor(runtime, url, user_ids, 8, claims)
+            served = bench_next_case(runtime, url, user_ids, 8, claims)
+        figures = {"floor": floor["claims_per_second"], "next_case": served["claims_per_second"],
+                   "next_case_p99_ms": served["p99_ms"]}  # fmt: skip
+        figures["ratio"] = round(figures["next_case"] / figures["floor"], 3)
+        if runtime.dialect == "postgresql":
+            bare = bench_service_statements_bare(runtime, url, user_ids, 8, claims)
+            figures["statements_bare"] = bare["claims_per_second"]
+            figures["statements_bare_ratio"] = round(
+                bare["claims_per_second"] / figures["floor"], 3
+            )
+        made.append(figures)
+    summary: dict[str, Any] = {
+        "rounds": made,
+        "median_ratio": statistics.median(r["ratio"] for r in made),
+    }
+    if runtime.dialect == "postgresql":
+        summary["median_statements_bare_ratio"] = statistics.median(
+            r["statements_bare_ratio"] for r in made
+        )
+    return summary
+
+
 def bench_floor(runtime: Runtime, url: str, user_ids: list[int], threads: int, claims: int,
                 history: bool = False) -> dict:  # fmt: skip
     """The bare claim loop through the driver, one connection per thread.
@@ -1391,6 +1528,12 @@ def run(kind: str, args: argparse.Namespace) -> dict:
                 print(f"{threads:>2} threads  floor: {floor}", flush=True)
                 print(f"{threads:>2} threads  next case: {served}  ratio to floor: {ratio}",
                       flush=True)  # fmt: skip
+                if threads == 8:
+                    result["rounds_at_8"] = rounds_at_8(
+                        runtime, url, user_ids, args.claims, args.rounds, floor, served
+                    )
+                    result["ratio"][8] = result["rounds_at_8"]["median_ratio"]
+                    print(f" 8: {result['rounds_at_8']}", flush=True)
             # Web workers serve whoever calls: 8 processes, every radiologist in turn, so
             # that a connection runs each radiologist's statements only now and then.
             workers = bench_next_case(runtime, url, user_ids, 8, args.claims, in_turn=True)
@@ -1437,6 +1580,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="reported studies (full: 2000000)")  # fmt: skip
     parser.add_argument("--radiologists", type=int, default=32)
     parser.add_argument("--claims", type=int, default=4000, help="claims per concurrency level")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of floor and next case at 8 (the median ratio)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=200, help="queries per measurement")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--keep", action="store_true", help="keep the databases")
