@@ -615,6 +615,48 @@ What we measured and chose (2 cores, shared; one run each, figures move by a thi
   A claim alone now costs ~1.3 ms of CPU on PostgreSQL against the floor's ~0.55; 0.5
   at 8 processes wants about 1.0.
 
+* 2026-12-08 (00:27-): a new machine, slow and noisy (the same code's claim alone went
+  from 0.8 to 1.9 ms of client CPU within the hour; the bare floor at 8 threads
+  1,900-3,500/s on both databases). No code of the service changed. What was measured:
+    - Where the 0.5 stands. The service's own statements of a next-case request (the
+      user, the claim), caught as the driver sends them, replayed from bare psycopg by
+      8 processes (now part of this script, each round at 8): 0.27-0.49 of the floor,
+      against 0.21-0.39 for next case in the same rounds (0.37-0.59 against 0.26 in
+      earlier, faster runs by hand). Without any Python of ours, the database's share
+      alone is about half the way from the service to the floor: 0.5 needs the claim
+      statement to cost the database less as well, not only less Python.
+    - The claim statement's backend CPU, one process, bare client, edits of the
+      statement alternated (ms a claim, three rounds): as is 0.68-0.95; floor 0.30-0.39;
+      without the assignment and audit CTEs 0.61-0.81; without the mates CTE, without
+      the explanation's jsonb_each, or without the double-read probe: no change beyond
+      the noise; results in binary: no change. perf, backend alone: executor run 42 %
+      (the shortlist walk, its 8 primary-key reads and lock, the update and its 7 index
+      entries, the inserts), executor start 13 % (plan size: the pool's rule
+      expressions are built three times a run, once for the never-run fallback walk),
+      COMMIT 11 % (fdatasync), loopback TCP send/receive 17 %. 20 relation locks a
+      claim, 17 of them fast-path: not the lock manager.
+    - The client (py-spy, one process, in turn; CPU samples only): the SQLAlchemy
+      session's begin, commit, close and pool checkout/checkin 28 %, loading the user
+      20 % (its BEGIN round trip included), the claim 33 % (its row's 51 columns, 15 of
+      them timestamps and 2 JSON documents, made into a Study), the rest of next case
+      ~15 %. Session.connection() is 1.9 us: not a lead.
+    - SQLite at 8 processes (one radiologist each) is not CPU-bound: 28-31 % idle, 37-47
+      MB/s written (~75 KB of WAL a claim: every page a claim touches, ~20 of them).
+      Raising the lock holder's priority (nice -10 while it holds the write lock, as
+      root) changed nothing: 593/651 against 551/613/s.
+    - One radiologist claiming in a row costs the specialists far more: SQLite, one
+      process, 1,000 claims, CPU a claim: readers 1, 2, 4, 5, 7, 8 1.0-1.2 ms; 3
+      (CT:NEURO, MR:NEURO) 2.8 ms and 6 (MG, US) 2.0 ms. Each claim walks the pool from
+      the top past every study the reader may not report, and a reader claiming alone
+      leaves those at the top. PostgreSQL: one reader in a row 1.4 times the CPU of
+      readers in turn. Lead: for a reader whose credentials all name a body area, seek
+      ix_study_ready_by_area once an area (SQLite and PostgreSQL both take the most
+      urgent of a few index seeks) instead of walking the whole pool.
+  Final runs, 01:05-01:09, load average 1-4 (the machine slow): PostgreSQL at 8, three
+  rounds: ratio 0.391/0.212/0.250 (median 0.25), bare statements 0.489/0.274/0.319, p99
+  20.0/29.0/24.1 ms; in turn 0.34. SQLite at 8: 0.229/0.280/0.233 (median 0.233), p99
+  23.8-27.6 ms; in turn 0.26, p99 22.4 ms.
+
     .venv/bin/python bench/worklist.py                            # small: 10k ready, 100k history
     .venv/bin/python bench/worklist.py --db postgresql --ready 100000 --historical 2000000
     ... --keep            # keep the database: it prints the --database URL to measure again
