@@ -644,14 +644,21 @@ What we measured and chose (2 cores, shared; one run each, figures move by a thi
       MB/s written (~75 KB of WAL a claim: every page a claim touches, ~20 of them).
       Raising the lock holder's priority (nice -10 while it holds the write lock, as
       root) changed nothing: 593/651 against 551/613/s.
-    - One radiologist claiming in a row costs the specialists far more: SQLite, one
+    - One radiologist claiming alone, in a row, costs the specialists more: SQLite, one
       process, 1,000 claims, CPU a claim: readers 1, 2, 4, 5, 7, 8 1.0-1.2 ms; 3
-      (CT:NEURO, MR:NEURO) 2.8 ms and 6 (MG, US) 2.0 ms. Each claim walks the pool from
-      the top past every study the reader may not report, and a reader claiming alone
-      leaves those at the top. PostgreSQL: one reader in a row 1.4 times the CPU of
-      readers in turn. Lead: for a reader whose credentials all name a body area, seek
-      ix_study_ready_by_area once an area (SQLite and PostgreSQL both take the most
-      urgent of a few index seeks) instead of walking the whole pool.
+      (CT:NEURO, MR:NEURO) 2.8 ms and 6 (MG, US) 2.0 ms (each claim walks past the
+      studies at the top that only others may report). Not in this script's runs: at 8
+      processes, one radiologist each, every reader's claims cost the same (SQLite
+      2.16-2.33 ms of CPU a claim, PostgreSQL's client 1.64-1.68 ms; per process,
+      500 claims each), the generalists taking the top of the pool as they go.
+    - What the 8 processes do cost: about twice a claim's CPU alone, in Python on both
+      databases (PostgreSQL's client 1.65 against ~0.6-0.8 ms; SQLite 2.2-2.3 against
+      ~1.1 ms), though the two CPUs do not slow each other (a loop on each at once ran
+      as fast as on one alone). Likely (not verified): 16 processes (SQLite's 8) taking
+      turns on 2 CPUs, a cold cache after each switch. Leads: fewer switches a claim
+      (round trips: the request in
+      autocommit, now that the claim statement writes its own rows, 775/688/749 against
+      990/677/559/s alternating, undecided in this noise); fewer processes.
   Final runs, 01:05-01:09, load average 1-4 (the machine slow): PostgreSQL at 8, three
   rounds: ratio 0.391/0.212/0.250 (median 0.25), bare statements 0.489/0.274/0.319, p99
   20.0/29.0/24.1 ms; in turn 0.34. SQLite at 8: 0.229/0.280/0.233 (median 0.233), p99
