@@ -693,6 +693,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import sqlalchemy as sa  # noqa: E402
+from sqlalchemy.orm import Session  # noqa: E402
 
 from worklist.bootstrap import Runtime, build_runtime, settle_after_start_up  # noqa: E402
 from worklist.clock import FixedClock  # noqa: E402
@@ -1102,28 +1103,30 @@ def bench_next_case(runtime: Runtime, url: str, user_ids: list[int], concurrency
 
 
 def service_statements(runtime: Runtime, user_ids: list[int]) -> dict[int, list[tuple[str, tuple]]]:
-    """PostgreSQL: each radiologist's statements of one next-case request as the driver
+    """PostgreSQL: each radiologist's statements of a next-case request as the driver
     sends them (loading the user, the claim), SQL and values, caught in a transaction
-    rolled back."""
+    rolled back. The request before it, on the same connection, is not caught: it read
+    the reader's facts, which a connection keeps (`reader_facts.standing`)."""
     caught: dict[int, list[tuple[str, tuple]]] = {}
     run = driver.rows
 
     def catching(session, statement, params):  # type: ignore[no-untyped-def]
-        compiled = driver.sql(statement)
-        caught[user_id].append((compiled.text, driver._postgresql_values(compiled, params)))
+        if user_id in caught:
+            compiled = driver.sql(statement)
+            caught[user_id].append((compiled.text, driver._postgresql_values(compiled, params)))
         return run(session, statement, params)
 
     driver.rows = catching  # type: ignore[assignment]
     try:
-        for user_id in user_ids:
-            caught[user_id] = []
-            session = runtime.read_committed_factory()
-            try:
-                user = accounts.get_user(session, user_id)
-                service.next_case(session, user=user, now=NOW)
-            finally:
-                session.rollback()
-                session.close()
+        with runtime.engine.connect() as connection:  # one connection: its kept facts
+            for user_id in user_ids:
+                for catch in (False, True):
+                    if catch:
+                        caught[user_id] = []
+                    with Session(bind=connection, join_transaction_mode="rollback_only") as s:
+                        user = accounts.get_user(s, user_id)
+                        service.next_case(s, user=user, now=NOW)
+                    connection.rollback()
     finally:
         driver.rows = run  # type: ignore[assignment]
     return caught
