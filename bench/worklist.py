@@ -659,6 +659,14 @@ What we measured and chose (2 cores, shared; one run each, figures move by a thi
       (round trips: the request in
       autocommit, now that the claim statement writes its own rows, 775/688/749 against
       990/677/559/s alternating, undecided in this noise); fewer processes.
+    - How many claims run at once matters more than any statement measured this session
+      (radiologists in turn, alternating runs): PostgreSQL 3 processes 884/696 against 8
+      processes 778/619/s (+12-14 %); SQLite 3 processes 1,181/784 against 627/571/s
+      (+37-88 %: its writers queue for one lock). Eight processes, at most 3 requests in
+      flight among them (a shared semaphore, not first come first served): +10-15 %, p99
+      doubled. The 8 loops as threads of 3 processes (as gunicorn's gthread workers):
+      695-865 against 616-687/s. The request in autocommit, both versions at once
+      (`bench/ab_next_case.py`, 4 rounds): B/A 1.070, against 0.95-1.02 for the same code.
   Final runs, 01:05-01:09, load average 1-4 (the machine slow): PostgreSQL at 8, three
   rounds: ratio 0.391/0.212/0.250 (median 0.25), bare statements 0.489/0.274/0.319, p99
   20.0/29.0/24.1 ms; in turn 0.34. SQLite at 8: 0.229/0.280/0.233 (median 0.233), p99
