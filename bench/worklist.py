@@ -665,8 +665,14 @@ What we measured and chose (2 cores, shared; one run each, figures move by a thi
       (+37-88 %: its writers queue for one lock). Eight processes, at most 3 requests in
       flight among them (a shared semaphore, not first come first served): +10-15 %, p99
       doubled. The 8 loops as threads of 3 processes (as gunicorn's gthread workers):
-      695-865 against 616-687/s. The request in autocommit, both versions at once
-      (`bench/ab_next_case.py`, 4 rounds): B/A 1.070, against 0.95-1.02 for the same code.
+      695-865 against 616-687/s. SQLite, 8 processes, at most 3 requests in flight:
+      with the shared semaphore 610-862 against 443-538/s (p99 47-62 against 26-37 ms);
+      first come, first served (a ticket lock 3 wide, as sqlite_writers' queue) 661-793
+      against 610-672/s (p99 29-34 against 24-29 ms). Not taken: a cross-process limit
+      on requests in flight is the server's size in disguise (gunicorn's workers and
+      threads), and it gains less than the noise on PostgreSQL. The request in
+      autocommit, both versions at once (`bench/ab_next_case.py`, 4 rounds): B/A 1.070,
+      against 0.95-1.02 for the same code.
   Final runs, 01:05-01:09, load average 1-4 (the machine slow): PostgreSQL at 8, three
   rounds: ratio 0.391/0.212/0.250 (median 0.25), bare statements 0.489/0.274/0.319, p99
   20.0/29.0/24.1 ms; in turn 0.34. SQLite at 8: 0.229/0.280/0.233 (median 0.233), p99
