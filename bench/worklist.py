@@ -620,11 +620,11 @@ What we measured and chose (2 cores, shared; one run each, figures move by a thi
   1,900-3,500/s on both databases). No code of the service changed. What was measured:
     - Where the 0.5 stands. The service's own statements of a next-case request (the
       user, the claim), caught as the driver sends them, replayed from bare psycopg by
-      8 processes (now part of this script, each round at 8): 0.27-0.49 of the floor,
-      against 0.21-0.39 for next case in the same rounds (0.37-0.59 against 0.26 in
-      earlier, faster runs by hand). Without any Python of ours, the database's share
-      alone is about half the way from the service to the floor: 0.5 needs the claim
-      statement to cost the database less as well, not only less Python.
+      8 processes (now part of this script, each round at 8): 0.34/0.51/0.59 of the
+      floor (median 0.51), against 0.25/0.28/0.35 for next case in the same rounds
+      (01:44). The database's share of a claim alone is at the goal; what keeps next
+      case from it is the Python of a request. (The first runs of this part replayed
+      the facts query too, which a connection keeps: 0.27-0.49 then.)
     - The claim statement's backend CPU, one process, bare client, edits of the
       statement alternated (ms a claim, three rounds): as is 0.68-0.95; floor 0.30-0.39;
       without the assignment and audit CTEs 0.61-0.81; without the mates CTE, without
@@ -673,10 +673,10 @@ What we measured and chose (2 cores, shared; one run each, figures move by a thi
       threads), and it gains less than the noise on PostgreSQL. The request in
       autocommit, both versions at once (`bench/ab_next_case.py`, 4 rounds): B/A 1.070,
       against 0.95-1.02 for the same code.
-  Final runs, 01:05-01:09, load average 1-4 (the machine slow): PostgreSQL at 8, three
-  rounds: ratio 0.391/0.212/0.250 (median 0.25), bare statements 0.489/0.274/0.319, p99
-  20.0/29.0/24.1 ms; in turn 0.34. SQLite at 8: 0.229/0.280/0.233 (median 0.233), p99
-  23.8-27.6 ms; in turn 0.26, p99 22.4 ms.
+  Final runs (the machine slow): PostgreSQL at 8, 01:44, three rounds: ratio
+  0.246/0.283/0.346 (median 0.283), bare statements 0.336/0.513/0.585 (median 0.513), p99
+  28.5/26.1/22.2 ms; in turn 0.29, p99 23.5 ms. SQLite at 8, 01:08: 0.229/0.280/0.233
+  (median 0.233), p99 23.8-27.6 ms; in turn 0.26, p99 22.4 ms.
 
     .venv/bin/python bench/worklist.py                            # small: 10k ready, 100k history
     .venv/bin/python bench/worklist.py --db postgresql --ready 100000 --historical 2000000
