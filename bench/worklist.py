@@ -1076,28 +1076,15 @@ def _next_case_child(url: str, user_ids: list[int], claims: int, ready, go, out)
     runtime.dispose()
 
 
-def bench_next_case(runtime: Runtime, url: str, user_ids: list[int], concurrency: int,
-                    claims: int, in_turn: bool = False) -> dict:  # fmt: skip
-    """`concurrency` processes calling next case: each one radiologist, or with `in_turn`
-    each serving every radiologist in turn (from a different one), as web workers do."""
+def _claiming_processes(target, arguments: list[tuple]) -> tuple[list, list[float], float]:  # type: ignore[no-untyped-def]
+    """Fork one process a tuple of `arguments`, running `target(*args, ready, go, out)`;
+    start them together once all are ready: each one's result (latencies, started, ended,
+    ...), every latency, and the seconds from the first start to the last end."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("fork")
-    runtime.engine.dispose()  # no inherited connections in the children
     ready, go, out = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
-    per_child = max(1, claims // concurrency)
-
-    def served_by(i: int) -> list[int]:
-        if not in_turn:
-            return [user_ids[i % len(user_ids)]]
-        start = i * len(user_ids) // concurrency
-        return user_ids[start:] + user_ids[:start]
-
-    children = [
-        ctx.Process(target=_next_case_child,
-                    args=(url, served_by(i), per_child, ready, go, out))
-        for i in range(concurrency)
-    ]  # fmt: skip
+    children = [ctx.Process(target=target, args=(*args, ready, go, out)) for args in arguments]
     for child in children:
         child.start()
     for _ in children:
@@ -1107,7 +1094,25 @@ def bench_next_case(runtime: Runtime, url: str, user_ids: list[int], concurrency
     for child in children:
         child.join()
     latencies = [v for r in results for v in r[0]]
-    elapsed = max(r[2] for r in results) - min(r[1] for r in results)
+    return results, latencies, max(r[2] for r in results) - min(r[1] for r in results)
+
+
+def bench_next_case(runtime: Runtime, url: str, user_ids: list[int], concurrency: int,
+                    claims: int, in_turn: bool = False) -> dict:  # fmt: skip
+    """`concurrency` processes calling next case: each one radiologist, or with `in_turn`
+    each serving every radiologist in turn (from a different one), as web workers do."""
+    runtime.engine.dispose()  # no inherited connections in the children
+    per_child = max(1, claims // concurrency)
+
+    def served_by(i: int) -> list[int]:
+        if not in_turn:
+            return [user_ids[i % len(user_ids)]]
+        start = i * len(user_ids) // concurrency
+        return user_ids[start:] + user_ids[:start]
+
+    results, latencies, elapsed = _claiming_processes(
+        _next_case_child, [(url, served_by(i), per_child) for i in range(concurrency)]
+    )
     return_all_claims(runtime)
     return {**summary_ms(latencies), "concurrency": concurrency, "processes": True,
             "radiologists_per_process": len(served_by(0)),
@@ -1188,28 +1193,13 @@ def bench_service_statements_bare(runtime: Runtime, url: str, user_ids: list[int
     """PostgreSQL: the service's own next-case statements (`service_statements`) replayed
     by `concurrency` processes through bare psycopg, one radiologist each, as
     `bench_next_case` runs them: the database's share of a claim, without Python's."""
-    import multiprocessing
-
     caught = service_statements(runtime, user_ids[:concurrency])
     runtime.engine.dispose()
     dsn = sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    ctx = multiprocessing.get_context("fork")
-    ready, go, out = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
-    children = [
-        ctx.Process(target=_bare_child,
-                    args=(dsn, caught[user_id], max(1, claims // concurrency), ready, go, out))
-        for user_id in user_ids[:concurrency]
-    ]  # fmt: skip
-    for child in children:
-        child.start()
-    for _ in children:
-        ready.acquire()
-    go.set()
-    results = [out.get(timeout=600) for _ in children]
-    for child in children:
-        child.join()
-    latencies = [v for r in results for v in r[0]]
-    elapsed = max(r[2] for r in results) - min(r[1] for r in results)
+    per_child = max(1, claims // concurrency)
+    _, latencies, elapsed = _claiming_processes(
+        _bare_child, [(dsn, caught[user_id], per_child) for user_id in user_ids[:concurrency]]
+    )
     return_all_claims(runtime)
     return {**summary_ms(latencies), "concurrency": concurrency,
             "claims_per_second": round(len(latencies) / elapsed, 1)}  # fmt: skip
