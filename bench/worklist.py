@@ -1230,11 +1230,11 @@ def rounds_at_8(runtime: Runtime, url: str, user_ids: list[int], claims: int, ro
         made.append(figures)
     summary: dict[str, Any] = {
         "rounds": made,
-        "median_ratio": statistics.median(r["ratio"] for r in made),
+        "median_ratio": round(statistics.median(r["ratio"] for r in made), 3),
     }
     if runtime.dialect == "postgresql":
-        summary["median_statements_bare_ratio"] = statistics.median(
-            r["statements_bare_ratio"] for r in made
+        summary["median_statements_bare_ratio"] = round(
+            statistics.median(r["statements_bare_ratio"] for r in made), 3
         )
     return summary
 
