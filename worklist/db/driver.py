@@ -95,12 +95,13 @@ def sql(statement: sa.Executable, dialect_name: str = "postgresql") -> Compiled:
         dialect=dialect, compile_kwargs={"literal_binds": True}
     )
     text = str(compiled)
-    names = tuple(dict.fromkeys(m[1] for m in _MARKED.findall(text)))
+    marks = _MARKED.findall(text)
+    names = tuple(dict.fromkeys(m[1] for m in marks))
     if dialect_name == "postgresql":
         numbers = {name: i for i, name in enumerate(names, 1)}
         return Compiled(
             _MARKED.sub(lambda m: f"${numbers[m[2]]}::{m[3]}", text),
-            arrays=frozenset(m[1] for m in _MARKED.findall(text) if m[0] == "a"),
+            arrays=frozenset(m[1] for m in marks if m[0] == "a"),
             params=names,
         )
     processors = (
